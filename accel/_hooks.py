@@ -1,0 +1,81 @@
+"""Reversible hooks on modules, through diffusers' hook registry.
+
+diffusers' `HookRegistry` lets a hook replace a module's forward and take it out again. Removing a hook
+leaves the registry object and an instance-level `forward` behind; `remove` cleans those up when accel
+created them, so an unpatched module is the module it was.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+
+_CREATED_FLAG = "_accel_created_registry"
+_HAD_FORWARD_FLAG = "_accel_had_instance_forward"
+
+
+def add(module: nn.Module, hook: ModelHook, name: str) -> None:
+    if not hasattr(module, "_diffusers_hook"):
+        setattr(module, _CREATED_FLAG, True)
+    if not hasattr(module, _HAD_FORWARD_FLAG):
+        setattr(module, _HAD_FORWARD_FLAG, "forward" in module.__dict__)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(hook, name)
+
+
+def remove(module: nn.Module, name: str) -> None:
+    registry = getattr(module, "_diffusers_hook", None)
+    if registry is None:
+        return
+    registry.remove_hook(name, recurse=False)
+    if registry.hooks:
+        return
+    if module.__dict__.pop(_CREATED_FLAG, False):
+        del module._diffusers_hook
+    if not module.__dict__.pop(_HAD_FORWARD_FLAG, True):
+        module.__dict__.pop("forward", None)
+
+
+def invalidate_registry_caches(root: nn.Module) -> None:
+    """diffusers caches which submodules carry hooks; adding or removing block hooks makes that stale."""
+    registry = getattr(root, "_diffusers_hook", None)
+    if registry is not None:
+        registry.invalidate_child_registries_cache()
+
+
+_PARAM_INDEX: dict[type, dict[str, int]] = {}
+
+
+def get_arg(module: nn.Module, name: str, args: tuple, kwargs: dict[str, Any], default: Any = None) -> Any:
+    """Argument `name` of a call to `module.forward`, whether it was passed by position or keyword."""
+    if name in kwargs:
+        return kwargs[name]
+    cls = type(module)
+    index = _PARAM_INDEX.get(cls)
+    if index is None:
+        params = list(inspect.signature(cls.forward).parameters)[1:]  # drop self
+        index = _PARAM_INDEX[cls] = {param: i for i, param in enumerate(params)}
+    position = index.get(name)
+    if position is None or position >= len(args):
+        return default
+    return args[position]
+
+
+class HookSet:
+    """Hooks that are installed and removed together under one name; `root` holds the registry cache."""
+
+    def __init__(self, root: nn.Module, name: str, pairs: list[tuple[nn.Module, ModelHook]]):
+        self.root, self.name, self.pairs = root, name, pairs
+
+    def install(self) -> None:
+        for module, hook in self.pairs:
+            add(module, hook, self.name)
+        invalidate_registry_caches(self.root)
+
+    def remove(self) -> None:
+        for module, _ in reversed(self.pairs):
+            remove(module, self.name)
+        invalidate_registry_caches(self.root)

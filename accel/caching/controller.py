@@ -1,0 +1,353 @@
+"""When to reuse: the decision logic of step caching, independent of any model.
+
+A `CacheController` sees, for each denoiser call, the output of the cheap head (first blocks, or the
+shallow UNet block) and says "compute" or "reuse". Its state is kept per CFG branch ("cond",
+"uncond", or the batched pair) and is reset at the start of every pipeline call.
+
+GPU syncs: the change signal is a scalar on the device. With `decision="lagged"` (default) the
+decision for step i uses the change measured at step i-1, whose value was copied to pinned host memory
+asynchronously a whole step earlier, so reading it does not stall the GPU queue. `decision="current"`
+reads this step's signal and so syncs once per step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .config import CacheConfig
+
+Values = tuple[torch.Tensor | None, ...]
+
+
+class DeviceScalar:
+    """A 0-d tensor whose value is fetched to the host without blocking the device queue."""
+
+    def __init__(self, value: torch.Tensor):
+        value = value.detach().float()
+        if value.is_cuda:
+            self._host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            self._host.copy_(value, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = value
+            self._event = None
+
+    def get(self) -> float:
+        if self._event is not None:
+            self._event.synchronize()  # usually long done: recorded a step ago
+        return float(self._host)
+
+
+def relative_l1(new: Sequence[torch.Tensor | None], old: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """sum |new - old| / sum |old| over matching tensors, as a 0-d float32 tensor on their device."""
+    num = den = None
+    for a, b in zip(new, old):
+        if a is None or b is None:
+            continue
+        d = (a.float() - b.float()).abs().sum()
+        n = b.float().abs().sum()
+        num = d if num is None else num + d
+        den = n if den is None else den + n
+    return num / den.clamp_min(1e-12)
+
+
+def extrapolate(points: Sequence[tuple[int, Values]], x: int) -> Values:
+    """Lagrange extrapolation through (step, values) points to step `x` (Taylor-style forecast)."""
+    if len(points) == 1:
+        return points[0][1]
+    xs = [p[0] for p in points]
+    weights = []
+    for k, xk in enumerate(xs):
+        w = 1.0
+        for j, xj in enumerate(xs):
+            if j != k:
+                w *= (x - xj) / (xk - xj)
+        weights.append(w)
+    out = []
+    for slot in range(len(points[0][1])):
+        tensors = [p[1][slot] for p in points]
+        if any(t is None for t in tensors):
+            out.append(tensors[-1])
+            continue
+        acc = tensors[0] * weights[0]
+        for t, w in zip(tensors[1:], weights[1:]):
+            acc = acc + t * w
+        out.append(acc)
+    return tuple(out)
+
+
+@dataclass
+class BranchStats:
+    computed: list[int] = field(default_factory=list)
+    reused: list[int] = field(default_factory=list)
+    reasons: dict[str, int] = field(default_factory=dict)  # why steps were computed
+    estimated_error: float = 0.0  # sum over reused steps (needs calibration; 0 until then)
+
+    @property
+    def steps(self) -> int:
+        return len(self.computed) + len(self.reused)
+
+
+@dataclass
+class CallStats:
+    branches: dict[str, BranchStats] = field(default_factory=dict)
+    num_steps: int | None = None
+
+    @property
+    def computed(self) -> int:
+        return sum(len(b.computed) for b in self.branches.values())
+
+    @property
+    def reused(self) -> int:
+        return sum(len(b.reused) for b in self.branches.values())
+
+
+class _Branch:
+    def __init__(self, history_len: int):
+        self.step = 0
+        self.prev_signal_source: torch.Tensor | None = None
+        self.signals: dict[int, float] = {}
+        self.pending_signals: list[tuple[int, DeviceScalar]] = []
+        self.pending_checks: list[tuple[int, int, DeviceScalar]] = []  # (prev computed, step, error)
+        self.history: deque[tuple[int, Values]] = deque(maxlen=history_len)
+        self.last_computed = -1
+        self.consecutive = 0
+        self.ratios: deque[float] = deque(maxlen=3)
+        self.reusing = False
+        self.last_timestep: float | None = None
+        self.extras: dict = {}  # hooks' own per-branch cache (e.g. outputs of skipped UNet blocks)
+        self.stats = BranchStats()
+
+
+class CacheController:
+    def __init__(self, config: CacheConfig):
+        self.config = config
+        self.calls: list[CallStats] = []
+        self._branches: dict[str, _Branch] = {}
+        self._current: _Branch | None = None
+        self._num_steps: int | None = None
+        self._call_open = False
+        self._auto_last_t: float | None = None
+        self._auto_index = 0
+
+    # -- call and branch boundaries -------------------------------------------------------------
+
+    def begin_call(self) -> None:
+        """A new pipeline call: forget every branch's state."""
+        self._branches = {}
+        self._num_steps = None
+        self._auto_last_t = None
+        self._auto_index = 0
+        self.calls.append(CallStats())
+        self._call_open = True
+
+    def end_call(self) -> None:
+        self._call_open = False
+        self._current = None
+
+    def reset(self) -> None:
+        self.end_call()
+        self._branches = {}
+
+    def enter(self, branch: str | None, num_steps: int | None = None, step_index: int | None = None,
+              timestep=None, managed: bool = False) -> None:
+        """Start a denoiser call on `branch` ("cond", "uncond", ...; None when the pipeline names none).
+
+        `managed`: a pipeline wrapper marks call boundaries with begin_call/end_call. Otherwise (a bare
+        model) a new call is recognised from `step_index` going back, or from the timestep not decreasing.
+        """
+        if not managed:
+            if branch is None:
+                branch = self._auto_branch(timestep)
+            elif self._restarted(branch, step_index, timestep):
+                self.begin_call()
+        branch = branch or "default"
+        if not self._call_open:
+            self.begin_call()
+        if num_steps is None:
+            num_steps = self.config.num_steps
+        if num_steps is not None:
+            self._num_steps = num_steps
+            self.calls[-1].num_steps = num_steps
+        state = self._branches.get(branch)
+        if state is None:
+            state = self._branches[branch] = _Branch(self.config.taylor_order + 1)
+            self.calls[-1].branches[branch] = state.stats
+        state.reusing = False
+        self._current = state
+
+    def exit(self) -> None:
+        if self._current is not None:
+            self._current.step += 1
+        self._current = None
+
+    @property
+    def active(self) -> bool:
+        return self._current is not None
+
+    @property
+    def extras(self) -> dict:
+        return self._current.extras
+
+    @property
+    def reusing(self) -> bool:
+        return self._current is not None and self._current.reusing
+
+    # Bare models only: reading the timestep costs one host-device sync per denoiser call. Pipelines
+    # patched through accel.patch(pipe) mark call boundaries themselves and never read it.
+    def _auto_branch(self, timestep) -> str:
+        """No branch name: the i-th call with the same timestep is branch i; a timestep that does not
+        decrease starts a new call."""
+        if timestep is None:
+            return "default"
+        t = float(torch.as_tensor(timestep).flatten()[0])
+        if self._auto_last_t is not None and t == self._auto_last_t:
+            self._auto_index += 1
+        else:
+            if self._auto_last_t is not None and t > self._auto_last_t:
+                self.begin_call()
+            self._auto_index = 0
+        self._auto_last_t = t
+        return "default" if self._auto_index == 0 else f"branch{self._auto_index}"
+
+    def _restarted(self, branch: str, step_index: int | None, timestep) -> bool:
+        st = self._branches.get(branch)
+        if st is None:
+            return False
+        if step_index is not None:
+            return step_index < st.step
+        if timestep is None:
+            return False
+        t = float(torch.as_tensor(timestep).flatten()[0])
+        restarted = st.last_timestep is not None and t >= st.last_timestep
+        st.last_timestep = t
+        return restarted
+
+    # -- the decision ------------------------------------------------------------------------------
+
+    def decide(self, signal_source: Sequence[torch.Tensor | None]) -> bool:
+        """Called once per denoiser call after the head ran. Returns True to reuse the tail."""
+        st = self._current
+        assert st is not None, "decide() outside a denoiser call"
+        cfg = self.config
+        i = st.step
+        signal_source = tuple(t.detach() for t in signal_source if t is not None)
+
+        shape_changed = st.prev_signal_source is not None and any(
+            a.shape != b.shape for a, b in zip(signal_source, st.prev_signal_source)
+        )
+        if st.prev_signal_source is not None and not shape_changed:
+            st.pending_signals.append((i, DeviceScalar(relative_l1(signal_source, st.prev_signal_source))))
+        st.prev_signal_source = signal_source
+        self._read_pending(st, upto=i if cfg.decision == "current" else i - 1)
+
+        reason = self._forced_reason(st, i, shape_changed)
+        estimate = None
+        if reason is None:
+            predicted = self._predicted_change(st, i)
+            if predicted is None:
+                reason = "no change signal yet"
+            else:
+                ratio = max(st.ratios) if st.ratios else None
+                estimate = ratio * predicted if ratio is not None else None
+                if cfg.target is not None:
+                    if estimate is None:
+                        reason = "calibrating error estimate"
+                    elif st.stats.estimated_error + estimate >= cfg.target * self._budget_fraction(i):
+                        reason = "error budget"
+                elif not predicted < cfg.threshold:
+                    reason = "change above threshold"
+
+        st.reusing = reason is None
+        if st.reusing:
+            st.consecutive += 1
+            st.stats.reused.append(i)
+            st.stats.estimated_error += estimate or 0.0
+        else:
+            st.stats.computed.append(i)
+            st.stats.reasons[reason] = st.stats.reasons.get(reason, 0) + 1
+        return st.reusing
+
+    def _forced_reason(self, st: _Branch, i: int, shape_changed: bool) -> str | None:
+        cfg = self.config
+        n = self._num_steps
+        if i < cfg.warmup_steps(n):
+            return "warm-up"
+        if n is not None and i >= n - cfg.cooldown_steps(n):
+            return "final steps"
+        if shape_changed:
+            return "input shape changed"
+        if not st.history:
+            return "nothing cached"
+        if st.consecutive >= cfg.max_consecutive:
+            return "max consecutive reuses"
+        return None
+
+    def _predicted_change(self, st: _Branch, i: int) -> float | None:
+        """Accumulated change from the last computed step to step i (step i's own change estimated by
+        step i-1's in lagged mode)."""
+        total = 0.0
+        for j in range(st.last_computed + 1, i + 1):
+            if j in st.signals:
+                total += st.signals[j]
+            elif j == i and (i - 1) in st.signals:
+                total += st.signals[i - 1]
+            else:
+                return None
+        return total
+
+    def _budget_fraction(self, i: int) -> float:
+        if self._num_steps is None:
+            return 1.0
+        return min(1.0, (i + 1) / self._num_steps)
+
+    def _read_pending(self, st: _Branch, upto: int) -> None:
+        keep = []
+        for step, scalar in st.pending_signals:
+            if step <= upto:
+                st.signals[step] = scalar.get()
+            else:
+                keep.append((step, scalar))
+        st.pending_signals = keep
+        checks = []
+        for prev, step, scalar in st.pending_checks:
+            span = range(prev + 1, step + 1)
+            if all(j in st.signals for j in span):
+                change = sum(st.signals[j] for j in span)
+                if change > 1e-8:
+                    st.ratios.append(scalar.get() / change)
+            else:
+                checks.append((prev, step, scalar))
+        st.pending_checks = checks
+
+    # -- the cached values -------------------------------------------------------------------------
+
+    def cached(self) -> Values:
+        """The forecast of the tail's contribution for the current (reused) step."""
+        st = self._current
+        return extrapolate(list(st.history), st.step)
+
+    def store(self, values: Values, reference: Sequence[torch.Tensor | None]) -> None:
+        """Record the tail's contribution at a computed step. `reference` is the full output that the
+        contribution is part of, used to express the check's error relative to it."""
+        st = self._current
+        i = st.step
+        values = tuple(v.detach() if v is not None else None for v in values)
+        if st.history and st.last_computed >= 0:
+            forecast = extrapolate(list(st.history), i)
+            diffs = [f - v for f, v in zip(forecast, values) if f is not None and v is not None]
+            st.pending_checks.append((st.last_computed, i, DeviceScalar(_error(diffs, reference))))
+        st.history.append((i, values))
+        st.last_computed = i
+        st.consecutive = 0
+
+
+def _error(diffs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    num = sum(d.float().abs().sum() for d in diffs)
+    den = sum(r.float().abs().sum() for r in reference if r is not None)
+    return num / den.clamp_min(1e-12)

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from .. import _hooks
+from ._dit_common import grid_from_5d
+from .base import BlockIO, DiTAdapter, LatentGrid, TextLayout
+
+
+class HunyuanVideoAdapter(DiTAdapter):
+    """HunyuanVideo: dual-stream then single-stream blocks; attention over [video, text] with a
+    key-padding mask for the text; latent [B, C, F, H, W]."""
+
+    family = "hunyuan_video"
+    display_name = "HunyuanVideo"
+    model_classes = ("diffusers:HunyuanVideoTransformer3DModel",)
+    text_layout = TextLayout("suffix", masked=True)
+
+    def block_lists(self):
+        return [self.model.transformer_blocks, self.model.single_transformer_blocks]
+
+    def block_io(self, block):
+        return BlockIO(hidden_index=0, encoder_index=1, num_outputs=2)
+
+    def latent_grid(self, args, kwargs) -> LatentGrid:
+        latent = _hooks.get_arg(self.model, "hidden_states", args, kwargs)
+        cfg = self.model.config
+        return grid_from_5d(latent.shape, cfg.patch_size_t, cfg.patch_size, frames_dim=2)

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from .. import _hooks
+from .base import BlockIO, DiTAdapter, LatentGrid, TextLayout
+
+
+class SD3Adapter(DiTAdapter):
+    """Stable Diffusion 3 / 3.5 MMDiT: joint attention over [image, text]; the last block drops the text."""
+
+    family = "sd3"
+    display_name = "Stable Diffusion 3"
+    model_classes = ("diffusers:SD3Transformer2DModel",)
+    text_layout = TextLayout("suffix")
+
+    def block_lists(self):
+        return [self.model.transformer_blocks]
+
+    def block_io(self, block):
+        return BlockIO(hidden_index=1, encoder_index=0, num_outputs=2)
+
+    def latent_grid(self, args, kwargs) -> LatentGrid:
+        latent = _hooks.get_arg(self.model, "hidden_states", args, kwargs)
+        p = self.model.config.patch_size
+        return LatentGrid(1, latent.shape[-2] // p, latent.shape[-1] // p)

@@ -1,0 +1,27 @@
+"""Presets: named sets of accelerator configs.
+
+- "lossless": only transforms that change no output bit. Step caching is approximate, so it is off.
+- "balanced" (default): step caching with an online-calibrated error budget (`CacheConfig.target`),
+  so no per-model threshold tuning is needed.
+- "fast": a larger budget, longer runs of reused steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from .caching import CacheConfig
+
+_PRESETS = {
+    "lossless": {"cache": None},
+    "balanced": {"cache": CacheConfig(target=0.1, max_consecutive=3)},
+    "fast": {"cache": CacheConfig(target=0.3, max_consecutive=5)},
+}
+
+PRESET_NAMES = tuple(_PRESETS)
+
+
+def preset_configs(name: str) -> dict:
+    if name not in _PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+    return {key: (replace(cfg) if cfg is not None else None) for key, cfg in _PRESETS[name].items()}
