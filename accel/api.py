@@ -97,6 +97,7 @@ def patch(
         warnings.warn(f"{err} Nothing was patched.", stacklevel=2)
         report.warnings.append(str(err))
         report.skipped.append(Skipped("all", f"unsupported model {type(model).__name__}"))
+        _HANDLES[target] = _HANDLES[model] = handle  # so that unpatch works the same way
         return handle
     handle.adapter = adapter
     report.family = adapter.family

@@ -12,7 +12,9 @@ class CacheConfig:
 
     DiTs (FLUX, SD3, Wan, HunyuanVideo, CogVideoX, LTX): the first `head_blocks` blocks run every step;
     how much their output moved since the last fully computed step decides whether the remaining blocks
-    run or their cached residual is reused (extrapolated with a Taylor series of order `taylor_order`).
+    run or their cached residual is reused, forecast by a Taylor series: at every computed step the cache
+    checks how well each order up to `taylor_order` would have predicted it, and forecasts with the order
+    that has been closest lately (0 = plain reuse of the last value).
     UNets (SD1.5, SDXL): DeepCache-style, the shallowest down block runs every step and the deep branch
     (deeper down blocks, mid block, all but the last up block) is reused.
 
@@ -27,14 +29,15 @@ class CacheConfig:
       budget released evenly over the steps (half of it is available by the middle step). 0 never
       reuses; 0.1 means "at most about 10% relative L1 error summed over the reused steps".
 
-    Always computed: the first `warmup` steps (int: steps, float < 1: fraction of steps, at least
-    `taylor_order + 1`), the last `cooldown` steps, and any step after `max_consecutive` reuses in a row.
+    Always computed: the first `warmup` steps (int: steps, float < 1: fraction of steps; at least 2, so
+    the first forecast can be checked), the last `cooldown` steps, and any step after `max_consecutive`
+    reuses in a row.
     """
 
     threshold: float = 0.08
     target: float | None = None
     head_blocks: int = 1
-    taylor_order: int = 1
+    taylor_order: int = 2
     warmup: float | int = 0.1
     cooldown: float | int = 1
     max_consecutive: int = 3
@@ -59,7 +62,7 @@ class CacheConfig:
             )
 
     def warmup_steps(self, num_steps: int | None) -> int:
-        return max(self.taylor_order + 1, _as_steps(self.warmup, num_steps))
+        return max(2, _as_steps(self.warmup, num_steps))
 
     def cooldown_steps(self, num_steps: int | None) -> int:
         return _as_steps(self.cooldown, num_steps)

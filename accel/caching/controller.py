@@ -113,11 +113,13 @@ class _Branch:
         self.prev_signal_source: torch.Tensor | None = None
         self.signals: dict[int, float] = {}
         self.pending_signals: list[tuple[int, DeviceScalar]] = []
-        self.pending_checks: list[tuple[int, int, DeviceScalar]] = []  # (prev computed, step, error)
+        # (previous computed step, step, forecast error of each Taylor order)
+        self.pending_checks: list[tuple[int, int, list[DeviceScalar]]] = []
         self.history: deque[tuple[int, Values]] = deque(maxlen=history_len)
         self.last_computed = -1
         self.consecutive = 0
-        self.ratios: deque[float] = deque(maxlen=3)
+        # Per Taylor order: recent (forecast error / accumulated change) ratios from computed steps.
+        self.ratios: list[deque[float]] = [deque(maxlen=3) for _ in range(history_len)]
         self.reusing = False
         self.last_timestep: float | None = None
         self.extras: dict = {}  # hooks' own per-branch cache (e.g. outputs of skipped UNet blocks)
@@ -224,7 +226,8 @@ class CacheController:
         if timestep is None:
             return False
         t = float(torch.as_tensor(timestep).flatten()[0])
-        restarted = st.last_timestep is not None and t >= st.last_timestep
+        # Strictly larger: bf16 rounding can give two consecutive steps the same timestep.
+        restarted = st.last_timestep is not None and t > st.last_timestep
         st.last_timestep = t
         return restarted
 
@@ -253,7 +256,8 @@ class CacheController:
             if predicted is None:
                 reason = "no change signal yet"
             else:
-                ratio = max(st.ratios) if st.ratios else None
+                recent = st.ratios[self._best_order(st)]
+                ratio = max(recent) if recent else None
                 estimate = ratio * predicted if ratio is not None else None
                 if cfg.target is not None:
                     if estimate is None:
@@ -315,22 +319,31 @@ class CacheController:
                 keep.append((step, scalar))
         st.pending_signals = keep
         checks = []
-        for prev, step, scalar in st.pending_checks:
+        for prev, step, errors in st.pending_checks:
             span = range(prev + 1, step + 1)
             if all(j in st.signals for j in span):
                 change = sum(st.signals[j] for j in span)
                 if change > 1e-8:
-                    st.ratios.append(scalar.get() / change)
+                    for order, error in enumerate(errors):
+                        st.ratios[order].append(error.get() / change)
             else:
-                checks.append((prev, step, scalar))
+                checks.append((prev, step, errors))
         st.pending_checks = checks
+
+    @staticmethod
+    def _best_order(st: _Branch) -> int:
+        """The Taylor order whose forecasts have been closest lately (lower order on ties or no data).
+        Smooth trajectories favour order 1-2; noisy ones, plain reuse."""
+        scored = [(sum(r) / len(r), order) for order, r in enumerate(st.ratios) if r]
+        return min(scored)[1] if scored else 0
 
     # -- the cached values -------------------------------------------------------------------------
 
     def cached(self) -> Values:
         """The forecast of the tail's contribution for the current (reused) step."""
         st = self._current
-        return extrapolate(list(st.history), st.step)
+        order = min(self._best_order(st), len(st.history) - 1)
+        return extrapolate(list(st.history)[-(order + 1):], st.step)
 
     def store(self, values: Values, reference: Sequence[torch.Tensor | None]) -> None:
         """Record the tail's contribution at a computed step. `reference` is the full output that the
@@ -338,10 +351,14 @@ class CacheController:
         st = self._current
         i = st.step
         values = tuple(v.detach() if v is not None else None for v in values)
-        if st.history and st.last_computed >= 0:
-            forecast = extrapolate(list(st.history), i)
-            diffs = [f - v for f, v in zip(forecast, values) if f is not None and v is not None]
-            st.pending_checks.append((st.last_computed, i, DeviceScalar(_error(diffs, reference))))
+        if st.history:
+            points = list(st.history)
+            errors = []
+            for order in range(len(points)):
+                forecast = extrapolate(points[-(order + 1):], i)
+                diffs = [f - v for f, v in zip(forecast, values) if f is not None and v is not None]
+                errors.append(DeviceScalar(_error(diffs, reference)))
+            st.pending_checks.append((st.last_computed, i, errors))
         st.history.append((i, values))
         st.last_computed = i
         st.consecutive = 0

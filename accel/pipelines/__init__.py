@@ -9,7 +9,10 @@ from .base import Adapter, DiTAdapter, UNetAdapter, VLMAdapter
 from .cogvideox import CogVideoXAdapter
 from .flux import FluxAdapter
 from .hunyuan_video import HunyuanVideoAdapter
+from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .ltx import LTXAdapter
+from .qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
 from .sd3 import SD3Adapter
 from .unet import UNet2DConditionAdapter
 from .wan import WanAdapter
@@ -22,11 +25,18 @@ ADAPTERS: list[type[Adapter]] = [
     CogVideoXAdapter,
     LTXAdapter,
     UNet2DConditionAdapter,
+    LlavaAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    Qwen2_5_VLAdapter,
 ]
 
 
 def supported_families() -> str:
-    return ", ".join(f"{a.display_name} ({', '.join(p.split(':')[1] for p in a.model_classes)})" for a in ADAPTERS)
+    def classes(adapter):
+        return ", ".join(dict.fromkeys(path.split(":")[1] for path in adapter.model_classes))
+
+    return "; ".join(f"{a.display_name} ({classes(a)})" for a in ADAPTERS)
 
 
 def find_adapter(model: Any) -> Adapter:

@@ -1,0 +1,30 @@
+"""Tiny random-weight instances of every supported family (see `accel.zoo._base`).
+
+`build("flux")` returns a `TinyModel` whose `obj` is a real diffusers pipeline or transformers model with a tiny
+config and seeded random weights: untrained, offline, CPU-friendly. `BUILDERS` maps family -> builder.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from accel.zoo import image, video, vlm
+from accel.zoo._base import TinyModel, VLMOutput
+
+BUILDERS: dict[str, Callable[..., TinyModel]] = {**image.BUILDERS, **video.BUILDERS, **vlm.BUILDERS}
+
+FAMILIES = tuple(BUILDERS)
+
+
+def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
+    """Build the tiny model of `family` with weights drawn from `seed`."""
+    try:
+        builder = BUILDERS[family]
+    except KeyError:
+        raise ValueError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}") from None
+    return builder(seed=seed, dtype=dtype)
+
+
+__all__ = ["BUILDERS", "FAMILIES", "TinyModel", "VLMOutput", "build"]
