@@ -1,0 +1,363 @@
+"""`accel demo` and `accel bench`: the unpatched baseline next to each preset, in one process, same seed."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from typing import Any, Callable
+
+TINY_WARNING = """\
+=====================================================================================================
+  TINY RANDOM-WEIGHT MODELS. These are untrained, tiny-config instances of the real architectures.
+  * Fidelity columns (PSNR/SSIM, token agreement/KL) measure how close each accelerated output is to
+    the UNACCELERATED output of the same model and seed, not image or text quality.
+  * Timings of tiny models on CPU say little about real speed-ups: overheads dominate here. See
+    benchmarks/ for measurements of real models on GPUs.
+====================================================================================================="""
+
+TINY_NOTE = (
+    "Tiny random-weight models: fidelity numbers measure closeness to the unaccelerated output of the same model "
+    "and seed, not quality; timings of tiny models on CPU say little about real speed (see benchmarks/)."
+)
+
+DEMO_REPEATS = 1
+DEMO_WARMUP = 1
+VLM_NEW_TOKENS = 8
+
+_COLUMNS = (
+    ("family", 15), ("variant", 9), ("time", 8), ("speedup", 7), ("comp/reuse", 10), ("fidelity vs baseline", 26)
+)
+
+
+# ------------------------------------------------------------------------------------------------- running
+
+
+def _tiny_run_fn(tiny, steps: int | None) -> Callable[[int], Any]:
+    """run_fn(seed) of a zoo model; VLM outputs keep only the generated tokens (so agreement is not inflated by
+    the shared prompt)."""
+    if tiny.kind == "vlm":
+        from accel.zoo import VLMOutput
+
+        new = steps or VLM_NEW_TOKENS
+
+        def run_vlm(seed: int) -> VLMOutput:
+            out = tiny.run(seed, max_new_tokens=new)
+            return VLMOutput(sequences=out.sequences[:, -new:], first_logits=out.first_logits)
+
+        return run_vlm
+    overrides = {"num_inference_steps": steps} if steps else {}
+    return lambda seed: tiny.run(seed, **overrides)
+
+
+def _variants(presets: list[str]) -> list:
+    from accel.bench.harness import Variant
+
+    # strict=False: a family accel cannot patch shows up as "nothing applied" instead of aborting the run.
+    return [Variant(p, {"preset": p, "strict": False}) for p in presets]
+
+
+def _bench_tiny(family: str, presets: list[str], args, progress: bool) -> dict:
+    from accel import zoo
+    from accel.bench.harness import compare
+
+    tiny = zoo.build(family, seed=args.seed)
+    rows = compare(
+        tiny.obj,
+        _tiny_run_fn(tiny, args.steps),
+        _variants(presets),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device="cpu",
+        seed=args.seed,
+        progress=progress,
+        desc=family,
+    )
+    steps = args.steps or (tiny.default_steps if tiny.kind != "vlm" else VLM_NEW_TOKENS)
+    return {"family": family, "model": tiny.name, "kind": tiny.kind, "steps": steps, "rows": rows}
+
+
+def _machine(device: str) -> dict:
+    import diffusers
+    import torch
+    import transformers
+
+    import accel
+
+    return {
+        "accel": accel.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- output
+
+
+def _fmt_fidelity(row) -> str:
+    if row.token_agreement is not None:
+        return f"tokens {row.token_agreement:.0%}  KL {row.first_token_kl:.2g}"
+    if row.psnr is None:
+        return "-"
+    psnr = "inf" if math.isinf(row.psnr) else f"{row.psnr:.1f}"
+    text = f"PSNR {psnr} dB  SSIM {row.ssim:.3f}"
+    return text + (f"  LPIPS {row.lpips:.3f}" if row.lpips is not None else "")
+
+
+def _fmt_applied(row) -> str:
+    if row.error:
+        return f"ERROR {row.error}"
+    if row.report is None:
+        return "unpatched reference"
+    if row.applied:
+        # "cache: first-block cache: 1 of 5 blocks ..." -> "cache (first-block cache)"
+        parts = [a.partition(": ") for a in row.applied]
+        return ", ".join(f"{name} ({detail.split(':')[0]})" if detail else name for name, _, detail in parts)
+    reason = row.skipped[0].split(": ", 1)[1] if row.skipped else ""
+    return f"nothing applied ({reason})" if reason else "nothing applied"
+
+
+def _table_line(cells: list[str]) -> str:
+    return "  ".join(c.ljust(w) for c, (_, w) in zip(cells, _COLUMNS)) + "  " + cells[-1]
+
+
+def table_header() -> list[str]:
+    head = _table_line([name for name, _ in _COLUMNS] + ["applied"])
+    return [head, "-" * len(head)]
+
+
+def table_lines(result: dict) -> list[str]:
+    lines = []
+    for row in result["rows"]:
+        ok = row.median_s is not None
+        lines.append(
+            _table_line(
+                [
+                    result["family"],
+                    row.variant,
+                    f"{row.median_s:.2f} s" if ok else "-",
+                    f"{row.speedup:.2f}x" if row.speedup is not None else "-",
+                    f"{row.computed}/{row.reused}" if row.computed is not None else "-",
+                    _fmt_fidelity(row),
+                    _fmt_applied(row),
+                ]
+            )
+        )
+    return lines
+
+
+def _write_json(path: str, args, results: list[dict], total_s: float, device: str, tiny: bool) -> None:
+    settings = {k: v for k, v in vars(args).items() if k not in ("func", "json")}
+    data = {
+        "command": args.command,
+        "warning": TINY_NOTE if tiny else None,
+        "machine": _machine(device),
+        "settings": settings,
+        "total_time_s": round(total_s, 3),
+        "rows": [
+            {"family": r["family"], "model": r["model"], "kind": r["kind"], "steps": r["steps"], **row.to_dict()}
+            for r in results
+            for row in r["rows"]
+        ],
+    }
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+# ------------------------------------------------------------------------------------------------- commands
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _check_names(kind: str, names: list[str], allowed) -> None:
+    unknown = [n for n in names if n not in allowed]
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        raise SystemExit(f"accel: error: unknown {kind} {names}; choose from: {', '.join(allowed)}")
+
+
+def _cmd_demo(args) -> int:
+    from tqdm.auto import tqdm
+
+    from accel import zoo
+    from accel.presets import PRESET_NAMES
+
+    families = _split(args.families) or list(zoo.FAMILIES)
+    presets = _split(args.presets)
+    _check_names("family", families, zoo.FAMILIES)
+    _check_names("preset", presets, PRESET_NAMES)
+    _out(TINY_WARNING)
+    _out(f"baseline vs {', '.join(presets)} on {len(families)} tiny families, CPU, "
+         f"{args.repeats} timed run(s) after {args.warmup} warm-up run(s) each\n")
+    for line in table_header():
+        _out(line)
+    start = time.perf_counter()
+    results = []
+    for family in tqdm(families, desc="accel demo", unit="family", disable=True if args.quiet else None):
+        result = _bench_tiny(family, presets, args, progress=not args.quiet)
+        results.append(result)
+        for line in table_lines(result):
+            _out(line)
+    total = time.perf_counter() - start
+    _write_json(args.json, args, results, total, "cpu", tiny=True)
+    _out(f"\ntotal {total:.1f} s; JSON written to {args.json}")
+    return 0
+
+
+def _load_user_function(spec: str) -> Callable[[], Any]:
+    module_name, sep, func_name = spec.rpartition(":")
+    if not sep or not module_name or not func_name:
+        raise SystemExit(f"accel: error: --pipeline takes MODULE:FUNCTION or path/to/file.py:FUNCTION, got {spec!r}")
+    if module_name.endswith(".py"):
+        file_spec = importlib.util.spec_from_file_location("accel_user_pipeline", module_name)
+        if file_spec is None or not os.path.isfile(module_name):
+            raise SystemExit(f"accel: error: no such file {module_name!r}")
+        module = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(module)
+    else:
+        sys.path.insert(0, os.getcwd())
+        module = importlib.import_module(module_name)
+    return getattr(module, func_name)
+
+
+def _cmd_bench(args) -> int:
+    from accel import zoo
+    from accel.bench.harness import compare
+    from accel.presets import PRESET_NAMES
+
+    presets = _split(args.preset)
+    _check_names("preset", presets, PRESET_NAMES)
+    if bool(args.family) == bool(args.pipeline):
+        raise SystemExit("accel: error: give exactly one of --family F or --pipeline MODULE:FUNCTION")
+    start = time.perf_counter()
+    if args.family:
+        _check_names("family", [args.family], zoo.FAMILIES)
+        if args.device != "cpu":
+            raise SystemExit("accel: error: tiny families run on CPU; bench a GPU pipeline with --pipeline")
+        _out(TINY_WARNING)
+        result = _bench_tiny(args.family, presets, args, progress=not args.quiet)
+    else:
+        obj, run_fn = _load_user_function(args.pipeline)()
+        rows = compare(obj, run_fn, _variants(presets), repeats=args.repeats, warmup=args.warmup,
+                       device=args.device, seed=args.seed, progress=not args.quiet, desc=args.pipeline)
+        result = {"family": args.pipeline, "model": type(obj).__name__, "kind": None,
+                  "steps": args.steps, "rows": rows}
+    total = time.perf_counter() - start
+    for line in table_header() + table_lines(result):
+        _out(line)
+    for row in result["rows"]:
+        if row.peak_memory_bytes is not None:
+            from accel.bench.measure import format_bytes
+
+            _out(f"  {row.variant:<9} peak memory {format_bytes(row.peak_memory_bytes)} ({row.memory_kind}), "
+                 f"times {', '.join(f'{t:.3f}' for t in row.times_s)} s")
+    if args.json:
+        _write_json(args.json, args, [result], total, args.device, tiny=bool(args.family))
+        _out(f"JSON written to {args.json}")
+    return 0
+
+
+def _out(line: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+
+
+# ------------------------------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from accel.presets import PRESET_NAMES
+
+    PRESETS_HELP = "comma-separated presets (default: %(default)s)"
+    parser = argparse.ArgumentParser(
+        prog="accel", description="Benchmark accel presets against the unaccelerated baseline."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p, repeats: int, warmup: int) -> None:
+        p.add_argument(
+            "--repeats", type=int, default=repeats, help=f"timed runs per variant (median reported; default {repeats})"
+        )
+        p.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs before them (default {warmup})")
+        p.add_argument("--seed", type=int, default=0, help="seed of the model weights and of every run (default 0)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    demo = sub.add_parser(
+        "demo",
+        help="offline CPU demo: every tiny family, baseline vs each preset",
+        description="Offline, on CPU: for each tiny random-weight family (accel.zoo) run the unpatched baseline and "
+        "each preset with the same seed, and print time, speed-up, computed/reused denoiser passes, fidelity to "
+        "the baseline output, and what was applied.",
+    )
+    demo.add_argument("--families", help="comma-separated families (default: all)")
+    demo.add_argument("--presets", default=",".join(PRESET_NAMES), help=PRESETS_HELP)
+    demo.add_argument("--steps", type=int, default=None, help="denoising steps (VLMs: new tokens); default per family")
+    demo.add_argument("--json", default="accel-demo.json", help="where to write the results (default: %(default)s)")
+    common(demo, DEMO_REPEATS, DEMO_WARMUP)
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark one tiny family or your own pipeline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Baseline vs presets for one tiny family (--family) or for your own pipeline (--pipeline).",
+        epilog="""\
+--pipeline MODULE:FUNCTION (or path/to/file.py:FUNCTION) calls FUNCTION() with no arguments; it must return
+(obj, run_fn): obj is what accel.patch gets (a diffusers pipeline or a transformers model), and run_fn(seed)
+runs it once and returns float pixels in [0, 1] ([B,C,H,W] or [B,F,C,H,W]) or an accel.zoo.VLMOutput.
+Use the seed for the generator so every variant starts from the same noise. Example, in my_bench.py:
+
+    import torch
+    from diffusers import FluxPipeline
+
+    def make():
+        pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")
+        def run(seed):
+            g = torch.Generator("cuda").manual_seed(seed)
+            return pipe("a red fox", num_inference_steps=28, generator=g, output_type="pt").images
+        return pipe, run
+
+    accel bench --pipeline my_bench.py:make --device cuda --repeats 3""",
+    )
+    bench.add_argument("--family", help="a tiny zoo family, e.g. flux")
+    bench.add_argument("--pipeline", metavar="MODULE:FUNCTION", help="your own pipeline (see below)")
+    bench.add_argument("--preset", default=",".join(PRESET_NAMES), help=PRESETS_HELP)
+    bench.add_argument("--steps", type=int, default=None, help="tiny family: denoising steps (VLMs: new tokens)")
+    bench.add_argument("--device", default="cpu", help="device to synchronise and measure memory on (default: cpu)")
+    bench.add_argument("--json", default=None, help="also write the results as JSON here")
+    common(bench, 3, 1)
+    bench.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("accel: error: --repeats must be >= 1 and --warmup >= 0")
+    warnings.filterwarnings("ignore", message=".*Nothing was patched")  # the row says "nothing applied"
+    # transformers' notices (e.g. image processors without torchvision) would break up the table.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
