@@ -447,6 +447,12 @@ def make_variants(args: argparse.Namespace, steps: int) -> list[Variant]:
         variants.append(Variant(f"accel {preset}", "accel", dataclasses.replace(cfg, num_steps=steps)))
     for th in args.accel_thresholds:
         variants.append(Variant(f"accel thr {th:g}", "accel", CacheConfig(threshold=th, num_steps=steps)))
+    # Threshold 0 never reuses: against the baseline these show the hooks' own overhead, and against each
+    # other the cost of the one host-device sync per step that decision="current" adds.
+    for decision in ("lagged", "current"):
+        variants.append(
+            Variant(f"accel overhead {decision}", "accel", CacheConfig(threshold=0.0, decision=decision, num_steps=steps))
+        )
     return variants
 
 

@@ -137,7 +137,7 @@ def test_composes_with_peft_lora(patched):
     transformer = model.obj.transformer
     transformer.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
     lora_baseline = model.run(0)
-    handle = patched(model.obj, cache=CacheConfig(threshold=0.0))
+    patched(model.obj, cache=CacheConfig(threshold=0.0))
     assert torch.equal(model.run(0), lora_baseline)
     accel.unpatch(model.obj)
     patched(model.obj, cache=CacheConfig(threshold=1.0))
@@ -154,7 +154,7 @@ def test_composes_with_diffusers_group_offloading(patched):
     model.obj.transformer.enable_group_offload(
         onload_device=torch.device("cpu"), offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
     )
-    handle = patched(model.obj, cache=CacheConfig(threshold=0.0))
+    patched(model.obj, cache=CacheConfig(threshold=0.0))
     assert torch.equal(model.run(0), baseline)
     accel.unpatch(model.obj)
     patched(model.obj, cache=CacheConfig(threshold=1.0))

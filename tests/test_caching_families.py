@@ -129,7 +129,7 @@ def test_resolution_and_batch_changes_in_a_row(family, patched):
     if model.kind == "video" and family == "ltx":
         small = {"height": 64, "width": 64}
     batch_key = "num_videos_per_prompt" if model.kind == "video" else "num_images_per_prompt"
-    handle = patched(model.obj, cache=config)
+    patched(model.obj, cache=config)
     runs = [model.run(0), model.run(0, **small), model.run(0, **{batch_key: 2}), model.run(0)]
     assert runs[1].shape[-1] == small["width"] and runs[2].shape[0] == 2
     assert torch.equal(runs[0], runs[3])

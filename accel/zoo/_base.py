@@ -39,3 +39,10 @@ class TinyModel:
 
     def run(self, seed: int = 0, **overrides) -> Any:
         return self._run(seed, **overrides)
+
+
+def seeded(seed: int, build: Callable[[], Any]) -> Any:
+    """Run `build` with torch's global RNG seeded to `seed`, restoring the caller's RNG state afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()

@@ -24,11 +24,11 @@ embeddings are repeated instead (same result: B images per prompt). Pixels come 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from accel.zoo._base import TinyModel
+from accel.zoo._base import TinyModel, seeded
 
 DEFAULT_STEPS = 12
 
@@ -43,12 +43,6 @@ _SDXL_TXT_DIM = 64  # CLIP-L + CLIP-G hidden concat stand-in
 _SDXL_POOLED_DIM = 32  # CLIP-G pooled (text_embeds) stand-in
 _SDXL_TIME_DIM = 8  # addition_time_embed_dim
 
-
-def _seeded(seed: int, build: Callable[[], Any]) -> Any:
-    """Run `build` with torch's global RNG seeded, restoring the caller's RNG state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
 
 
 def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
@@ -156,7 +150,7 @@ def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             transformer=transformer,
         )
 
-    pipe = _finish(_seeded(seed, build), dtype)
+    pipe = _finish(seeded(seed, build), dtype)
     gen = torch.Generator("cpu").manual_seed(seed + 1)
     defaults = dict(
         prompt_embeds=_randn(gen, 1, _TXT_LEN, _FLUX_TXT_DIM, dtype=dtype),
@@ -216,7 +210,7 @@ def tiny_sd3(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             tokenizer_3=None,
         )
 
-    pipe = _finish(_seeded(seed, build), dtype)
+    pipe = _finish(seeded(seed, build), dtype)
     gen = torch.Generator("cpu").manual_seed(seed + 1)
     defaults = dict(
         prompt_embeds=_randn(gen, 1, _TXT_LEN, _SD3_TXT_DIM, dtype=dtype),
@@ -281,7 +275,7 @@ def tiny_sd15(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             requires_safety_checker=False,
         )
 
-    pipe = _finish(_seeded(seed, build), dtype)
+    pipe = _finish(seeded(seed, build), dtype)
     gen = torch.Generator("cpu").manual_seed(seed + 1)
     defaults = dict(
         prompt_embeds=_randn(gen, 1, _TXT_LEN, _SD15_TXT_DIM, dtype=dtype),
@@ -348,7 +342,7 @@ def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             add_watermarker=False,
         )
 
-    pipe = _finish(_seeded(seed, build), dtype)
+    pipe = _finish(seeded(seed, build), dtype)
     gen = torch.Generator("cpu").manual_seed(seed + 1)
     defaults = dict(
         prompt_embeds=_randn(gen, 1, _TXT_LEN, _SDXL_TXT_DIM, dtype=dtype),

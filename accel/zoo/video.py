@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from accel.zoo._base import TinyModel
+from accel.zoo._base import TinyModel, seeded
 
 DEFAULT_STEPS = 10
 
@@ -28,12 +28,6 @@ DEFAULT_STEPS = 10
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
 
-
-def _build_seeded(seed: int, fn: Callable[[], Any]) -> Any:
-    """Run `fn` with the global torch RNG seeded to `seed`, restoring the caller's RNG state afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return fn()
 
 
 def _prepare(modules, dtype: torch.dtype) -> None:
@@ -158,7 +152,7 @@ def tiny_wan(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
         neg = _embeds(gen, 1, WAN_TEXT_LEN, WAN_TEXT_DIM, dtype)
         return transformer, vae, emb, neg
 
-    transformer, vae, emb, neg = _build_seeded(seed, build)
+    transformer, vae, emb, neg = seeded(seed, build)
     _prepare([transformer, vae], dtype)
     # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.json
     scheduler = UniPCMultistepScheduler(
@@ -262,7 +256,7 @@ def tiny_hunyuan_video(seed: int = 0, dtype: torch.dtype = torch.float32) -> Tin
         neg_pooled = torch.randn(1, HY_POOLED_DIM, generator=gen).to(dtype)
         return transformer, vae, emb, pooled, neg, neg_pooled
 
-    transformer, vae, emb, pooled, neg, neg_pooled = _build_seeded(seed, build)
+    transformer, vae, emb, pooled, neg, neg_pooled = seeded(seed, build)
     _prepare([transformer, vae], dtype)
     # hunyuanvideo-community/HunyuanVideo scheduler/scheduler_config.json
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=7.0)
@@ -358,7 +352,7 @@ def tiny_cogvideox(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyMod
         neg = _embeds(gen, 1, COG_TEXT_LEN, COG_TEXT_DIM, dtype)
         return transformer, vae, emb, neg
 
-    transformer, vae, emb, neg = _build_seeded(seed, build)
+    transformer, vae, emb, neg = seeded(seed, build)
     _prepare([transformer, vae], dtype)
     # THUDM/CogVideoX-5b scheduler/scheduler_config.json
     scheduler = CogVideoXDDIMScheduler(
@@ -455,7 +449,7 @@ def tiny_ltx(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
         neg = _embeds(gen, 1, LTX_TEXT_LEN, LTX_TEXT_DIM, dtype)
         return transformer, vae, emb, neg
 
-    transformer, vae, emb, neg = _build_seeded(seed, build)
+    transformer, vae, emb, neg = seeded(seed, build)
     _prepare([transformer, vae], dtype)
     # Lightricks/LTX-Video scheduler/scheduler_config.json
     scheduler = FlowMatchEulerDiscreteScheduler(

@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 import torch
 
-from accel.zoo._base import TinyModel, VLMOutput
+from accel.zoo._base import TinyModel, VLMOutput, seeded
 
 # ----------------------------------------------------------------------------------------------------------
 # Shared token ids
@@ -88,9 +88,7 @@ _QWEN25_VIDEO_SIZES = [(84, 84), (112, 84), (56, 112), (84, 140)]
 
 def _instantiate(model_cls, config, seed: int, dtype) -> torch.nn.Module:
     """Build `model_cls(config)` with weights drawn from `seed`, leaving the global RNG untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+    model = seeded(seed, lambda: model_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32))
     model = model.to(dtype).eval()
     gen = model.generation_config
     gen.bos_token_id = BOS_ID
