@@ -74,6 +74,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing accel
     sys.path.insert(0, str(REPO))
 
+from accel.zoo.image import FLUX_DEV_SCHEDULER  # noqa: E402  (after the path set-up above)
+
 # --------------------------------------------------------------------------------------------------------------------
 # Released configs (values of the checkpoints' config.json; weights are random)
 
@@ -90,16 +92,6 @@ FLUX_DEV_TRANSFORMER = dict(
     pooled_projection_dim=768,  # CLIP-L pooled
     guidance_embeds=True,  # guidance-distilled
     axes_dims_rope=(16, 56, 56),
-)
-# black-forest-labs/FLUX.1-dev, scheduler/scheduler_config.json.
-FLUX_DEV_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
 )
 # Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json (hidden size 12 x 128 = 1536).
 WAN21_T2V_1_3B_TRANSFORMER = dict(

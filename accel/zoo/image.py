@@ -45,6 +45,18 @@ _SDXL_TIME_DIM = 8  # addition_time_embed_dim
 
 
 
+# black-forest-labs/FLUX.1-dev, scheduler/scheduler_config.json (also used by benchmarks/caching.py).
+FLUX_DEV_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
 def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dtype)
 
@@ -131,15 +143,7 @@ def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
         )
         vae = _vae(16, quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
-        scheduler = FlowMatchEulerDiscreteScheduler(
-            num_train_timesteps=1000,
-            shift=3.0,
-            use_dynamic_shifting=True,
-            base_shift=0.5,
-            max_shift=1.15,
-            base_image_seq_len=256,
-            max_image_seq_len=4096,
-        )
+        scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
         return FluxPipeline(
             scheduler=scheduler,
             vae=vae,
