@@ -28,7 +28,7 @@ class Report:
     applied: list[Applied] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    calls: list[CallStats] = field(default_factory=list)
+    calls: list[CallStats] = field(default_factory=list)  # the most recent calls (at most 100)
 
     def to_dict(self) -> dict:
         return {

@@ -94,3 +94,12 @@ def test_auto_branches_for_a_bare_model_from_repeated_timesteps():
                 controller.exit()
     assert len(controller.calls) == 2
     assert seen[-1] == ["branch1", "default"]
+
+
+def test_statistics_of_a_long_running_process_stay_bounded():
+    from accel.caching.controller import MAX_CALLS_KEPT
+
+    controller = CacheController(CacheConfig(threshold=0.5))
+    for _ in range(MAX_CALLS_KEPT + 5):
+        _run(controller, _smooth(4))
+    assert len(controller.calls) == MAX_CALLS_KEPT

@@ -22,6 +22,8 @@ from .config import CacheConfig
 
 Values = tuple[torch.Tensor | None, ...]
 
+MAX_CALLS_KEPT = 100  # per-call statistics of a long-running server stay bounded
+
 
 class DeviceScalar:
     """A 0-d tensor whose value is fetched to the host without blocking the device queue."""
@@ -129,7 +131,7 @@ class _Branch:
 class CacheController:
     def __init__(self, config: CacheConfig):
         self.config = config
-        self.calls: list[CallStats] = []
+        self.calls: deque[CallStats] = deque(maxlen=MAX_CALLS_KEPT)
         self._branches: dict[str, _Branch] = {}
         self._current: _Branch | None = None
         self._num_steps: int | None = None
