@@ -74,7 +74,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing accel
     sys.path.insert(0, str(REPO))
 
-from accel.zoo.image import FLUX_DEV_SCHEDULER  # noqa: E402  (after the path set-up above)
+# --tiny runs the zoo's tiny transformers (same classes, a few blocks, small widths).
+from accel.zoo.image import FLUX_DEV_SCHEDULER, TINY_FLUX_TRANSFORMER  # noqa: E402  (after the path set-up above)
+from accel.zoo.video import TINY_WAN_TRANSFORMER  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------------------------
 # Released configs (values of the checkpoints' config.json; weights are random)
@@ -114,36 +116,6 @@ WAN21_T2V_1_3B_TRANSFORMER = dict(
 # The released Wan2.1 pipeline uses UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
 # flow_shift=3.0); this benchmark steps with flow-matching Euler at the same shift.
 WAN_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
-
-# Tiny stand-ins for --tiny (same classes, a few blocks, small widths, small latents).
-FLUX_TINY_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,
-    out_channels=None,
-    num_layers=2,
-    num_single_layers=3,
-    attention_head_dim=16,
-    num_attention_heads=2,
-    joint_attention_dim=32,
-    pooled_projection_dim=32,
-    guidance_embeds=True,
-    axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-)
-WAN_TINY_TRANSFORMER = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=16,
-    in_channels=16,
-    out_channels=16,
-    text_dim=32,
-    freq_dim=32,
-    ffn_dim=64,
-    num_layers=3,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=64,
-)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NO_GPU_MESSAGE = "benchmarks/caching.py needs a CUDA GPU; use --tiny to check the script on CPU"
@@ -229,7 +201,7 @@ class FluxScenario(Scenario):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.tiny:
-            self.config, self.height, self.width, self.text_len, self.pooled_dim = FLUX_TINY_TRANSFORMER, 256, 256, 16, 32
+            self.config, self.height, self.width, self.text_len, self.pooled_dim = TINY_FLUX_TRANSFORMER, 256, 256, 16, 32
         else:
             self.config, self.height, self.width, self.text_len, self.pooled_dim = FLUX_DEV_TRANSFORMER, 1024, 1024, 512, 768
         self.text_dim = self.config["joint_attention_dim"]
@@ -325,7 +297,7 @@ class WanScenario(Scenario):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.tiny:
-            self.config, self.height, self.width, self.frames, self.text_len = WAN_TINY_TRANSFORMER, 128, 128, 17, 16
+            self.config, self.height, self.width, self.frames, self.text_len = TINY_WAN_TRANSFORMER, 128, 128, 17, 16
         else:
             self.config, self.height, self.width, self.frames, self.text_len = (
                 WAN21_T2V_1_3B_TRANSFORMER, 480, 832, 81, 512

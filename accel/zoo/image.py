@@ -57,6 +57,21 @@ FLUX_DEV_SCHEDULER = dict(
 )
 
 
+# The tiny FLUX transformer (also the --tiny stand-in of benchmarks/caching.py).
+TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels packed 2x2
+    num_layers=2,
+    num_single_layers=3,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=_FLUX_TXT_DIM,
+    pooled_projection_dim=_FLUX_POOLED_DIM,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+)
+
+
 def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dtype)
 
@@ -130,18 +145,7 @@ def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     def build():
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,  # 16 latent channels packed 2x2
-            num_layers=2,
-            num_single_layers=3,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=_FLUX_TXT_DIM,
-            pooled_projection_dim=_FLUX_POOLED_DIM,
-            guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
-        )
+        transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
         vae = _vae(16, quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159)
         scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
         return FluxPipeline(

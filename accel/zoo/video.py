@@ -114,6 +114,23 @@ def _make_run(pipe, defaults: dict[str, Any]) -> Callable[..., Any]:
 WAN_TEXT_DIM = 32
 WAN_TEXT_LEN = 16
 
+# The tiny Wan transformer (also the --tiny stand-in of benchmarks/caching.py).
+TINY_WAN_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=16,
+    out_channels=16,
+    text_dim=WAN_TEXT_DIM,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=3,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=64,
+)
+
 
 def tiny_wan(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
     """`WanPipeline`: 3-block `WanTransformer3DModel` (2 heads x 16, patch (1,2,2)), tiny `AutoencoderKLWan`
@@ -124,21 +141,7 @@ def tiny_wan(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     def build():
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=16,
-            in_channels=16,
-            out_channels=16,
-            text_dim=WAN_TEXT_DIM,
-            freq_dim=32,
-            ffn_dim=64,
-            num_layers=3,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            eps=1e-6,
-            rope_max_seq_len=64,
-        )
+        transformer = WanTransformer3DModel(**TINY_WAN_TRANSFORMER)
         vae = AutoencoderKLWan(
             base_dim=4,
             z_dim=16,
