@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 import warnings
 import weakref
 from typing import Any
 
 from torch import nn
 
-from .caching import CacheConfig, build_cache
+from ._unit import NotApplicable, PatchContext, StepClock, Unit
 from .errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
 from .pipelines import find_adapter
-from .presets import preset_configs
+from .presets import default_config, preset_configs
 from .report import Applied, Report, Skipped
 
 # Handles by patched object (the user's pipeline or model, and the denoiser inside it). Nothing is
@@ -19,6 +20,17 @@ from .report import Applied, Report, Skipped
 _HANDLES: "weakref.WeakKeyDictionary[Any, Handle]" = weakref.WeakKeyDictionary()
 
 _DENOISER_COMPONENTS = ("transformer", "unet")
+
+
+# Accelerators in the order they are installed (unpatch removes them in reverse): weights first, then
+# attention kernels, then step caching (which skips whole blocks), then visual token pruning.
+_UNITS = (
+    ("quant", "accel.quant"),
+    ("attention", "accel.attention"),
+    ("sparse", "accel.attention.sparse"),
+    ("cache", "accel.caching"),
+    ("prune", "accel.pruning"),
+)
 
 
 class Handle:
@@ -29,13 +41,18 @@ class Handle:
         self.model = model
         self.preset = preset
         self.adapter = None
-        self.cache = None
+        self.units: list[Unit] = []
+        self.clock: StepClock | None = None
         self._pipeline_class: type | None = None
         self._report = Report(model=type(model).__name__, family=None, preset=preset)
 
+    def unit(self, name: str) -> Unit | None:
+        """The installed accelerator called `name` ("cache", "attention", ...), or None."""
+        return next((u for u in self.units if u.name == name), None)
+
     def report(self) -> Report:
-        if self.cache is not None:
-            self._report.calls = list(self.cache.controller.calls)
+        for unit in self.units:
+            unit.update_report(self._report)
         return self._report
 
     def __str__(self) -> str:
@@ -48,14 +65,16 @@ class Handle:
 
     # Called by the patched pipeline's __call__.
     def _begin_call(self) -> None:
-        if self.cache is not None:
-            self.cache.controller.begin_call()
-            self.cache.call_hook.managed = True
+        if self.clock is not None:
+            self.clock.begin_call()
+        for unit in self.units:
+            unit.begin_call()
 
     def _end_call(self) -> None:
-        if self.cache is not None:
-            self.cache.controller.end_call()
-            self.cache.call_hook.managed = False
+        for unit in reversed(self.units):
+            unit.end_call()
+        if self.clock is not None:
+            self.clock.end_call()
 
 
 def patch(
@@ -63,20 +82,31 @@ def patch(
     preset: str = "balanced",
     *,
     strict: bool = True,
-    cache: CacheConfig | bool | None = None,
+    cache: Any = None,
+    attention: Any = None,
+    sparse: Any = None,
+    prune: Any = None,
+    quant: Any = None,
 ) -> Handle:
     """Accelerate a diffusers pipeline, a diffusers denoiser, or a transformers VLM (model or pipeline).
 
-    `preset` picks defaults ("lossless", "balanced", "fast"); `cache=CacheConfig(...)` overrides the step
-    cache, `cache=False` turns it off. Patching something already patched raises AlreadyPatchedError: call
-    `accel.unpatch` first. Unsupported models raise UnsupportedModelError, or with `strict=False` warn and
-    stay unchanged.
+    `preset` picks defaults ("lossless", "balanced", "fast"); each keyword overrides one accelerator:
+    `cache=CacheConfig(...)`, `attention="int8"|"sdpa"|"flash"|"xformers"|AttentionConfig(...)`,
+    `sparse=SparseConfig(...)`, `prune=PruneConfig(...)`, `quant=QuantConfig(...)`; `False` turns one
+    off, `True` asks for its defaults. Patching something already patched raises AlreadyPatchedError:
+    call `accel.unpatch` first. Unsupported models raise UnsupportedModelError, or with `strict=False`
+    warn and stay unchanged.
     """
     configs = preset_configs(preset)
-    if cache is not None:
-        if cache is True:
-            cache = configs["cache"] or CacheConfig()
-        configs["cache"] = cache or None
+    overrides = {"cache": cache, "attention": attention, "sparse": sparse, "prune": prune, "quant": quant}
+    explicit = set()
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        explicit.add(name)
+        if value is True:
+            value = configs.get(name) or default_config(name)
+        configs[name] = value or None
 
     if target in _HANDLES:
         raise AlreadyPatchedError(
@@ -101,31 +131,35 @@ def patch(
         return handle
     handle.adapter = adapter
     report.family = adapter.family
+    steps_hint = _steps_hint(pipeline)
+    handle.clock = StepClock(pipeline, steps_hint)
+    ctx = PatchContext(adapter, model, pipeline, report, handle.clock, steps_hint, explicit)
 
-    cache_config = configs["cache"]
-    if cache_config is None:
-        report.skipped.append(Skipped("cache", f"off in preset {preset!r}" if cache is None else "cache=False"))
-    elif adapter.kind not in ("dit", "unet"):
-        report.skipped.append(Skipped("cache", f"step caching applies to diffusion denoisers, not to {adapter.display_name}"))
-    else:
-        if getattr(model, "is_cache_enabled", False):
-            raise AlreadyPatchedError(
-                f"{type(model).__name__} has a diffusers cache enabled (enable_cache); call "
-                "model.disable_cache() first, or pass cache=False to accel.patch"
-            )
-        handle.cache = build_cache(adapter, cache_config, _steps_hint(pipeline))
-        handle.cache.hooks.install()
-        report.applied.append(Applied("cache", type(model).__name__, handle.cache.describe()))
-        if pipeline is None:
-            report.warnings.append(
-                "bare model: call boundaries are found from the timestep (one host-device sync per denoiser "
-                "call), and final-step protection needs CacheConfig(num_steps=...); patch the pipeline to avoid both"
-            )
+    try:
+        for name, module_path in _UNITS:
+            config = configs.get(name)
+            if config is None:
+                why = f"{name}=False" if name in explicit else f"off in preset {preset!r}"
+                report.skipped.append(Skipped(name, why))
+                continue
+            try:
+                unit = importlib.import_module(module_path).install(ctx, config)
+            except NotApplicable as reason:
+                report.skipped.append(Skipped(name, str(reason)))
+                continue
+            handle.units.append(unit)
+            report.applied.append(Applied(name, type(model).__name__, unit.describe()))
+    except BaseException:
+        for unit in reversed(handle.units):
+            unit.remove()
+        raise
 
     if pipeline is not None:
         _wrap_pipeline_call(pipeline, handle)
     _HANDLES[target] = handle
     _HANDLES[model] = handle
+    for message in report.warnings:
+        warnings.warn(f"accel: {message}", stacklevel=2)
     return handle
 
 
@@ -134,8 +168,11 @@ def unpatch(target: Any) -> None:
     handle = _HANDLES.get(target)
     if handle is None or handle.target is not target:
         raise NotPatchedError(f"{type(target).__name__} is not patched by accel (pass the object you patched)")
-    if handle.cache is not None:
-        handle.cache.hooks.remove()
+    for unit in reversed(handle.units):
+        unit.remove()
+    handle.units.clear()
+    if handle.clock is not None:
+        handle.clock.end_call()
     if handle._pipeline_class is not None:
         handle.target.__class__ = handle._pipeline_class
     del _HANDLES[handle.target]

@@ -4,10 +4,15 @@
 - "balanced" (default): step caching with an online-calibrated error budget (`CacheConfig.target`),
   so no per-model threshold tuning is needed.
 - "fast": a larger budget, longer runs of reused steps.
+
+A preset names configs; `accel.patch(..., name=...)` overrides any one of them. Accelerators a preset
+asks for but the model or machine cannot serve are skipped with a reason in the report; the same
+accelerator asked for by keyword is an error instead.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import replace
 
 from .caching import CacheConfig
@@ -20,8 +25,22 @@ _PRESETS = {
 
 PRESET_NAMES = tuple(_PRESETS)
 
+# The config class behind each keyword of accel.patch, for `keyword=True`.
+_CONFIG_CLASSES = {
+    "cache": "accel.caching:CacheConfig",
+    "attention": "accel.attention:AttentionConfig",
+    "sparse": "accel.attention.sparse:SparseConfig",
+    "prune": "accel.pruning:PruneConfig",
+    "quant": "accel.quant:QuantConfig",
+}
+
 
 def preset_configs(name: str) -> dict:
     if name not in _PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     return {key: (replace(cfg) if cfg is not None else None) for key, cfg in _PRESETS[name].items()}
+
+
+def default_config(name: str):
+    module, _, cls = _CONFIG_CLASSES[name].partition(":")
+    return getattr(importlib.import_module(module), cls)()

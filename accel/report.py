@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from .caching import CallStats
+if TYPE_CHECKING:
+    from .caching import CallStats
 
 
 @dataclass
@@ -29,6 +31,8 @@ class Report:
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     calls: list[CallStats] = field(default_factory=list)  # the most recent calls (at most 100)
+    # Per-accelerator statistics gathered during calls, e.g. {"attention": {"int8 calls": 120, ...}}.
+    stats: dict[str, dict] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -38,6 +42,7 @@ class Report:
             "applied": [vars(a) for a in self.applied],
             "skipped": [vars(s) for s in self.skipped],
             "warnings": list(self.warnings),
+            "stats": {name: dict(values) for name, values in self.stats.items()},
             "calls": [
                 {
                     "num_steps": call.num_steps,
@@ -65,6 +70,10 @@ class Report:
             lines.append("  nothing applied: the model runs exactly as before")
         for w in self.warnings:
             lines.append(f"  warning  {w}")
+        for name, values in self.stats.items():
+            lines.append(f"  stats    {name}")
+            for key, value in values.items():
+                lines.append(f"    {key}: {value}")
         for n, call in enumerate(self.calls, 1):
             steps = f"{call.num_steps} steps" if call.num_steps is not None else "steps unknown"
             lines.append(f"  call {n} ({steps}): {call.computed} denoiser passes computed, {call.reused} reused")

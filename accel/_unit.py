@@ -1,0 +1,112 @@
+"""The contract between `accel.patch` and each accelerator.
+
+Every accelerator package exposes `install(ctx: PatchContext, config) -> Unit`. `patch` calls them in a
+fixed order (weights first, then attention, then caching, then pruning), and `unpatch` calls
+`Unit.remove()` in reverse order. An accelerator that does not apply to the model raises
+`NotApplicable(reason)`; the report lists it as skipped. Any other exception undoes the units already
+installed and propagates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from .pipelines.base import Adapter
+    from .report import Report
+
+
+class NotApplicable(Exception):
+    """This accelerator does not apply to this model (the message says why); not an error."""
+
+
+class StepClock:
+    """Which denoising step a pipeline call is at, without a host-device sync.
+
+    Counts `scheduler.step` calls of the patched pipeline (every diffusers pipeline calls it once per
+    denoising step, after the denoiser). `step` is None for a bare model, where no scheduler is seen.
+    """
+
+    def __init__(self, pipeline: Any | None, steps_hint: Callable[[], int | None]):
+        self.pipeline = pipeline
+        self._steps_hint = steps_hint
+        self.step: int | None = None if pipeline is None else 0
+        self._scheduler = None
+
+    @property
+    def num_steps(self) -> int | None:
+        return self._steps_hint()
+
+    @property
+    def available(self) -> bool:
+        return self.pipeline is not None
+
+    def begin_call(self) -> None:
+        if self.pipeline is None:
+            return
+        self.step = 0
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        if scheduler is None or scheduler is self._scheduler:
+            return
+        self._unwrap()
+        original = scheduler.step  # bound method; the instance attribute below shadows it
+
+        def step(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.step += 1
+
+        scheduler.step = step
+        self._scheduler = scheduler
+
+    def end_call(self) -> None:
+        self._unwrap()
+
+    def _unwrap(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.__dict__.pop("step", None)
+            self._scheduler = None
+
+
+@dataclass
+class PatchContext:
+    """What an accelerator may look at when it installs itself."""
+
+    adapter: Adapter
+    model: nn.Module
+    pipeline: Any | None  # the diffusers pipeline whose calls bracket denoising, if patched through one
+    report: Report
+    clock: StepClock
+    steps_hint: Callable[[], int | None]
+    explicit: set[str]  # the accelerators the user asked for by keyword (not only through the preset)
+
+    def warn(self, message: str) -> None:
+        """A warning for the report (shown once, at patch time, by `accel.patch`)."""
+        if message not in self.report.warnings:
+            self.report.warnings.append(message)
+
+
+class Unit:
+    """One installed accelerator. Subclasses override what they need."""
+
+    name: str = "unit"
+
+    def describe(self) -> str:
+        """One line for the report's `applied` list."""
+        return ""
+
+    def remove(self) -> None:
+        """Undo everything `install` did; the model then computes exactly what it did before."""
+
+    def begin_call(self) -> None:
+        """A patched pipeline call starts."""
+
+    def end_call(self) -> None:
+        """A patched pipeline call ended (also after an exception)."""
+
+    def update_report(self, report: Report) -> None:
+        """Copy statistics gathered during calls into the report (called by `handle.report()`)."""
