@@ -11,10 +11,20 @@ import inspect
 from typing import Any
 
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
+
+__all__ = ["HookSet", "ModelHook", "NoState", "StateManager", "add", "get_arg", "invalidate_registry_caches", "remove"]
 
 _CREATED_FLAG = "_accel_created_registry"
 _HAD_FORWARD_FLAG = "_accel_had_instance_forward"
+
+
+class NoState(BaseState):
+    """For hooks that only need diffusers' cache_context name, not per-context state."""
+
+    def reset(self, *args, **kwargs) -> None:
+        pass
 
 
 def add(module: nn.Module, hook: ModelHook, name: str) -> None:

@@ -9,7 +9,7 @@ installed and propagates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
@@ -83,6 +83,7 @@ class PatchContext:
     clock: StepClock
     steps_hint: Callable[[], int | None]
     explicit: set[str]  # the accelerators the user asked for by keyword (not only through the preset)
+    shared: dict[str, Any] = field(default_factory=dict)  # objects units share (e.g. the attention router)
 
     def warn(self, message: str) -> None:
         """A warning for the report (shown once, at patch time, by `accel.patch`)."""

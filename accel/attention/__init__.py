@@ -1,5 +1,67 @@
-"""Low-bit attention kernels (Triton) with exact PyTorch references beside them."""
+"""Attention: accel's INT8 kernel and the route that puts it (or SDPA, flash-attn, xFormers) into a model.
 
+`accel.patch(pipe, attention="int8")` or `attention=AttentionConfig(...)`; the kernels are also usable
+directly (`int8_attention`, with `int8_attention_reference` beside it).
+"""
+
+from __future__ import annotations
+
+from .._unit import NotApplicable, PatchContext, Unit
+from ..report import Report
+from .config import AttentionConfig
 from .int8 import int8_attention, int8_attention_reference
 
-__all__ = ["int8_attention", "int8_attention_reference"]
+
+class AttentionUnit(Unit):
+    name = "attention"
+
+    def __init__(self, router, dense):
+        self.router, self.dense = router, dense
+
+    def describe(self) -> str:
+        cfg = self.dense.config
+        sites = self.router.sites
+        roles = ", ".join(sorted({s.role for s in sites}))
+        policy = []
+        if cfg.dense_blocks:
+            policy.append(f"blocks {list(cfg.dense_blocks)} in full precision")
+        if cfg.dense_first_steps or cfg.dense_last_steps:
+            policy.append(f"first {cfg.dense_first_steps} / last {cfg.dense_last_steps} steps in full precision")
+        if cfg.dense_roles:
+            policy.append(f"roles {list(cfg.dense_roles)} in full precision")
+        extra = f"; {'; '.join(policy)}" if policy else ""
+        return f"{cfg.kernel} attention on {len(sites)} attention modules ({roles}){extra}"
+
+    def remove(self) -> None:
+        from . import route
+
+        self.router.dense = route._sdpa_dense
+        route.release(self.router)
+
+    def update_report(self, report: Report) -> None:
+        report.stats["attention"] = self.dense.stats()
+
+
+def install(ctx: PatchContext, config) -> AttentionUnit:
+    from . import route
+    from .dense import DenseAttention, check_available
+
+    if isinstance(config, str):
+        config = AttentionConfig(kernel=config)
+    if not isinstance(config, AttentionConfig):
+        raise TypeError(f"attention= takes a kernel name or an AttentionConfig, got {type(config).__name__}")
+    problem = check_available(config.kernel)
+    if problem is not None:
+        if "attention" in ctx.explicit:
+            raise RuntimeError(problem)
+        raise NotApplicable(problem)
+    if (config.dense_first_steps or config.dense_last_steps) and not ctx.clock.available:
+        ctx.warn("attention: dense_first_steps/dense_last_steps need a patched pipeline; a bare model has no step count")
+    router = route.get_or_install(ctx)
+    num_blocks = 1 + max(site.block for site in router.sites if site.role != "vision")
+    dense = DenseAttention(config, ctx.report, num_blocks)
+    router.dense = dense
+    return AttentionUnit(router, dense)
+
+
+__all__ = ["AttentionConfig", "AttentionUnit", "install", "int8_attention", "int8_attention_reference"]

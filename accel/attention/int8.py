@@ -1,29 +1,36 @@
-"""SageAttention-style attention: INT8 Q·Kᵀ, fp16/bf16 P·V, in Triton, with its exact PyTorch reference.
+"""SageAttention-style attention: INT8 Q·Kᵀ, 16-bit or FP8 P·V, in Triton, with its exact PyTorch reference.
 
 Why it is accurate enough: K is "smoothed" (its mean over tokens is subtracted per batch and
 head). That changes every score in a row by the same amount, so softmax is unchanged, but it
 removes the large channel-wise bias that real K tensors carry and that would otherwise eat the
 INT8 range. Q and K are then quantised per block of rows with one absmax scale each, and the
 product of the two block scales dequantises the int32 dot product exactly at tile granularity.
+Optionally (`smooth_q=True`, SageAttention2's idea) Q's token mean is subtracted too; that does
+change the scores, by mean_q·k_j for key j, so this term is computed in fp32 and added back as a
+per-key bias, the same bias that carries the key padding mask.
 
 Why it is fast (on a GPU): Q·Kᵀ runs on the INT8 tensor cores (2x the fp16 rate), softmax uses
 exp2 with `sm_scale * log2(e)` folded into Q's scale so it costs no extra multiply, and P·V
-stays in 16-bit with an fp32 accumulator, which keeps the error small where it matters.
+stays in 16-bit with an fp32 accumulator, which keeps the error small where it matters. With
+`pv="fp8"` (GPUs of compute capability 8.9 and up) P·V runs on the FP8 tensor cores: V is
+scaled per channel into e4m3's range, P (in [0, 1]) is multiplied by 448, e4m3's largest value.
 
-The quantisation itself uses torch ops (`_quantize_per_block`), shared by the kernel path and
-the reference so both see identical INT8 tensors; a fused Triton quantisation kernel is left
-for later. The reference then differs from the kernel only in accumulation order and in where
-P is rounded to 16-bit (the kernel rounds against the running row max, the reference against
-the final one).
+The quantisation of Q and K is one fused Triton kernel (mean subtraction, per-block absmax,
+rounding, int8 store); the reference uses the same steps as torch ops and the two give identical
+INT8 tensors. The reference then differs from the kernel only in accumulation order and in where
+P is rounded to 16 (or 8) bits: the kernel rounds against the running row max, the reference
+against the final one.
 
 Causal masking is bottom-right aligned (query i sees keys j <= i + Nk - Nq), the flash-attn
-convention; for Nq == Nk this is the usual top-left mask. Causal needs Nq <= Nk.
+convention; for Nq == Nk this is the usual top-left mask. Causal needs Nq <= Nk. A query row
+whose keys are all masked out returns zeros (SDPA returns NaN there).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +38,9 @@ import torch.nn.functional as F
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 80, 96, 128)  # 80 and 96 run as 128 with masked loads
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PV_MODES = ("fp16", "fp8")
+GRANULARITIES = ("block", "token")  # one Q/K scale per tile, or per token
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
 def _check(q, k, v, causal, need_device):
@@ -66,27 +76,33 @@ def _check(q, k, v, causal, need_device):
     return B, Hq, Hkv, Nq, Nk, D
 
 
-def _quantize_per_block(x: torch.Tensor, block: int, scale: float = 1.0):
+def _token_mean(x: torch.Tensor) -> torch.Tensor:
+    """fp32 mean over tokens, [B, H, 1, D]; one function for kernel path and reference (same bits)."""
+    return x.mean(dim=-2, keepdim=True, dtype=torch.float32)
+
+
+def _quantize_per_block(x: torch.Tensor, block: int, scale: float = 1.0, mean: torch.Tensor | None = None):
     """INT8 per block of `block` rows along the token axis: one absmax/127 scale per block.
 
+    `mean` ([B, H, 1, D] fp32), if given, is subtracted first (smoothing). Rounds half away from
+    zero (the fused Triton kernel does the same, bit for bit).
     Returns (x_int8 [B, H, N, D], scales [B, H, ceil(N/block)] fp32 with `scale` folded in).
     The ragged tail block gets a scale from its real rows only (padding is zeros).
     """
     B, H, N, D = x.shape
     nb = -(-N // block)
-    xb = F.pad(x.float(), (0, 0, 0, nb * block - N)).view(B, H, nb, block, D)
+    xf = x.float() if mean is None else x.float() - mean
+    xb = F.pad(xf, (0, 0, 0, nb * block - N)).view(B, H, nb, block, D)
     step = xb.abs().amax(dim=(-1, -2)).clamp_min(1e-8) / 127.0
-    xq = torch.round(xb / step[..., None, None]).clamp_(-127, 127).to(torch.int8)
+    t = xb / step[..., None, None]
+    xq = torch.floor(t.abs() + 0.5).copysign(t).clamp_(-127, 127).to(torch.int8)
     return xq.view(B, H, nb * block, D)[:, :, :N], (step * scale).contiguous()
 
 
 def _quantize_qk(q, k, sm_scale, smooth_k, block_q, block_k):
     """Smooth K, then quantise Q (with sm_scale*log2e folded into its scales) and K per block."""
-    kf = k.float()
-    if smooth_k:
-        kf = kf - kf.mean(dim=-2, keepdim=True)  # softmax-invariant: shifts each score row by a constant
     q8, sq = _quantize_per_block(q, block_q, sm_scale * LOG2E)
-    k8, sk = _quantize_per_block(kf, block_k)
+    k8, sk = _quantize_per_block(k, block_k, mean=_token_mean(k) if smooth_k else None)
     return q8, sq, k8, sk
 
 
@@ -95,48 +111,193 @@ def _pv_dtype(dtype):
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
-def int8_attention_reference(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block_q=128, block_k=64):
+def _quantize_v_fp8(v: torch.Tensor):
+    """V -> float8_e4m3fn with one scale per (batch, head, channel): absmax over tokens / 448.
+
+    Stored transposed (tokens contiguous) because that is the operand layout FP8 tensor cores want
+    for the right-hand side of P·V; the returned view is still [B, H, N, D].
+    """
+    sv = v.abs().amax(dim=-2, keepdim=True).float().clamp_min(1e-8) / FP8_MAX  # [B, H, 1, D]
+    v8 = (v.float() / sv).clamp_(-FP8_MAX, FP8_MAX).transpose(-1, -2).contiguous().to(torch.float8_e4m3fn)
+    return v8.transpose(-1, -2), sv.squeeze(-2).contiguous()
+
+
+def key_padding_from_sdpa_mask(attn_mask: torch.Tensor, B: int, Nq: int, Nk: int) -> torch.Tensor | None:
+    """Turn an SDPA `attn_mask` into the [B, Nk] additive fp32 bias `key_padding_mask` takes.
+
+    Accepts what SDPA accepts (bool, True = attend, or an additive float bias; any shape that
+    broadcasts to [B, H, Nq, Nk]) and returns None when the mask is not key-only, i.e. differs
+    between queries or between heads (then use dense attention). HunyuanVideo's [B, 1, 1, N] bool
+    mask converts without a host sync; a mask materialised over heads or queries (LTX repeats its
+    [B, 1, Nk] bias per head) costs one sync to check that the copies are equal.
+    """
+    if not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() > 4:
+        got = tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
+        raise ValueError(f"attn_mask must be a tensor of at most 4 dims broadcastable to [B, H, Nq, Nk], got {got}")
+    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
+    b, _, nq, nk = m.shape
+    if b not in (1, B) or nq not in (1, Nq) or nk != Nk:
+        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B={B}, H, Nq={Nq}, Nk={Nk}]")
+    for dim in (1, 2):  # heads, queries: every copy must equal the first
+        if m.shape[dim] > 1 and m.stride(dim) != 0:
+            first = m.narrow(dim, 0, 1)
+            if not bool((m == first).all()):
+                return None
+        m = m.narrow(dim, 0, 1)
+    m = m.reshape(b, Nk)
+    bias = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else m.float()
+    return bias.expand(B, Nk).contiguous()
+
+
+def _key_bias(key_padding_mask, q, k, mean_q, mean_k, sm_scale):
+    """Per-key score bias in the log2 domain, [B, 1 or Hq, Nk] fp32, or None when there is none.
+
+    Sums the key padding mask (-inf or an additive bias, the same for every head) and, with Q
+    smoothing, the exact correction sm_scale * mean_q · (k_j - mean_k) (per head and key).
+    """
+    B, Hq, _, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    bias = None
+    if key_padding_mask is not None:
+        m = key_padding_mask
+        if m.dim() == 4 and m.shape[1] == m.shape[2] == 1:
+            m = m.reshape(m.shape[0], m.shape[3])
+        if m.dim() != 2 or m.shape[0] not in (1, B) or m.shape[1] != Nk or m.device != q.device:
+            raise ValueError(
+                f"key_padding_mask must be [B, Nk] or [B, 1, 1, Nk] (B={B}, Nk={Nk}) on {q.device}, got "
+                f"{tuple(key_padding_mask.shape)} on {key_padding_mask.device}; for a general SDPA mask use "
+                f"key_padding_from_sdpa_mask(attn_mask, B, Nq, Nk)"
+            )
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
+        bias = (m.float() * LOG2E).expand(B, Nk)[:, None]
+    if mean_q is not None:
+        kc = k.float() if mean_k is None else k.float() - mean_k  # the K the int8 scores see
+        g = Hq // Hkv
+        corr = mean_q.view(B, Hkv, g, D) @ kc.transpose(-1, -2)  # [B, Hkv, g, Nk]
+        corr = corr.reshape(B, Hq, Nk) * (sm_scale * LOG2E)
+        bias = corr if bias is None else corr + bias
+    return None if bias is None else bias.contiguous()
+
+
+class _Prepared(NamedTuple):
+    q8: torch.Tensor
+    sq: torch.Tensor
+    k8: torch.Tensor
+    sk: torch.Tensor
+    v: torch.Tensor  # 16-bit V, or float8 V (transposed storage) with pv="fp8"
+    sv: torch.Tensor | None  # per-channel V scales [B, Hkv, D] with pv="fp8"
+    bias: torch.Tensor | None  # [B, 1 or Hq, Nk] log2-domain per-key bias
+
+
+def _prepare(q, k, v, quantize, *, sm_scale, smooth_k, smooth_q, key_padding_mask, pv, granularity, block_q, block_k):
+    """Everything before the attention loop, shared by kernel path and reference (`quantize` differs)."""
+    if pv not in PV_MODES:
+        raise ValueError(f"pv must be one of {PV_MODES}, got {pv!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if granularity == "token":  # a scale per row: quantisation blocks of one token
+        block_q = block_k = 1
+    mean_q = _token_mean(q) if smooth_q else None
+    mean_k = _token_mean(k) if smooth_k else None
+    q8, sq = quantize(q, block_q, sm_scale * LOG2E, mean_q)
+    k8, sk = quantize(k, block_k, 1.0, mean_k)
+    bias = _key_bias(key_padding_mask, q, k, mean_q, mean_k, sm_scale)
+    if pv == "fp8":
+        v, sv = _quantize_v_fp8(v)
+    else:
+        v, sv = v.to(_pv_dtype(v.dtype)), None
+    return _Prepared(q8, sq, k8, sk, v, sv, bias)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def _block_d(D):
+    return 64 if D == 64 else 128  # 80/96 run in a masked 128-wide tile
+
+
+def int8_attention_reference(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block_q=128, block_k=64,
+                             key_padding_mask=None, smooth_q=False, pv="fp16", granularity="block"):
     """PyTorch model of `int8_attention`: same quantisation, same math, softmax done in one go.
 
-    q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]; returns [B, Hq, Nq, D] in q's dtype. Runs on any device.
+    q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]; returns [B, Hq, Nq, D] in q's dtype. Runs on any device;
+    `pv="fp8"` is emulated (float8 rounding of P and V, exact products).
     """
     B, Hq, Hkv, Nq, Nk, D = _check(q, k, v, causal, need_device=False)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-    q8, sq, k8, sk = _quantize_qk(q, k, sm_scale, smooth_k, block_q, block_k)
+    p8 = _prepare(q, k, v, _quantize_per_block, sm_scale=sm_scale, smooth_k=smooth_k, smooth_q=smooth_q,
+                  key_padding_mask=key_padding_mask, pv=pv, granularity=granularity, block_q=block_q, block_k=block_k)
+    if granularity == "token":
+        block_q = block_k = 1
     g = Hq // Hkv
-    k8, sk, v = (t.repeat_interleave(g, dim=1) for t in (k8, sk, v))
+    k8, sk, vv = (t.repeat_interleave(g, dim=1) for t in (p8.k8, p8.sk, p8.v.float()))
     # fp32 holds the int32 dot product exactly: |sum| <= 128 * 127^2 < 2^24.
-    s = q8.float() @ k8.float().transpose(-1, -2)
-    sq = sq.repeat_interleave(block_q, dim=-1)[..., :Nq, None]
+    s = p8.q8.float() @ k8.float().transpose(-1, -2)
+    sq = p8.sq.repeat_interleave(block_q, dim=-1)[..., :Nq, None]
     sk = sk.repeat_interleave(block_k, dim=-1)[..., None, :Nk]
     s = s * (sq * sk)  # log2-domain scores, scale product formed first as in the kernel
+    if p8.bias is not None:
+        s = s + p8.bias[:, :, None, :]
     if causal:
         s = s.masked_fill(torch.ones(Nq, Nk, dtype=torch.bool, device=s.device).triu(Nk - Nq + 1), float("-inf"))
-    p = torch.exp2(s - s.amax(dim=-1, keepdim=True))
-    dt = _pv_dtype(v.dtype)
-    o = (p.to(dt).float() @ v.to(dt).float()) / p.sum(dim=-1, keepdim=True)
+    m = s.amax(dim=-1, keepdim=True)
+    m = m.masked_fill(m == float("-inf"), 0.0)  # fully masked row: p = 0 everywhere, output 0
+    p = torch.exp2(s - m)
+    if pv == "fp8":
+        pr = (p * FP8_MAX).to(torch.float8_e4m3fn).float()
+        o = (pr @ vv) * (p8.sv.repeat_interleave(g, dim=1)[:, :, None, :] / FP8_MAX)
+    else:
+        o = p.to(p8.v.dtype).float() @ vv
+    l = p.sum(dim=-1, keepdim=True)
+    o = o / torch.where(l == 0, 1.0, l)
     return o.to(q.dtype)
 
 
-_kernel = None
+_kernels = None
 
 
-def _get_kernel():
+def _get_kernels():
     """Import triton lazily so `import accel.attention` works without it (and so tests can set
-    TRITON_INTERPRET first)."""
-    global _kernel
-    if _kernel is not None:
-        return _kernel
+    TRITON_INTERPRET first). Returns (attention kernel, quantisation kernel)."""
+    global _kernels
+    if _kernels is not None:
+        return _kernels
     import triton
     import triton.language as tl
 
     @triton.jit
+    def _quant_int8(
+        X, MEAN, XQ, S, sxb, sxh, sxn, sxd, H, N, D, NB, scale,
+        HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One program per (row block, batch*head): subtract the mean, absmax, round, store int8."""
+        pid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        offs_n = pid * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        ok = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+        x = tl.load(X + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=ok, other=0).to(tl.float32)
+        if HAS_MEAN:
+            mean = tl.load(MEAN + bh * D + offs_d, mask=offs_d < D, other=0.0)
+            x = tl.where(ok, x - mean[None, :], 0.0)
+        step = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-8), 127.0)
+        t = tl.math.div_rn(x, step)  # IEEE division, as torch does: identical int8
+        r = tl.minimum(tl.floor(tl.abs(t) + 0.5), 127.0)
+        r = tl.where(t < 0, -r, r)
+        tl.store(XQ + bh * N * D + offs_n[:, None] * D + offs_d[None, :], r.to(tl.int8), mask=ok)
+        tl.store(S + bh * NB + pid, step * scale)
+
+    @triton.jit
     def _int8_attn_fwd(
-        Q, K, V, SQ, SK, O,
-        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+        Q, K, V, SQ, SK, SV, BIAS, O,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh,
         Hq, Hkv, GROUP, Nq, Nk, D, NBQ, NBK, CAUSAL_OFFSET,
         CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        PV_FP32: tl.constexpr,
+        PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, PV_FP8: tl.constexpr, PV_FP32: tl.constexpr, EMULATE_FP8: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -152,10 +313,14 @@ def _get_kernel():
 
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
                     mask=m_ok[:, None] & d_ok[None, :], other=0)
-        q_scale = tl.load(SQ + (b * Hq + h) * NBQ + pid_m)
+        if PER_TOKEN:  # NBQ = Nq, NBK = Nk: one scale per row
+            q_scale = tl.load(SQ + (b * Hq + h) * NBQ + offs_m, mask=m_ok, other=0.0)[:, None]
+        else:
+            q_scale = tl.load(SQ + (b * Hq + h) * NBQ + pid_m)
         k_base = K + b * skb + hk * skh
         v_base = V + b * svb + hk * svh
         sk_base = SK + (b * Hkv + hk) * NBK
+        bias_base = BIAS + b * sbb + h * sbh
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -169,60 +334,114 @@ def _get_kernel():
             n_ok = kn < Nk
             kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None] * skd,
                          mask=n_ok[None, :] & d_ok[:, None], other=0)  # [D, N]: K transposed
-            k_scale = tl.load(sk_base + start_n // BLOCK_N)
+            if PER_TOKEN:
+                k_scale = tl.load(sk_base + kn, mask=n_ok, other=0.0)[None, :]
+            else:
+                k_scale = tl.load(sk_base + start_n // BLOCK_N)
             s = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
+            if HAS_BIAS:
+                s += tl.load(bias_base + kn, mask=n_ok, other=0.0)[None, :]
             keep = n_ok[None, :]
             if CAUSAL:
                 keep = keep & (kn[None, :] <= offs_m[:, None] + CAUSAL_OFFSET)
             s = tl.where(keep, s, float("-inf"))
 
-            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key 0 is visible to every row
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if HAS_BIAS:  # a row masked so far has max -inf: shift by 0 instead (p = 0, no NaN)
+                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.math.exp2(m_i - m_new)
             p = tl.math.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd,
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            p16 = p.to(v.dtype)
-            if PV_FP32:  # exact: 16-bit values multiply exactly in fp32
-                pv = tl.dot(p16.to(tl.float32), v.to(tl.float32), out_dtype=tl.float32)
+            if PV_FP8:
+                p_scaled = p * 448.0
+                if EMULATE_FP8:
+                    # The interpreter's fp32->fp8 cast drops the carry when rounding up to a new
+                    # power of two (126.5 -> 64); round to the e4m3 grid here so its cast is exact.
+                    bits = p_scaled.to(tl.int32, bitcast=True)
+                    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000  # 3 mantissa bits, ties to even
+                    p_scaled = tl.where(p_scaled < 0.015625, tl.floor(p_scaled * 512.0 + 0.5) / 512.0,  # subnormals
+                                        bits.to(tl.float32, bitcast=True))
+                pv = tl.dot(p_scaled.to(v.dtype), v, out_dtype=tl.float32)
+            elif PV_FP32:  # exact: 16-bit values multiply exactly in fp32
+                pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), out_dtype=tl.float32)
             else:
-                pv = tl.dot(p16, v, out_dtype=tl.float32)
+                pv = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
 
-        acc = acc / l_i[:, None]
+        if PV_FP8:  # undo V's per-channel scale and P's 448
+            sv = tl.load(SV + (b * Hkv + hk) * D + offs_d, mask=d_ok, other=0.0)
+            acc = acc * (sv / 448.0)[None, :]
+        acc = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # fully masked row: acc is 0, output 0
         tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
                  acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
-    _kernel = _int8_attn_fwd
-    return _kernel
+    _kernels = (_int8_attn_fwd, _quant_int8)
+    return _kernels
 
 
-def int8_attention(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block_q=128, block_k=64):
+def _quantize_per_block_triton(x: torch.Tensor, block: int, scale: float = 1.0, mean: torch.Tensor | None = None):
+    """Fused Triton version of `_quantize_per_block` (same arguments, identical results): one read
+    of x in its own dtype and layout, one int8 write, instead of several fp32 temporaries."""
+    B, H, N, D = x.shape
+    nb = -(-N // block)
+    xq = torch.empty(B, H, N, D, dtype=torch.int8, device=x.device)
+    s = torch.empty(B, H, nb, dtype=torch.float32, device=x.device)
+    mean_arg = mean.contiguous() if mean is not None else s  # dummy pointer, unused without HAS_MEAN
+    _get_kernels()[1][(nb, B * H)](
+        x, mean_arg, xq, s, *x.stride(), H, N, D, nb, scale,
+        HAS_MEAN=mean is not None, BLOCK=block, BLOCK_D=_block_d(D), num_warps=4,
+    )
+    return xq, s
+
+
+def int8_attention(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block_q=128, block_k=64,
+                   key_padding_mask=None, smooth_q=False, pv="fp16", granularity="block", num_warps=None, num_stages=None):
     """INT8-QK / 16-bit-PV attention in Triton. Same contract as `int8_attention_reference`.
 
     q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] with any strides (a [B, N, H, D] tensor passed as
     `.transpose(1, 2)` is read in place; the output keeps q's layout). Head dims 64/80/96/128,
     fp16/bf16/fp32, CUDA tensors (CPU with TRITON_INTERPRET=1). block_q/block_k are both the
     quantisation granularity and the kernel's tile sizes (powers of two, >= 16).
+
+    key_padding_mask: bool [B, Nk] (True = attend) or an additive float bias of shape [B, Nk] or
+        [B, 1, 1, Nk] (as SDPA adds it); `key_padding_from_sdpa_mask` converts other SDPA masks.
+    smooth_q: also subtract Q's token mean, adding the exact per-key correction back in fp32.
+    pv: "fp16" runs P·V in the inputs' 16-bit type (fp16 for fp32 inputs); "fp8" in float8 e4m3
+        with per-channel V scales, on GPUs of compute capability >= 8.9 only.
+    num_warps / num_stages: Triton launch options for tuning (None: a default for the tile size).
     """
     B, Hq, Hkv, Nq, Nk, D = _check(q, k, v, causal, need_device=True)
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tile), got {blk}")
+    if pv == "fp8" and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(q.device)))
+        raise ValueError(f"pv='fp8' needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper), "
+                         f"{torch.cuda.get_device_name(q.device)} has {cap}; use pv='fp16'")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-    q8, sq, k8, sk = _quantize_qk(q, k, sm_scale, smooth_k, block_q, block_k)
-    v = v if v.dtype == _pv_dtype(v.dtype) else v.to(_pv_dtype(v.dtype))
+    p8 = _prepare(q, k, v, _quantize_per_block_triton, sm_scale=sm_scale, smooth_k=smooth_k, smooth_q=smooth_q,
+                  key_padding_mask=key_padding_mask, pv=pv, granularity=granularity, block_q=block_q, block_k=block_k)
     o = torch.empty_like(q)  # keeps q's memory layout
-    grid = (sq.shape[-1], B * Hq)
-    block_d = 64 if D == 64 else 128
-    _get_kernel()[grid](
-        q8, k8, v, sq, sk, o,
-        *q8.stride(), *k8.stride(), *v.stride(), *o.stride(),
-        Hq, Hkv, Hq // Hkv, Nq, Nk, D, sq.shape[-1], sk.shape[-1], Nk - Nq,
+    bias = p8.bias if p8.bias is not None else p8.sq  # dummy pointer, unused without HAS_BIAS
+    sbb, sbh = (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0) if p8.bias is not None else (0, 0)
+    grid = (triton_cdiv(Nq, block_q), B * Hq)
+    block_d = _block_d(D)
+    options = {"num_warps": num_warps or (8 if block_q * block_d >= 128 * 128 else 4)}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    interpret = q.device.type == "cpu"
+    _get_kernels()[0][grid](
+        p8.q8, p8.k8, p8.v, p8.sq, p8.sk, p8.sv if p8.sv is not None else p8.sq, bias, o,
+        *p8.q8.stride(), *p8.k8.stride(), *p8.v.stride(), *o.stride(), sbb, sbh,
+        Hq, Hkv, Hq // Hkv, Nq, Nk, D, p8.sq.shape[-1], p8.sk.shape[-1], Nk - Nq,
         CAUSAL=causal, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d,
-        # The interpreter's tl.dot multiplies bf16 tensors' raw uint16 bits; upcast there only.
-        PV_FP32=v.dtype == torch.bfloat16 and q.device.type == "cpu",
-        num_warps=8 if block_q * block_d >= 128 * 128 else 4,
+        PER_TOKEN=granularity == "token", HAS_BIAS=p8.bias is not None, PV_FP8=pv == "fp8",
+        # The interpreter's tl.dot multiplies bf16 tensors' raw uint16 bits, and its fp8 cast
+        # mis-rounds: work around both there only.
+        PV_FP32=p8.v.dtype == torch.bfloat16 and interpret, EMULATE_FP8=interpret,
+        **options,
     )
     return o

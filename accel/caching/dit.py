@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks.hooks import StateManager
 from torch import nn
 
 from .. import _hooks
@@ -22,11 +22,6 @@ from .config import CacheConfig
 from .controller import CacheController
 
 HOOK = "accel_cache"
-
-
-class _NoState(BaseState):
-    def reset(self, *args, **kwargs) -> None:
-        pass
 
 
 class DenoiserCallHook(ModelHook):
@@ -39,7 +34,7 @@ class DenoiserCallHook(ModelHook):
         self.controller = controller
         self.steps_hint = steps_hint  # () -> int | None, from the pipeline's scheduler when known
         self.managed = False  # True while a patched pipeline call is running
-        self.context = StateManager(_NoState)
+        self.context = StateManager(_hooks.NoState)
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         ctx = self.context._context

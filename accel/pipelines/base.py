@@ -26,6 +26,34 @@ def resolve_classes(paths: tuple[str, ...]) -> tuple[type, ...]:
     return tuple(found)
 
 
+@dataclass(frozen=True, eq=False)
+class AttentionSite:
+    """One attention module of the model, as accelerators that replace attention see it.
+
+    `role`: "self" (visual tokens only), "cross" (queries visual, keys text), "joint" (text and visual
+    tokens in one sequence, see the adapter's text layout), "causal" (a language model's decoder
+    self-attention) or "vision" (a VLM's vision encoder). `block` is the index of the block (DiT), the
+    transformer block (UNet), or the layer (VLM language model / vision encoder) it belongs to.
+    """
+
+    name: str
+    module: nn.Module
+    block: int
+    role: str
+
+
+def find_attention_sites(model: nn.Module, roots: list[nn.Module], roles: dict[str, str]) -> list[AttentionSite]:
+    """Submodules of `roots` whose own name is a key of `roles`, numbered by root, in call order."""
+    names = {id(module): name for name, module in model.named_modules()}
+    sites = []
+    for index, root in enumerate(roots):
+        for name, module in root.named_modules():
+            role = roles.get(name.rsplit(".", 1)[-1])
+            if role is not None:
+                sites.append(AttentionSite(names[id(module)], module, index, role))
+    return sites
+
+
 class Adapter:
     family: ClassVar[str]  # short key, e.g. "flux"
     kind: ClassVar[str]  # "dit" | "unet" | "vlm"
@@ -42,6 +70,10 @@ class Adapter:
 
     def describe(self) -> str:
         return f"{self.display_name}: {type(self.model).__name__}"
+
+    def attention_sites(self) -> list[AttentionSite]:
+        """The attention modules accelerators may reroute, in the order the forward calls them."""
+        raise NotImplementedError
 
 
 @dataclass(frozen=True)
@@ -87,6 +119,10 @@ class DiTAdapter(Adapter):
 
     kind = "dit"
     text_layout: ClassVar[TextLayout]
+    attention_roles: ClassVar[dict[str, str]]  # attention submodule name in a block -> AttentionSite.role
+
+    def attention_sites(self) -> list[AttentionSite]:
+        return find_attention_sites(self.model, self.blocks(), self.attention_roles)
 
     def block_lists(self) -> list[nn.ModuleList]:
         """The block lists in the order the forward calls them."""
@@ -107,6 +143,17 @@ class UNetAdapter(Adapter):
     """A UNet: conv_in, down blocks, mid block, up blocks, conv_out."""
 
     kind = "unet"
+    attention_roles: ClassVar[dict[str, str]] = {"attn1": "self", "attn2": "cross"}
+
+    def attention_sites(self) -> list[AttentionSite]:
+        blocks = [self.mid_block()] if self.mid_block() is not None else []
+        roots = [*self.down_blocks(), *blocks, *self.up_blocks()]
+        # Number by transformer block (the parent of attn1/attn2), not by UNet stage.
+        sites, parents = [], {}
+        for site in find_attention_sites(self.model, roots, self.attention_roles):
+            parent = site.name.rsplit(".", 1)[0]
+            sites.append(AttentionSite(site.name, site.module, parents.setdefault(parent, len(parents)), site.role))
+        return sites
 
     def down_blocks(self) -> list[nn.Module]:
         raise NotImplementedError
@@ -122,6 +169,15 @@ class VLMAdapter(Adapter):
     """A transformers vision-language model."""
 
     kind = "vlm"
+    vision_attention_name: ClassVar[str] = "self_attn"  # attention submodule of a vision encoder layer
+
+    def attention_sites(self) -> list[AttentionSite]:
+        language = find_attention_sites(self.model, list(self.language_layers()), {"self_attn": "causal"})
+        vision = find_attention_sites(self.model, list(self.vision_layers()), {self.vision_attention_name: "vision"})
+        return vision + language
+
+    def vision_layers(self) -> nn.ModuleList:
+        raise NotImplementedError
 
     def vision_tower(self) -> nn.Module:
         raise NotImplementedError
@@ -148,3 +204,37 @@ class VLMAdapter(Adapter):
         if video_id is not None:
             mask |= input_ids == video_id
         return mask
+
+    # ---- facts for visual token pruning (accel.pruning) ------------------------------------------------------
+
+    def multimodal_model(self) -> nn.Module:
+        """The module whose forward takes `input_ids` and the visual inputs and calls `language_model()`."""
+        return getattr(self.model, "model", self.model)
+
+    def image_segment_length(self) -> int | None:
+        """Placeholders per image when every image has the same count (splits adjacent images); else None."""
+        return None
+
+    def video_frame_lengths(self, call: dict) -> list[int]:
+        """Placeholders per frame (temporal unit) of each video of one `multimodal_model()` call, in order."""
+        return []
+
+    def structural_token_mask(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Bool [n]: visual placeholders that carry layout, not content (kept by pruning), or None."""
+        return None
+
+    def cls_attention_module(self) -> nn.Module | None:
+        """The vision self-attention whose [CLS] query row scores the image features, or None (no CLS)."""
+        return None
+
+    def lm_query_key(self, layer_index: int, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Queries and keys [B, heads, S, head_dim] of decoder layer `layer_index` for its input hidden states
+        (before rotary positions; key heads repeated to match query heads), and the attention scale."""
+        layer = self.language_layers()[layer_index]
+        attn = layer.self_attn
+        normed = layer.input_layernorm(hidden_states)
+        batch, length = normed.shape[:2]
+        q = attn.q_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        return q, k, float(attn.scaling)

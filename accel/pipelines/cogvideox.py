@@ -12,6 +12,7 @@ class CogVideoXAdapter(DiTAdapter):
     display_name = "CogVideoX"
     model_classes = ("diffusers:CogVideoXTransformer3DModel",)
     text_layout = TextLayout("prefix")
+    attention_roles = {"attn1": "joint"}
 
     def block_lists(self):
         return [self.model.transformer_blocks]

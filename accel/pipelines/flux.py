@@ -11,6 +11,7 @@ class FluxAdapter(DiTAdapter):
     display_name = "FLUX"
     model_classes = ("diffusers:FluxTransformer2DModel",)
     text_layout = TextLayout("prefix")
+    attention_roles = {"attn": "joint"}
 
     def block_lists(self):
         return [self.model.transformer_blocks, self.model.single_transformer_blocks]

@@ -13,6 +13,7 @@ class HunyuanVideoAdapter(DiTAdapter):
     display_name = "HunyuanVideo"
     model_classes = ("diffusers:HunyuanVideoTransformer3DModel",)
     text_layout = TextLayout("suffix", masked=True)
+    attention_roles = {"attn": "joint"}
 
     def block_lists(self):
         return [self.model.transformer_blocks, self.model.single_transformer_blocks]

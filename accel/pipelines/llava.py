@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from accel.pipelines.base import VLMAdapter
@@ -114,3 +115,35 @@ class LlavaAdapter(VLMAdapter):
         patches = (vision.image_size // vision.patch_size) ** 2
         keep_cls = self.has_cls_token() and self.vision_feature_select_strategy() == "full"
         return patches + int(keep_cls)
+
+    # ---- facts for visual token pruning (accel.pruning) ------------------------------------------------------
+
+    def image_segment_length(self) -> int | None:
+        return self.tokens_per_image()
+
+    def cls_attention_module(self) -> nn.Module | None:
+        """Self-attention of the vision layer whose output LLaVA feeds the projector (`vision_feature_layer`)."""
+        layer = self.vision_feature_layer()
+        if not self.has_cls_token() or not isinstance(layer, int):
+            return None
+        layers = self.vision_layers()
+        index = layer % (len(layers) + 1) - 1  # hidden_states[0] is the embedding output
+        return layers[index].self_attn if index >= 0 else None
+
+    def cls_attention_row(self, attn: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Attention of the [CLS] query (position 0) over all positions, mean over heads: [N, T]. Only this one
+        query row is computed, so the tower itself keeps running SDPA / FlashAttention."""
+        batch, length, _ = hidden_states.shape
+        q = attn.q_proj(hidden_states[:, :1]).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(hidden_states).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        logits = (q.float() @ k.float().transpose(-1, -2)) * attn.scale
+        return logits.softmax(-1).mean(1)[:, 0]
+
+    def cls_feature_scores(self, row: torch.Tensor) -> torch.Tensor:
+        """Per-feature scores from `cls_attention_row`: the CLS column is dropped with the "default" strategy and
+        ranked first with "full" (where the CLS token is itself a feature)."""
+        if self.vision_feature_select_strategy() == "default":
+            return row[:, 1:]
+        row = row.clone()
+        row[:, 0] = row.max(-1).values + 1.0
+        return row

@@ -29,6 +29,7 @@ Facts pruning will need:
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from accel.pipelines.llava import LlavaAdapter
@@ -63,3 +64,21 @@ class LlavaOnevisionAdapter(LlavaAdapter):
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
         return num_frames * ((side + 1) // 2) ** 2 + 1
+
+    # ---- facts for visual token pruning (accel.pruning) ------------------------------------------------------
+
+    def image_segment_length(self) -> int | None:
+        return None  # AnyRes: the count depends on each image's size
+
+    def video_frame_lengths(self, call: dict) -> list[int]:
+        videos = call.get("pixel_values_videos")
+        if videos is None:
+            return []
+        vision = self.model.config.vision_config
+        side = vision.image_size // vision.patch_size
+        return [((side + 1) // 2) ** 2] * videos.shape[0]
+
+    def structural_token_mask(self, features: torch.Tensor) -> torch.Tensor | None:
+        """The `image_newline` vectors (end of each AnyRes row, end of a video), found by value."""
+        newline = self.image_newline().to(features.device, features.dtype)
+        return (features == newline).all(-1)

@@ -12,6 +12,7 @@ class LTXAdapter(DiTAdapter):
     display_name = "LTX-Video"
     model_classes = ("diffusers:LTXVideoTransformer3DModel",)
     text_layout = TextLayout("none")
+    attention_roles = {"attn1": "self", "attn2": "cross"}
 
     def block_lists(self):
         return [self.model.transformer_blocks]

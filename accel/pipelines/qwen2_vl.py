@@ -52,6 +52,7 @@ class Qwen2VLAdapter(VLMAdapter):
         "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLForConditionalGeneration",
         "transformers:Qwen2VLForConditionalGeneration",
     )
+    vision_attention_name = "attn"
 
     def vision_tower(self) -> nn.Module:
         return _lookup(self.model, ("model.visual", "visual"))
@@ -86,6 +87,14 @@ class Qwen2VLAdapter(VLMAdapter):
 
     def spatial_merge_size(self) -> int:
         return int(self.model.config.vision_config.spatial_merge_size)
+
+    def video_frame_lengths(self, call: dict) -> list[int]:
+        """Merged tokens per temporal patch of each video (`video_grid_thw` rows: t, h, w in patches)."""
+        grid = call.get("video_grid_thw")
+        if grid is None:
+            return []
+        merge = self.spatial_merge_size()
+        return [int(h) * int(w) // merge**2 for _, h, w in grid.tolist()]
 
     def rope_model(self) -> nn.Module:
         """The module owning `get_rope_index` and the cached `rope_deltas` (`model.model` in 5.x)."""

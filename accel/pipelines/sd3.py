@@ -11,6 +11,7 @@ class SD3Adapter(DiTAdapter):
     display_name = "Stable Diffusion 3"
     model_classes = ("diffusers:SD3Transformer2DModel",)
     text_layout = TextLayout("suffix")
+    attention_roles = {"attn": "joint", "attn2": "self"}
 
     def block_lists(self):
         return [self.model.transformer_blocks]

@@ -12,6 +12,7 @@ class WanAdapter(DiTAdapter):
     display_name = "Wan2.1"
     model_classes = ("diffusers:WanTransformer3DModel",)
     text_layout = TextLayout("none")
+    attention_roles = {"attn1": "self", "attn2": "cross"}
 
     def block_lists(self):
         return [self.model.blocks]

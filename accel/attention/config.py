@@ -1,0 +1,57 @@
+"""`AttentionConfig`: which kernel computes a patched model's attention, and where it must not."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KERNELS = ("int8", "sdpa", "flash", "xformers")
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+ROLES = ("self", "cross", "joint", "causal", "vision")
+
+
+@dataclass
+class AttentionConfig:
+    """Attention kernel and precision policy for `accel.patch(..., attention=...)`.
+
+    kernel: "int8" (accel's SageAttention-style Triton kernel: INT8 Q·Kᵀ with K smoothing, 16-bit
+        P·V), "sdpa" (torch's scaled_dot_product_attention), "flash" (the flash-attn package) or
+        "xformers". A string passed to `accel.patch(attention=...)` sets this field.
+    dense_blocks: blocks (DiT), transformer blocks (UNet) or decoder layers (VLM) whose attention stays
+        in full precision (SDPA); negative indices count from the end. SageAttention2 found the first
+        and last layers of some models sensitive: `dense_blocks=(0, -1)`.
+    dense_first_steps / dense_last_steps: denoising steps at the start / end of each pipeline call
+        that stay in full precision (needs the pipeline to be patched, not a bare model).
+    dense_roles: attention roles that stay in full precision, e.g. ("cross",) or ("vision",); roles
+        are "self", "cross", "joint" (text and visual tokens in one sequence), "causal" (language
+        model), "vision" (a VLM's vision encoder).
+    min_query_len: calls with fewer query tokens (a language model decoding token by token) use SDPA:
+        a quantised kernel gains nothing there. The report counts them.
+    sdpa_backend: for kernel="sdpa", force one of torch's SDPA backends ("flash", "cudnn",
+        "efficient", "math"); None lets torch choose.
+    smooth_q: int8 only: also subtract Q's token mean (exact correction added back); helps Q with a
+        large shared bias, costs a little.
+    """
+
+    kernel: str = "int8"
+    dense_blocks: tuple[int, ...] = ()
+    dense_first_steps: int = 0
+    dense_last_steps: int = 0
+    dense_roles: tuple[str, ...] = ()
+    min_query_len: int = 16
+    sdpa_backend: str | None = None
+    smooth_q: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"AttentionConfig.kernel={self.kernel!r}; choose one of {', '.join(KERNELS)}")
+        if self.sdpa_backend is not None and self.sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(
+                f"AttentionConfig.sdpa_backend={self.sdpa_backend!r}; choose one of {', '.join(SDPA_BACKENDS)} or None"
+            )
+        unknown = set(self.dense_roles) - set(ROLES)
+        if unknown:
+            raise ValueError(f"AttentionConfig.dense_roles has unknown roles {sorted(unknown)}; roles are {', '.join(ROLES)}")
+        if self.dense_first_steps < 0 or self.dense_last_steps < 0 or self.min_query_len < 0:
+            raise ValueError("AttentionConfig: dense_first_steps, dense_last_steps and min_query_len must be >= 0")
+        self.dense_blocks = tuple(self.dense_blocks)
+        self.dense_roles = tuple(self.dense_roles)

@@ -1,0 +1,286 @@
+"""One place where a patched model's attention is rerouted: the router.
+
+The router sees every `scaled_dot_product_attention` call made inside the attention modules the adapter
+names (`Adapter.attention_sites`) and nowhere else: not in a VAE, a text encoder or another model.
+
+- diffusers: a hook (diffusers' hook registry) on each attention module runs its forward under a
+  `TorchFunctionMode` that catches the SDPA call. This covers processors that call SDPA directly
+  (SD3, CogVideoX, UNets) and those that go through diffusers' dispatcher with its default "native"
+  backend (FLUX, Wan, HunyuanVideo, LTX). The dispatcher itself cannot take a new backend: its
+  registry is keyed by a closed enum, so registering there is not possible without patching diffusers.
+- transformers: an attention function registered through `AttentionInterface` ("accel") with the SDPA
+  mask builder; the model's `attn_implementation` is switched to it and back on removal. The function
+  runs transformers' own SDPA integration under the same mode, so GQA, causal flags and masks are
+  exactly transformers' own.
+
+Stages (sparse attention) see the call first and may answer it; otherwise the dense route chosen by
+`attention=` (the INT8 kernel, SDPA, flash-attn or xFormers) computes it.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from .. import _hooks
+from .._unit import PatchContext
+from ..pipelines.base import AttentionSite, LatentGrid
+
+HOOK = "accel_attention"
+TRANSFORMERS_NAME = "accel"
+_SDPA = F.scaled_dot_product_attention
+
+
+@dataclass
+class AttentionCall:
+    """One attention call, in SDPA's layout: query [B, H, Sq, D], key/value [B, Hkv, Sk, D]."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attn_mask: torch.Tensor | None
+    is_causal: bool
+    scale: float | None
+    enable_gqa: bool
+    dropout_p: float
+    site: AttentionSite
+    step: int | None  # denoising step of the current pipeline call (None: bare model or a VLM)
+    num_steps: int | None
+    branch: str | None  # CFG branch ("cond"/"uncond") when the pipeline names it through cache_context
+    text_position: str  # "prefix" | "suffix" | "none" (diffusion transformers), "none" otherwise
+    _grid: Callable[[], LatentGrid | None] = field(repr=False, default=lambda: None)
+
+    @property
+    def layer(self) -> int:
+        return self.site.block
+
+    @property
+    def role(self) -> str:
+        return self.site.role
+
+    @property
+    def grid(self) -> LatentGrid | None:
+        """Visual token grid of this denoiser call (computed once per call, on first use)."""
+        return self._grid()
+
+    @property
+    def text_tokens(self) -> int:
+        """Text tokens in the key sequence of a joint attention call (0 otherwise)."""
+        grid = self.grid
+        if self.role != "joint" or grid is None:
+            return 0
+        return max(self.key.shape[-2] - grid.tokens, 0)
+
+    def sdpa(self) -> torch.Tensor:
+        """The call computed exactly as the model asked for it."""
+        return _SDPA(
+            self.query, self.key, self.value, attn_mask=self.attn_mask, dropout_p=self.dropout_p,
+            is_causal=self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa,
+        )
+
+
+Stage = Callable[[AttentionCall, Callable[[AttentionCall], torch.Tensor]], "torch.Tensor | None"]
+
+
+def _sdpa_dense(call: AttentionCall) -> torch.Tensor:
+    return call.sdpa()
+
+
+class _Intercept(TorchFunctionMode):
+    """Active only while one attention module runs: hands its SDPA call to the router."""
+
+    def __init__(self, router: "AttentionRouter", site: AttentionSite):
+        super().__init__()
+        self.router, self.site, self.seen = router, site, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            self.seen += 1
+            return self.router.dispatch(self.site, *args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class _SiteHook(_hooks.ModelHook):
+    def __init__(self, router: "AttentionRouter", site: AttentionSite):
+        super().__init__()
+        self.router, self.site = router, site
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        with _Intercept(self.router, self.site) as intercept:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+        if not intercept.seen:
+            self.router.note_unrouted(self.site)
+        return out
+
+
+class _DenoiserHook(_hooks.ModelHook):
+    """Per denoiser call: forget the cached grid, learn the CFG branch from diffusers' cache_context."""
+
+    _is_stateful = True
+
+    def __init__(self, router: "AttentionRouter"):
+        super().__init__()
+        self.router = router
+        self.context = _hooks.StateManager(_hooks.NoState)
+
+    def new_forward(self, module: nn.Module, *args, **kwargs):
+        self.router.begin_denoiser_call(args, kwargs, getattr(self.context._context, "name", None))
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+    def reset_state(self, module: nn.Module) -> nn.Module:
+        return module
+
+
+class AttentionRouter:
+    """Reroutes the attention of one patched model; shared by the `attention` and `sparse` units."""
+
+    def __init__(self, ctx: PatchContext):
+        self.ctx = ctx
+        self.adapter = ctx.adapter
+        self.clock = ctx.clock
+        self.sites = self.adapter.attention_sites()
+        if not self.sites:
+            raise ValueError(f"{self.adapter.display_name} exposes no attention modules to reroute")
+        self.dense: Callable[[AttentionCall], torch.Tensor] = _sdpa_dense
+        self.stages: list[Stage] = []
+        self.users = 0
+        self.text_position = getattr(getattr(self.adapter, "text_layout", None), "position", "none")
+        self._branch: str | None = None
+        self._grid_args: tuple | None = None
+        self._grid: LatentGrid | None = None
+        self._grid_known = False
+        self._unrouted: set[str] = set()
+        self._hooks: _hooks.HookSet | None = None
+        self._saved_implementations: list[tuple[Any, str | None]] = []
+
+    # -- installation ---------------------------------------------------------------------------
+    def install(self) -> None:
+        if self.adapter.kind == "vlm":
+            self._install_transformers()
+        else:
+            self._install_diffusers()
+
+    def remove(self) -> None:
+        if self._hooks is not None:
+            self._hooks.remove()
+            self._hooks = None
+        for config, implementation in reversed(self._saved_implementations):
+            config._attn_implementation_internal = implementation
+        self._saved_implementations.clear()
+        for site in self.sites:
+            _SITES.pop(site.module, None)
+
+    def _install_diffusers(self) -> None:
+        for site in self.sites:
+            backend = getattr(getattr(site.module, "processor", None), "_attention_backend", None)
+            if backend not in (None, "native"):
+                raise ValueError(
+                    f"{site.name} uses diffusers attention backend {backend!r}; accel reroutes attention from the "
+                    "default backend: call model.reset_attention_backend() first, or leave attention= unset"
+                )
+        pairs = [(self.ctx.model, _DenoiserHook(self))] + [(site.module, _SiteHook(self, site)) for site in self.sites]
+        self._hooks = _hooks.HookSet(self.ctx.model, HOOK, pairs)
+        self._hooks.install()
+
+    def _install_transformers(self) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register(TRANSFORMERS_NAME, _transformers_attention)
+        AttentionMaskInterface.register(TRANSFORMERS_NAME, sdpa_mask)
+        for site in self.sites:
+            _SITES[site.module] = (self, site)
+        configs = {}
+        for module in self.ctx.model.modules():
+            config = getattr(module, "config", None)
+            if config is not None and hasattr(config, "_attn_implementation_internal"):
+                configs[id(config)] = config
+        self._saved_implementations = [(c, c._attn_implementation_internal) for c in configs.values()]
+        try:
+            self.ctx.model.set_attn_implementation(TRANSFORMERS_NAME)
+        except Exception:
+            self.remove()
+            raise
+
+    # -- calls -----------------------------------------------------------------------------------
+    def begin_denoiser_call(self, args: tuple, kwargs: dict, branch: str | None) -> None:
+        self._branch = branch
+        self._grid_args = (args, kwargs)
+        self._grid_known = False
+
+    def _current_grid(self) -> LatentGrid | None:
+        if not self._grid_known:
+            self._grid_known = True
+            self._grid = None
+            if self._grid_args is not None:
+                try:
+                    self._grid = self.adapter.latent_grid(*self._grid_args)
+                except NotImplementedError:
+                    self._grid = None
+        return self._grid
+
+    def dispatch(self, site: AttentionSite, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                 scale=None, enable_gqa=False) -> torch.Tensor:
+        call = AttentionCall(
+            query, key, value, attn_mask, bool(is_causal), scale, bool(enable_gqa), float(dropout_p), site,
+            self.clock.step, self.clock.num_steps if self.clock.available else None, self._branch,
+            self.text_position if self.adapter.kind == "dit" else "none", self._current_grid,
+        )
+        for stage in self.stages:
+            out = stage(call, self.dense)
+            if out is not None:
+                return out
+        return self.dense(call)
+
+    def note_unrouted(self, site: AttentionSite) -> None:
+        if site.name in self._unrouted:
+            return
+        self._unrouted.add(site.name)
+        message = (
+            f"attention: {site.name} made no scaled_dot_product_attention call, so accel did not change it "
+            "(its processor uses another attention path)"
+        )
+        self.ctx.warn(message)
+        warnings.warn(f"accel: {message}", stacklevel=3)
+
+
+# transformers' attention function finds its router from the module it is called with.
+_SITES: "weakref.WeakKeyDictionary[nn.Module, tuple[AttentionRouter, AttentionSite]]" = weakref.WeakKeyDictionary()
+
+
+def _transformers_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    entry = _SITES.get(module)
+    if entry is None:  # an attention module accel did not patch (e.g. the model was unpatched meanwhile)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    router, site = entry
+    with _Intercept(router, site):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def get_or_install(ctx: PatchContext) -> AttentionRouter:
+    """The router of the model being patched; created and installed on first use."""
+    router = ctx.shared.get("attention_router")
+    if router is None:
+        router = AttentionRouter(ctx)
+        router.install()
+        ctx.shared["attention_router"] = router
+    router.users += 1
+    return router
+
+
+def release(router: AttentionRouter) -> None:
+    """A unit stops using the router; the last one removes it."""
+    router.users -= 1
+    if router.users == 0:
+        router.remove()
+        router.ctx.shared.pop("attention_router", None)

@@ -1,0 +1,163 @@
+"""attention=...: the route into real diffusers and transformers models, policy, report, unpatch."""
+
+import warnings
+
+import pytest
+import torch
+
+import accel
+from accel.attention import AttentionConfig
+from accel.bench.metrics import psnr
+
+from conftest import tiny
+
+DIT_AND_UNET = ["flux", "sd3", "wan", "hunyuan_video", "cogvideox", "ltx", "sd15"]
+VLMS = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+
+
+def _same(a, b) -> bool:
+    if hasattr(a, "first_logits"):
+        return torch.equal(a.sequences, b.sequences) and torch.equal(a.first_logits, b.first_logits)
+    return torch.equal(a, b)
+
+
+def _quiet_patch(patched, obj, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return patched(obj, "lossless", **kwargs)
+
+
+@pytest.mark.parametrize("family", DIT_AND_UNET + VLMS)
+def test_sdpa_route_is_exact(family, patched):
+    """Rerouting through accel with attention="sdpa" must compute exactly what the model computed."""
+    model = tiny(family)
+    base = model.run(seed=0, **({"batch_size": 2, "ragged": True} if family in VLMS else {}))
+    handle = _quiet_patch(patched, model.obj, attention="sdpa")
+    out = model.run(seed=0, **({"batch_size": 2, "ragged": True} if family in VLMS else {}))
+    assert _same(out, base)
+    calls = handle.report().stats["attention"]["calls"]
+    assert calls.get("sdpa", 0) > 0
+
+
+@pytest.mark.parametrize("family", DIT_AND_UNET + VLMS)
+def test_int8_runs_end_to_end_close_to_baseline_and_unpatches_exactly(family):
+    model = tiny(family)
+    base = model.run(seed=0)
+    with pytest.warns(UserWarning, match="PyTorch reference"):
+        handle = accel.patch(model.obj, "lossless", attention="int8")
+        out = model.run(seed=0)
+    report = handle.report()
+    accel.unpatch(model.obj)
+    calls = report.stats["attention"]["calls"]
+    assert sum(n for path, n in calls.items() if path.startswith("int8")) > 0, calls
+    if family in VLMS:
+        assert torch.allclose(out.first_logits, base.first_logits, atol=1e-2, rtol=0)
+    else:
+        assert psnr(out, base) > 50
+        assert not torch.equal(out, base)  # the quantised kernel really ran
+    assert _same(model.run(seed=0), base)
+    assert "int8 attention on" in str(report)
+
+
+def test_step_and_block_policy_counts(patched):
+    model = tiny("flux")  # 12 steps, true CFG (2 transformer calls per step), 5 attention modules
+    config = AttentionConfig("int8", dense_first_steps=2, dense_last_steps=1, dense_blocks=(0, -1))
+    handle = _quiet_patch(patched, model.obj, attention=config)
+    model.run(seed=0)
+    calls = handle.report().stats["attention"]["calls"]
+    # Blocks 0 and 4 are checked first; steps apply to the 3 blocks in between.
+    assert calls["sdpa (by rule: first steps)"] == 2 * 2 * 3
+    assert calls["sdpa (by rule: block 0)"] == 12 * 2
+    assert calls["sdpa (by rule: block 4)"] == 12 * 2
+    assert calls["sdpa (by rule: last steps)"] == 1 * 2 * 3
+    int8_calls = sum(n for path, n in calls.items() if path.startswith("int8"))
+    assert int8_calls == (12 - 3) * 2 * 3
+
+
+def test_role_policy_keeps_cross_attention_dense(patched):
+    model = tiny("wan")
+    handle = _quiet_patch(patched, model.obj, attention=AttentionConfig("int8", dense_roles=("cross",)))
+    model.run(seed=0)
+    calls = handle.report().stats["attention"]["calls"]
+    int8_calls = sum(n for path, n in calls.items() if path.startswith("int8"))
+    assert calls["sdpa (by rule: role cross)"] == int8_calls  # one self and one cross attention per block
+
+
+def test_vae_and_other_models_are_not_touched(patched):
+    """Only the adapter's attention modules are rerouted: a direct SDPA call elsewhere is not counted."""
+    model = tiny("cogvideox")
+    handle = _quiet_patch(patched, model.obj, attention="sdpa")
+    q = torch.randn(1, 2, 8, 16)
+    torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert handle.report().stats["attention"]["calls"] == {}
+    model.run(seed=0)
+    assert handle.report().stats["attention"]["calls"]["sdpa"] == 10 * 3  # 10 steps, batched CFG, 3 blocks
+
+
+def test_composes_with_step_cache(patched):
+    model = tiny("wan")
+    base = model.run(seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        handle = patched(model.obj, "fast", attention="int8")
+    out = model.run(seed=0)
+    report = handle.report()
+    assert {a.accelerator for a in report.applied} == {"cache", "attention"}
+    assert report.calls[-1].reused > 0
+    assert psnr(out, base) > 30
+
+
+def test_transformers_attention_implementation_is_switched_and_restored():
+    model = tiny("qwen2_vl")
+    before = {id(m.config): m.config._attn_implementation for m in model.obj.modules() if hasattr(m, "config")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        accel.patch(model.obj, "lossless", attention="int8")
+    assert model.obj.config._attn_implementation == "accel"
+    out = model.run(seed=0, max_new_tokens=20)
+    assert out.sequences.shape[-1] >= 20
+    accel.unpatch(model.obj)
+    after = {id(m.config): m.config._attn_implementation for m in model.obj.modules() if hasattr(m, "config")}
+    assert after == before
+
+
+def test_missing_package_is_a_clear_error_for_explicit_requests():
+    pytest.importorskip("diffusers")
+    try:
+        import flash_attn  # noqa: F401
+
+        pytest.skip("flash-attn is installed here")
+    except ImportError:
+        pass
+    model = tiny("wan")
+    with pytest.raises(RuntimeError, match="pip install flash-attn"):
+        accel.patch(model.obj, attention="flash")
+    assert accel.get_handle(model.obj) is None
+    with pytest.raises(ValueError, match="kernel"):
+        AttentionConfig("int4")
+
+
+def test_processor_without_sdpa_is_reported_not_hidden(patched):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    model = tiny("sd15")
+    model.obj.unet.set_attn_processor(AttnProcessor())  # the classic processor: baddbmm, no SDPA
+    try:
+        with pytest.warns(UserWarning, match="made no scaled_dot_product_attention call"):
+            handle = patched(model.obj, "lossless", attention="sdpa")
+            model.run(seed=0)
+        assert any("made no scaled_dot_product_attention" in w for w in handle.report().warnings)
+    finally:
+        accel.unpatch(model.obj)
+        model.obj.unet.set_attn_processor(AttnProcessor2_0())
+
+
+def test_non_default_diffusers_backend_is_an_error():
+    model = tiny("wan")
+    model.obj.transformer.set_attention_backend("_native_math")
+    try:
+        with pytest.raises(ValueError, match="reset_attention_backend"):
+            accel.patch(model.obj, attention="int8")
+        assert accel.get_handle(model.obj) is None
+    finally:
+        model.obj.transformer.reset_attention_backend()
