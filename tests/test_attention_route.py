@@ -161,3 +161,15 @@ def test_non_default_diffusers_backend_is_an_error():
         assert accel.get_handle(model.obj) is None
     finally:
         model.obj.transformer.reset_attention_backend()
+
+
+def test_ragged_vlm_batch_keeps_int8_for_causal_plus_padding_masks(patched):
+    """Batched prefill passes causal AND left padding as one mask; the kernel serves it (no fallback)."""
+    model = tiny("llava")
+    base = model.run(seed=0, batch_size=3, ragged=True)
+    handle = _quiet_patch(patched, model.obj, attention="int8")
+    out = model.run(seed=0, batch_size=3, ragged=True)
+    calls = handle.report().stats["attention"]["calls"]
+    assert not any("fallback" in path for path in calls), calls
+    assert sum(n for path, n in calls.items() if path.startswith("int8")) == 3 + 2  # 3 vision, 2 LM layers
+    assert torch.allclose(out.first_logits, base.first_logits, atol=1e-2, rtol=0)

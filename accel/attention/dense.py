@@ -32,6 +32,9 @@ class DenseAttention:
         self.dense_blocks = {b % num_blocks for b in config.dense_blocks if -num_blocks <= b < num_blocks}
         self.counts: Counter[str] = Counter()
         self._warned: set[str] = set()
+        self._mask: torch.Tensor | None = None  # the last attention mask seen, and what it was found to be
+        self._mask_version = -1
+        self._mask_answer: tuple[torch.Tensor, bool] | None = None
         self._route = {"int8": self._int8, "sdpa": self._sdpa, "flash": self._flash, "xformers": self._xformers}[
             config.kernel
         ]
@@ -92,18 +95,19 @@ class DenseAttention:
             raise Decline("causal attention with query and key lengths that differ (SDPA aligns top-left)")
         if Hq % k.shape[1]:
             raise Decline(f"{Hq} query heads are not a multiple of {k.shape[1]} key/value heads")
-        bias = None
+        bias, causal = None, call.is_causal
         if call.attn_mask is not None:
-            bias = int8.key_padding_from_sdpa_mask(call.attn_mask, B, Nq, Nk)
-            if bias is None:
-                raise Decline("an attention mask that is not a key-padding mask")
+            plan = self._mask_plan(call.attn_mask, B, Nq, Nk)
+            if plan is None:
+                raise Decline("an attention mask that is neither key padding nor causal with key padding")
+            bias, causal = plan
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(D)
         padded = next(d for d in int8.HEAD_DIMS if d >= D)
         note = ""
         if padded != D:  # zero channels change no dot product; the extra output columns are dropped
             note = f", head dim {D} padded to {padded}"
             q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
-        kwargs = dict(causal=call.is_causal, sm_scale=scale)
+        kwargs = dict(causal=causal, sm_scale=scale)
         if bias is not None:
             kwargs["key_padding_mask"] = bias
         if self.config.smooth_q:
@@ -119,6 +123,27 @@ class DenseAttention:
             out = int8.int8_attention_reference(q, k, v, **kwargs)
             self.counts[f"int8 (PyTorch reference on CPU{note})"] += 1
         return out[..., :D] if padded != D else out
+
+    def _mask_plan(self, mask: torch.Tensor, B: int, Nq: int, Nk: int) -> tuple[torch.Tensor, bool] | None:
+        """(key-padding bias [B, Nk], causal) equivalent to an SDPA mask, or None.
+
+        A language model's batched prefill passes causal AND key padding as one [B, 1, N, N] bool mask;
+        that is recognised too. Every layer of a forward gets the same mask tensor, so the answer (which
+        may cost a host sync) is kept for as long as that tensor is passed.
+        """
+        if self._mask is mask and self._mask_version == mask._version:
+            return self._mask_answer
+        answer = None
+        bias = int8.key_padding_from_sdpa_mask(mask, B, Nq, Nk)
+        if bias is not None:
+            answer = (bias, False)
+        elif mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and Nq == Nk and mask.shape[0] == B:
+            keep = mask[:, 0].any(dim=-2)  # [B, Nk]: keys some query attends to
+            causal = torch.ones(Nq, Nk, dtype=torch.bool, device=mask.device).tril()
+            if torch.equal(mask[:, 0], causal & keep[:, None, :]):
+                answer = (int8.key_padding_from_sdpa_mask(keep[:, None, None, :], B, Nq, Nk), True)
+        self._mask, self._mask_version, self._mask_answer = mask, mask._version, answer
+        return answer
 
     def _sdpa(self, call: AttentionCall) -> torch.Tensor:
         self.counts["sdpa" if self.config.sdpa_backend is None else f"sdpa ({self.config.sdpa_backend})"] += 1

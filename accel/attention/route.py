@@ -114,7 +114,8 @@ class _SiteHook(_hooks.ModelHook):
         self.router, self.site = router, site
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        with _Intercept(self.router, self.site) as intercept:
+        intercept = _Intercept(self.router, self.site)
+        with intercept:
             out = self.fn_ref.original_forward(*args, **kwargs)
         if not intercept.seen:
             self.router.note_unrouted(self.site)
