@@ -59,6 +59,9 @@ class Adapter:
     kind: ClassVar[str]  # "dit" | "unet" | "vlm"
     display_name: ClassVar[str]  # e.g. "FLUX (FluxTransformer2DModel)"
     model_classes: ClassVar[tuple[str, ...]]  # "module:Class" of the models this adapter serves
+    # Glob patterns over module names of layers that W4 quantization keeps in 16-bit by default
+    # (embedders, final projections, lm_head, vision tower): see accel/quant.
+    quant_exclude: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -215,9 +218,10 @@ class VLMAdapter(Adapter):
         """Placeholders per image when every image has the same count (splits adjacent images); else None."""
         return None
 
-    def video_frame_lengths(self, call: dict) -> list[int]:
-        """Placeholders per frame (temporal unit) of each video of one `multimodal_model()` call, in order."""
-        return []
+    def video_frame_length(self, positions: torch.Tensor) -> int | None:
+        """Placeholders per frame (temporal unit) of one video, given the language-model position ids of its
+        placeholders (`[n]`, or `[axes, n]` for M-RoPE); None when unknown."""
+        return None
 
     def structural_token_mask(self, features: torch.Tensor) -> torch.Tensor | None:
         """Bool [n]: visual placeholders that carry layout, not content (kept by pruning), or None."""

@@ -10,6 +10,7 @@ class CogVideoXAdapter(DiTAdapter):
 
     family = "cogvideox"
     display_name = "CogVideoX"
+    quant_exclude = ("patch_embed.*", "time_embedding.*", "ofs_embedding.*", "norm_out.*", "proj_out")
     model_classes = ("diffusers:CogVideoXTransformer3DModel",)
     text_layout = TextLayout("prefix")
     attention_roles = {"attn1": "joint"}

@@ -9,6 +9,7 @@ class FluxAdapter(DiTAdapter):
 
     family = "flux"
     display_name = "FLUX"
+    quant_exclude = ("time_text_embed.*", "context_embedder", "x_embedder", "norm_out.*", "proj_out")
     model_classes = ("diffusers:FluxTransformer2DModel",)
     text_layout = TextLayout("prefix")
     attention_roles = {"attn": "joint"}

@@ -11,6 +11,7 @@ class HunyuanVideoAdapter(DiTAdapter):
 
     family = "hunyuan_video"
     display_name = "HunyuanVideo"
+    quant_exclude = ("context_embedder.*", "time_text_embed.*", "norm_out.*", "proj_out")
     model_classes = ("diffusers:HunyuanVideoTransformer3DModel",)
     text_layout = TextLayout("suffix", masked=True)
     attention_roles = {"attn": "joint"}

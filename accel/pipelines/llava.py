@@ -57,6 +57,9 @@ class LlavaAdapter(VLMAdapter):
 
     family = "llava"
     display_name = "LLaVA-1.5"
+    quant_exclude = (
+        "model.vision_tower.*", "vision_tower.*", "model.multi_modal_projector.*", "multi_modal_projector.*", "lm_head",
+    )
     model_classes = (
         "transformers.models.llava.modeling_llava:LlavaForConditionalGeneration",
         "transformers:LlavaForConditionalGeneration",

@@ -70,13 +70,11 @@ class LlavaOnevisionAdapter(LlavaAdapter):
     def image_segment_length(self) -> int | None:
         return None  # AnyRes: the count depends on each image's size
 
-    def video_frame_lengths(self, call: dict) -> list[int]:
-        videos = call.get("pixel_values_videos")
-        if videos is None:
-            return []
+    def video_frame_length(self, positions: torch.Tensor) -> int | None:
+        """Every frame is pooled to `ceil(side / 2) ** 2` tokens (one newline ends the whole video)."""
         vision = self.model.config.vision_config
         side = vision.image_size // vision.patch_size
-        return [((side + 1) // 2) ** 2] * videos.shape[0]
+        return ((side + 1) // 2) ** 2
 
     def structural_token_mask(self, features: torch.Tensor) -> torch.Tensor | None:
         """The `image_newline` vectors (end of each AnyRes row, end of a video), found by value."""

@@ -10,6 +10,7 @@ class LTXAdapter(DiTAdapter):
 
     family = "ltx"
     display_name = "LTX-Video"
+    quant_exclude = ("proj_in", "time_embed.*", "caption_projection.*", "proj_out")
     model_classes = ("diffusers:LTXVideoTransformer3DModel",)
     text_layout = TextLayout("none")
     attention_roles = {"attn1": "self", "attn2": "cross"}

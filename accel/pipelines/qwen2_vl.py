@@ -37,6 +37,7 @@ Facts pruning will need (both versions):
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from accel.pipelines.base import VLMAdapter
@@ -48,6 +49,7 @@ class Qwen2VLAdapter(VLMAdapter):
 
     family = "qwen2_vl"
     display_name = "Qwen2-VL"
+    quant_exclude = ("model.visual.*", "visual.*", "lm_head")
     model_classes = (
         "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VLForConditionalGeneration",
         "transformers:Qwen2VLForConditionalGeneration",
@@ -88,13 +90,13 @@ class Qwen2VLAdapter(VLMAdapter):
     def spatial_merge_size(self) -> int:
         return int(self.model.config.vision_config.spatial_merge_size)
 
-    def video_frame_lengths(self, call: dict) -> list[int]:
-        """Merged tokens per temporal patch of each video (`video_grid_thw` rows: t, h, w in patches)."""
-        grid = call.get("video_grid_thw")
-        if grid is None:
-            return []
-        merge = self.spatial_merge_size()
-        return [int(h) * int(w) // merge**2 for _, h, w in grid.tolist()]
+    def video_frame_length(self, positions: torch.Tensor) -> int | None:
+        """Tokens of one temporal patch: those sharing the first token's M-RoPE temporal position
+        (`positions` is `[3, n]` or generate()'s `[4, n]`, whose row 0 is the plain text position)."""
+        if positions.ndim != 2 or positions.shape[0] not in (3, 4):
+            return None
+        temporal = positions[-3]
+        return int((temporal == temporal[0]).sum())
 
     def rope_model(self) -> nn.Module:
         """The module owning `get_rope_index` and the cached `rope_deltas` (`model.model` in 5.x)."""

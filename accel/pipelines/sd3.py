@@ -9,6 +9,7 @@ class SD3Adapter(DiTAdapter):
 
     family = "sd3"
     display_name = "Stable Diffusion 3"
+    quant_exclude = ("time_text_embed.*", "context_embedder", "norm_out.*", "proj_out")
     model_classes = ("diffusers:SD3Transformer2DModel",)
     text_layout = TextLayout("suffix")
     attention_roles = {"attn": "joint", "attn2": "self"}

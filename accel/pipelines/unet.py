@@ -8,6 +8,7 @@ class UNet2DConditionAdapter(UNetAdapter):
 
     family = "unet"
     display_name = "SD1.5/SDXL UNet"
+    quant_exclude = ("time_embedding.*", "add_embedding.*", "encoder_hid_proj*")
     model_classes = ("diffusers:UNet2DConditionModel",)
 
     def down_blocks(self):

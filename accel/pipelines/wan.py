@@ -10,6 +10,7 @@ class WanAdapter(DiTAdapter):
 
     family = "wan"
     display_name = "Wan2.1"
+    quant_exclude = ("condition_embedder.*", "proj_out")
     model_classes = ("diffusers:WanTransformer3DModel",)
     text_layout = TextLayout("none")
     attention_roles = {"attn1": "self", "attn2": "cross"}

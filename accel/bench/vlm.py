@@ -1,0 +1,99 @@
+"""VLM measurements for visual token pruning: tokens kept, prefill time, time to first token, decode speed,
+peak memory, and fidelity to the unpruned model (first-token KL, greedy agreement).
+
+    rows = compare_pruning(model, inputs, {"keep 64": PruneConfig(keep=64)}, new_tokens=32, repeats=3)
+
+The model must not be patched; each variant is patched, measured and unpatched again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+import accel
+from accel.bench import measure, metrics
+
+
+@dataclass
+class VLMRow:
+    variant: str
+    visual_tokens_in: int | None = None  # summed over the batch, last prefill
+    visual_tokens_kept: int | None = None
+    sequence_to_lm: int | None = None  # prompt length reaching the language model
+    prefill_s: float | None = None  # median of one forward pass over the prompt
+    ttft_s: float | None = None  # median of generate(max_new_tokens=1)
+    decode_tokens_per_s: float | None = None  # new tokens after the first, per second, per row
+    peak_memory_bytes: int | None = None
+    memory_kind: str = ""
+    prefill_speedup: float | None = None
+    first_token_kl: float | None = None
+    token_agreement: float | None = None
+    report: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _generate(model, inputs: dict, new_tokens: int):
+    return model.generate(
+        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        output_logits=True, return_dict_in_generate=True,
+    )
+
+
+def measure_vlm(model, inputs: dict, *, new_tokens: int, repeats: int, warmup: int, device) -> tuple[dict, object]:
+    """Times of one model: (measurements, the last greedy generate output)."""
+    result = {}
+    with torch.no_grad():
+        result["prefill_s"] = measure.median(
+            measure.time_calls(lambda: model(**inputs, use_cache=True), repeats, warmup, device)
+        )
+    result["ttft_s"] = measure.median(measure.time_calls(lambda: _generate(model, inputs, 1), repeats, warmup, device))
+    out: list = [None]
+
+    def full():
+        out[0] = _generate(model, inputs, new_tokens)
+
+    with measure.PeakMemory(device) as mem:
+        total = measure.median(measure.time_calls(full, repeats, warmup, device))
+    if new_tokens > 1 and total > result["ttft_s"]:
+        result["decode_tokens_per_s"] = (new_tokens - 1) / (total - result["ttft_s"])
+    result["peak_memory_bytes"], result["memory_kind"] = mem.peak_bytes, mem.device_kind
+    return result, out[0]
+
+
+def compare_pruning(
+    model, inputs: dict, variants: dict, *, new_tokens: int = 16, repeats: int = 3, warmup: int = 1, device="cpu"
+) -> list[VLMRow]:
+    """The unpruned baseline, then each `name -> PruneConfig` variant; one `VLMRow` each (baseline first)."""
+    if accel.get_handle(model) is not None:
+        raise accel.AlreadyPatchedError("compare_pruning needs the unpatched model as its baseline; call accel.unpatch")
+    prompt = inputs["input_ids"].shape[1]
+    base_values, reference = measure_vlm(model, inputs, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                                         device=device)
+    rows = [VLMRow("baseline", sequence_to_lm=prompt, **base_values, prefill_speedup=1.0, first_token_kl=0.0,
+                   token_agreement=1.0)]
+    for name, config in variants.items():
+        handle = accel.patch(model, prune=config)
+        try:
+            values, out = measure_vlm(model, inputs, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
+                                      device=device)
+            report = handle.report()
+            last = handle.unit("prune").last
+        finally:
+            accel.unpatch(model)
+        unit_stats = report.stats.get("prune", {})
+        row = VLMRow(name, **values, report=unit_stats)
+        if last is not None:
+            row.visual_tokens_in, row.visual_tokens_kept = sum(last.visual_in), sum(last.visual_kept)
+            row.sequence_to_lm = last.sequence_out
+        row.prefill_speedup = rows[0].prefill_s / row.prefill_s
+        row.first_token_kl = metrics.first_token_kl(reference.logits[0].float(), out.logits[0].float())
+        row.token_agreement = metrics.token_agreement(reference.sequences[:, prompt:], out.sequences[:, prompt:])
+        rows.append(row)
+    return rows
+
+
+__all__ = ["VLMRow", "compare_pruning", "measure_vlm"]

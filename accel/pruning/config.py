@@ -1,0 +1,106 @@
+"""`PruneConfig`: how many visual tokens reach the language model, and how they are chosen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_WHERE = ("before_lm", "in_lm")
+_SCORES = ("auto", "cls", "sampled")
+
+
+@dataclass
+class PruneConfig:
+    """Visual token pruning for VLMs (LLaVA-1.5, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL).
+
+    The budget is per image or video (one "segment" of visual placeholder tokens); give one of:
+
+    - `keep`: tokens kept per segment (VisionZip's 64 of 576 is `keep=64`);
+    - `keep_ratio`: fraction kept per segment (`0.11`);
+    - `mass`: dynamic budget, the fewest top-scoring tokens whose normalised score mass reaches `mass`
+      (ZipVL-style), so images whose attention is concentrated keep fewer tokens. `min_keep` is a floor.
+
+    With none of the three, `keep_ratio=0.25` is used. `keep_ratio=1.0` keeps every token and
+    reproduces the unpatched model bit for bit (useful to check the plumbing).
+
+    `where`: `"before_lm"` (default) selects among the projected visual features before the language
+    model; `"in_lm"` runs the first `layer` decoder layers on every token, then keeps the visual tokens
+    the last `text_queries` prompt tokens attend to most (FastV-style), recomputing only those attention
+    rows, so SDPA / FlashAttention stay on.
+
+    `score`: `"auto"` uses the vision tower's [CLS] attention row where there is a [CLS] token
+    (LLaVA-1.5's CLIP) and `"sampled"` otherwise: the mean attention each visual token receives from
+    `sampled_queries` evenly spaced tokens of its own image, computed with the first decoder layer's
+    query/key projections (no positions). Ignored for `where="in_lm"`.
+
+    `contextual`: fraction of the budget spent on merged "contextual" tokens (VisionZip): the tokens not
+    kept as dominant are averaged into that many evenly spaced targets by cosine similarity. 0 keeps the
+    top-scoring tokens only.
+
+    `temporal_threshold`: videos only. A token whose cosine similarity to the token at the same place in
+    the previous frame is above it is merged into that earlier token before spatial selection. 1.0 or
+    None turns temporal merging off.
+    """
+
+    keep: int | None = None
+    keep_ratio: float | None = None
+    mass: float | None = None
+    min_keep: int = 1
+    where: str = "before_lm"
+    layer: int = 2
+    text_queries: int = 1
+    score: str = "auto"
+    sampled_queries: int = 16
+    contextual: float = 0.15
+    temporal_threshold: float | None = 0.9
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("keep", "keep_ratio", "mass") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"PruneConfig: give only one of keep, keep_ratio, mass (got {', '.join(given)})")
+        if not given:
+            self.keep_ratio = 0.25
+        if self.keep is not None and self.keep < 1:
+            raise ValueError(f"PruneConfig.keep must be >= 1, got {self.keep}")
+        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
+            raise ValueError(f"PruneConfig.keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.mass is not None and not 0.0 < self.mass <= 1.0:
+            raise ValueError(f"PruneConfig.mass must be in (0, 1], got {self.mass}")
+        if self.min_keep < 1:
+            raise ValueError(f"PruneConfig.min_keep must be >= 1, got {self.min_keep}")
+        if self.where not in _WHERE:
+            raise ValueError(f"PruneConfig.where must be one of {_WHERE}, got {self.where!r}")
+        if self.layer < 1:
+            raise ValueError(f"PruneConfig.layer must be >= 1 (layers before it see every token), got {self.layer}")
+        if self.text_queries < 1:
+            raise ValueError(f"PruneConfig.text_queries must be >= 1, got {self.text_queries}")
+        if self.score not in _SCORES:
+            raise ValueError(f"PruneConfig.score must be one of {_SCORES}, got {self.score!r}")
+        if self.sampled_queries < 1:
+            raise ValueError(f"PruneConfig.sampled_queries must be >= 1, got {self.sampled_queries}")
+        if not 0.0 <= self.contextual < 1.0:
+            raise ValueError(f"PruneConfig.contextual must be in [0, 1), got {self.contextual}")
+        if self.temporal_threshold is not None and not -1.0 <= self.temporal_threshold <= 1.0:
+            raise ValueError(f"PruneConfig.temporal_threshold must be in [-1, 1] or None, got {self.temporal_threshold}")
+
+    def budget(self, n: int, scores=None) -> int:
+        """Tokens to keep of a segment of `n` scored tokens (`scores`: a distribution, for `mass`)."""
+        if self.keep is not None:
+            k = self.keep
+        elif self.keep_ratio is not None:
+            k = n if self.keep_ratio >= 1.0 else round(n * self.keep_ratio)
+        else:
+            ordered = scores.double().sort(descending=True).values
+            cumulative = (ordered / ordered.sum().clamp_min(1e-30)).cumsum(0)
+            k = int((cumulative < self.mass - 1e-9).sum()) + 1
+        return max(min(k, n), min(self.min_keep, n))
+
+    def describe(self) -> str:
+        if self.keep is not None:
+            budget = f"keep {self.keep} per image/video"
+        elif self.mass is not None:
+            budget = f"dynamic: score mass {self.mass:g}"
+        else:
+            budget = f"keep {self.keep_ratio:.0%} per image/video"
+        if self.where == "in_lm":
+            return f"{budget}, inside the language model after layer {self.layer} (text-guided, FastV-style)"
+        return f"{budget}, before the language model ({self.score} score)"

@@ -1,0 +1,313 @@
+"""Visual token pruning on tiny LLaVA-1.5, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL (real transformers classes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import accel
+from accel.pruning import PruneConfig, PruneError
+from accel.zoo import vlm
+from conftest import tiny
+
+FAMILIES = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
+CASES = [(f, False) for f in FAMILIES] + [(f, True) for f in FAMILIES[1:]]
+IDS = [f"{f}-{'video' if v else 'image'}" for f, v in CASES]
+NEW = 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def model_of(family):
+    return tiny(family).obj
+
+
+def generate(model, inputs, new=NEW):
+    return vlm.generate(model, inputs, max_new_tokens=new)
+
+
+class LMInputs:
+    """Records what reaches the language model (registered after accel's hook, so it sees the pruned call)."""
+
+    def __init__(self, model):
+        from accel.pipelines import find_adapter
+
+        self.calls = []
+        self.handle = find_adapter(model).language_model().register_forward_pre_hook(self._record, with_kwargs=True)
+
+    def _record(self, module, args, kwargs):
+        self.calls.append({k: kwargs.get(k) for k in ("inputs_embeds", "attention_mask", "position_ids")})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def single_row(inputs: dict, i: int) -> dict:
+    """Row `i` of a `make_inputs` batch, without its left padding."""
+    keep = inputs["attention_mask"][i].bool()
+    row = {k: inputs[k][i : i + 1, keep] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
+    for pix, grid in (("pixel_values", "image_grid_thw"), ("pixel_values_videos", "video_grid_thw")):
+        if grid in inputs:
+            row[pix] = torch.split(inputs[pix], inputs[grid].prod(-1).tolist())[i]
+            row[grid] = inputs[grid][i : i + 1]
+        elif pix in inputs:
+            row[pix] = inputs[pix][i : i + 1]
+    for key in ("image_sizes", "batch_num_images", "second_per_grid_ts"):
+        if key in inputs:
+            row[key] = inputs[key][i : i + 1]
+    return row
+
+
+# ---- correctness on every family ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["before_lm", "in_lm"])
+@pytest.mark.parametrize("family,video", CASES, ids=IDS)
+def test_keep_all_is_bit_identical(family, video, where, patched):
+    model = model_of(family)
+    inputs = vlm.make_inputs(model, seed=1, batch_size=2, video=video, ragged=True)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    ref = generate(model, inputs)
+    handle = patched(model, prune=PruneConfig(keep_ratio=1.0, where=where, layer=1))
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, logits)
+    out = generate(model, inputs)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert torch.equal(out.first_logits, ref.first_logits)
+    unit = handle.unit("prune")
+    assert unit.last.visual_in == unit.last.visual_kept
+    accel.unpatch(model)
+    assert torch.equal(generate(model, inputs).sequences, ref.sequences)
+
+
+@pytest.mark.parametrize("family,video", CASES, ids=IDS)
+def test_shorter_sequence_keeps_original_positions(family, video, patched):
+    model = model_of(family)
+    inputs = vlm.make_inputs(model, seed=2, batch_size=2, video=video, ragged=True)
+    with LMInputs(model) as base:
+        generate(model, inputs, new=3)
+    handle = patched(model, prune=PruneConfig(keep=3))
+    with LMInputs(model) as pruned:
+        out = generate(model, inputs, new=3)
+    assert model.config._attn_implementation == "sdpa"
+    unit = handle.unit("prune")
+    full, short = base.calls[0], pruned.calls[0]
+    length = full["inputs_embeds"].shape[1]
+    assert short["inputs_embeds"].shape[1] == unit.last.sequence_out < length
+    assert all(k < n for k, n in zip(unit.last.visual_kept, unit.last.visual_in))
+    for b, kept in enumerate(unit.last.kept_index):
+        n = kept.numel()
+        tail = slice(short["inputs_embeds"].shape[1] - n, None)
+        # kept tokens carry their unpruned positions (all M-RoPE axes for Qwen) and mask values
+        assert torch.equal(short["position_ids"][..., b, tail], full["position_ids"][..., b, kept])
+        assert torch.equal(short["attention_mask"][b, tail], full["attention_mask"][b, kept])
+        assert not short["attention_mask"][b, : short["inputs_embeds"].shape[1] - n].any()
+        text = ~vlm_mask(model, inputs["input_ids"][b, kept])
+        assert torch.equal(short["inputs_embeds"][b, tail][text], full["inputs_embeds"][b, kept][text])
+    # decode steps: original positions continue, mask grows from the shortened prompt
+    for step in (1, 2):
+        assert torch.equal(pruned.calls[step]["position_ids"], base.calls[step]["position_ids"])
+        assert pruned.calls[step]["attention_mask"].shape[1] == unit.last.sequence_out + step
+    assert out.sequences.shape == (2, inputs["input_ids"].shape[1] + 3)
+
+
+def vlm_mask(model, ids):
+    from accel.pipelines import find_adapter
+
+    return find_adapter(model).visual_token_mask(ids)
+
+
+@pytest.mark.parametrize("where", ["before_lm", "in_lm"])
+@pytest.mark.parametrize("family,video", CASES, ids=IDS)
+def test_batch_of_three_equals_single_runs(family, video, where, patched):
+    model = model_of(family)
+    inputs = vlm.make_inputs(model, seed=3, batch_size=3, video=video, ragged=True)
+    patched(model, prune=PruneConfig(keep=4, where=where, layer=1))
+    batch = generate(model, inputs, new=6)
+    for i in range(3):
+        row = single_row(inputs, i)
+        single = generate(model, row, new=6)
+        assert torch.equal(batch.sequences[i, -6:], single.sequences[0, -6:]), f"row {i}"
+        torch.testing.assert_close(batch.first_logits[i], single.first_logits[0], atol=1e-4, rtol=1e-4)
+
+
+MODES = {
+    "keep": PruneConfig(keep=2),
+    "ratio": PruneConfig(keep_ratio=0.3),
+    "mass": PruneConfig(mass=0.5),
+    "top-only": PruneConfig(keep=3, contextual=0.0),
+    "sampled": PruneConfig(keep=4, score="sampled"),
+    "in_lm": PruneConfig(keep=3, where="in_lm", layer=1, text_queries=2),
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("family,video", CASES, ids=IDS)
+def test_generate_twenty_tokens_in_every_mode(family, video, mode, patched):
+    model = model_of(family)
+    inputs = vlm.make_inputs(model, seed=4, batch_size=2, video=video, ragged=True)
+    handle = patched(model, prune=MODES[mode])
+    out = generate(model, inputs)
+    assert out.sequences.shape == (2, inputs["input_ids"].shape[1] + NEW)
+    assert torch.isfinite(out.first_logits).all()
+    stats = handle.report().stats["prune"]
+    assert stats["calls (prefills with visual tokens)"] == 1
+    assert stats["visual tokens kept, total"] < stats["visual tokens in, total"]
+    assert "visual tokens kept per row" in str(handle)
+
+
+# ---- budgets, video, scores ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_dynamic_mass_keeps_more_for_a_larger_target(family, patched):
+    model = model_of(family)
+    inputs = vlm.make_inputs(model, seed=5, batch_size=2, ragged=True)
+    kept = []
+    for mass in (0.2, 0.6, 0.95):
+        handle = patched(model, prune=PruneConfig(mass=mass))
+        generate(model, inputs, new=1)
+        kept.append(sum(handle.unit("prune").last.visual_kept))
+        accel.unpatch(model)
+    assert kept[0] <= kept[1] <= kept[2] and kept[0] < kept[2]
+
+
+def repeat_first_frame(model, inputs):
+    """The video's first temporal unit copied over all others: a static video."""
+    inputs = dict(inputs)
+    videos = inputs["pixel_values_videos"]
+    if "video_grid_thw" in inputs:
+        t, h, w = inputs["video_grid_thw"][0].tolist()
+        grid = videos.view(t, h * w, -1)
+        inputs["pixel_values_videos"] = grid[:1].expand_as(grid).reshape(videos.shape).clone()
+    else:
+        inputs["pixel_values_videos"] = videos[:, :1].expand_as(videos).clone()
+    return inputs
+
+
+@pytest.mark.parametrize("family", ["llava_onevision", "qwen2_vl", "qwen2_5_vl"])
+def test_static_video_is_merged_over_time(family, patched):
+    model = model_of(family)
+    inputs = repeat_first_frame(model, vlm.make_inputs(model, seed=6, video=True))
+    handle = patched(model, prune=PruneConfig(keep_ratio=1.0))
+    generate(model, inputs, new=2)
+    last = handle.unit("prune").last
+    frames_after_first = last.visual_in[0] - last.visual_kept[0]
+    assert last.temporal_merged == frames_after_first > 0  # every later frame folded into the first
+    accel.unpatch(model)
+    patched(model, prune=PruneConfig(keep_ratio=1.0, temporal_threshold=None))
+    generate(model, inputs, new=2)
+    assert accel.get_handle(model).unit("prune").last.temporal_merged == 0
+
+
+def test_llava_uses_the_cls_row_and_the_tower_keeps_sdpa(patched):
+    model = model_of("llava")
+    handle = patched(model, prune=PruneConfig(keep=4, contextual=0.0))
+    unit = handle.unit("prune")
+    assert unit.score == "cls"
+    inputs = vlm.make_inputs(model, seed=7)
+    captured = {}
+    attn = unit.adapter.cls_attention_module()
+    def grab(module, args, kwargs):
+        captured.setdefault("h", kwargs["hidden_states"])
+
+    hook = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        generate(model, inputs, new=1)
+    finally:
+        hook.remove()
+    # reference: the full eager attention matrix of that layer, CLS row, mean over heads, patches only
+    h = captured["h"]
+    q = attn.q_proj(h).view(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(h).view(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    weights = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1).mean(1)[0, 0, 1:]
+    start = int((inputs["input_ids"][0] == vlm.IMAGE_TOKEN_ID).nonzero()[0])
+    kept = unit.last.kept_index[0]
+    kept_patches = kept[(kept >= start) & (kept < start + 16)] - start
+    assert set(kept_patches.tolist()) == set(weights.topk(4).indices.tolist())
+    assert model.model.vision_tower.config._attn_implementation == "sdpa"
+
+
+def test_score_cls_without_cls_token_is_an_error():
+    with pytest.raises(ValueError, match="no \\[CLS\\]"):
+        accel.patch(model_of("qwen2_vl"), prune=PruneConfig(score="cls"))
+    assert accel.get_handle(model_of("qwen2_vl")) is None
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="only one of"):
+        PruneConfig(keep=4, mass=0.5)
+    with pytest.raises(ValueError, match="keep_ratio"):
+        PruneConfig(keep_ratio=0.0)
+    with pytest.raises(ValueError, match="where"):
+        PruneConfig(where="after")
+    assert PruneConfig().keep_ratio == 0.25
+
+
+def test_prune_on_a_diffusion_model_is_an_error():
+    with pytest.raises(ValueError, match="vision-language models"):
+        accel.patch(tiny("flux").obj, prune=True)
+
+
+def test_static_cache_mask_is_a_clear_error(patched):
+    model = model_of("llava")
+    patched(model, prune=PruneConfig(keep=4))
+    inputs = vlm.make_inputs(model, seed=8)
+    mask = torch.ones(1, 1, inputs["input_ids"].shape[1], inputs["input_ids"].shape[1], dtype=torch.bool)
+    with pytest.raises(PruneError, match="2-D attention mask"):
+        model(**{**inputs, "attention_mask": mask})
+
+
+def test_unpatch_removes_every_hook(patched):
+    model = model_of("qwen2_5_vl")
+    def count():
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+    before = count()
+    patched(model, prune=PruneConfig(keep=2))
+    assert count() > before
+    accel.unpatch(model)
+    assert count() == before
+
+
+def test_in_lm_keeps_the_visual_tokens_the_last_prompt_token_attends_to(patched):
+    model = model_of("qwen2_vl")
+    inputs = vlm.make_inputs(model, seed=9)
+    handle = patched(model, prune=PruneConfig(keep=2, where="in_lm", layer=1))
+    unit = handle.unit("prune")
+    layer = unit.adapter.language_layers()[1]
+    generate(model, inputs, new=2)
+    # reference: layer 1's full eager attention on the unpruned prefill, last query row, mean over heads
+    accel.unpatch(model)
+    captured = {}
+
+    def grab_full(module, args, kwargs):
+        captured.setdefault("hidden", kwargs.get("hidden_states", args[0] if args else None))
+        captured.setdefault("cos_sin", kwargs["position_embeddings"])
+
+    hook = layer.register_forward_pre_hook(grab_full, with_kwargs=True)
+    generate(model, inputs, new=1)
+    hook.remove()
+    from accel.pipelines import find_adapter
+
+    q, k, scale = find_adapter(model).lm_query_key(1, captured["hidden"])
+    cos, sin = captured["cos_sin"]
+
+    def rope(x):
+        half = x.shape[-1] // 2
+        return x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None]
+
+    weights = ((rope(q) @ rope(k).transpose(-1, -2)) * scale).softmax(-1).mean(1)[0, -1]
+    visual = vlm_mask(model, inputs["input_ids"][0]).nonzero().squeeze(1)
+    expected = visual[weights[visual].topk(2).indices].sort().values
+    kept = unit.last.kept_index[0]
+    assert torch.equal(kept[vlm_mask(model, inputs["input_ids"][0, kept])], expected)
