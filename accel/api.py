@@ -95,7 +95,8 @@ def patch(
     `sparse=SparseConfig(...)`, `prune=PruneConfig(...)`, `quant=QuantConfig(...)`; `False` turns one
     off, `True` asks for its defaults. Patching something already patched raises AlreadyPatchedError:
     call `accel.unpatch` first. Unsupported models raise UnsupportedModelError, or with `strict=False`
-    warn and stay unchanged.
+    warn and stay unchanged (an accelerator that does not support this model's layout: that one is
+    skipped with a warning).
     """
     configs = preset_configs(preset)
     overrides = {"cache": cache, "attention": attention, "sparse": sparse, "prune": prune, "quant": quant}
@@ -146,6 +147,12 @@ def patch(
                 unit = importlib.import_module(module_path).install(ctx, config)
             except NotApplicable as reason:
                 report.skipped.append(Skipped(name, str(reason)))
+                continue
+            except UnsupportedModelError as err:  # e.g. a model layout this accelerator does not know
+                if strict:
+                    raise
+                report.warnings.append(f"{name}: {err}")
+                report.skipped.append(Skipped(name, f"unsupported: {err}"))
                 continue
             handle.units.append(unit)
             report.applied.append(Applied(name, type(model).__name__, unit.describe()))

@@ -177,3 +177,24 @@ def test_composes_with_torch_compile(patched):
         assert handle.report().calls[-1].reused > 0
         accel.unpatch(model.obj)
         assert torch.equal(model.run(0), baseline)
+
+
+def test_accelerator_that_does_not_know_the_layout_is_skipped_with_strict_false(monkeypatch):
+    import accel.pruning
+    from accel.pruning import PruneConfig
+
+    def unknown_layout(adapter):
+        raise UnsupportedModelError("visual token pruning does not know this layout")
+
+    monkeypatch.setattr(accel.pruning, "_check_seams", unknown_layout)
+    model = tiny("llava").obj
+    with pytest.raises(UnsupportedModelError, match="does not know this layout"):
+        accel.patch(model, prune=PruneConfig(keep=4))
+    assert accel.get_handle(model) is None
+    with pytest.warns(UserWarning, match="does not know this layout"):
+        handle = accel.patch(model, prune=PruneConfig(keep=4), strict=False)
+    try:
+        assert any(s.accelerator == "prune" and "unsupported" in s.reason for s in handle.report().skipped)
+        assert handle.unit("prune") is None
+    finally:
+        accel.unpatch(model)
