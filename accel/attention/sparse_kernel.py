@@ -1,0 +1,253 @@
+"""Block-sparse attention: a FlashAttention-style Triton forward that visits only chosen key blocks,
+optionally with INT8 Q·Kᵀ, and its exact PyTorch reference.
+
+The pattern is a bool block mask [B or 1, Hq, NBQ, NBK]: entry (b, h, m, n) says whether query block m
+(tokens m*block_q ... ) of head h attends to key block n (tokens n*block_k ... ). The kernel turns it
+into a per-(batch, head, query block) list of key block indices (`mask_to_index`), so its cost is
+proportional to the kept blocks, not to the sequence length squared.
+
+Defined behaviour at the edges:
+- A query row that sees no key (its block row is empty, or every key it may see is masked out by
+  `key_valid`) gets an all-zero output, not NaN.
+- `key_valid` [B, Nk] bool masks single keys (a key-padding mask such as HunyuanVideo's text mask).
+
+INT8 path (`int8=True`): Q and K are smoothed and quantised exactly as in `accel.attention.int8`
+(one scale per query tile and per key tile, so the quantisation blocks are the kernel's tiles), then
+P·V runs in 16-bit. Its reference uses the same INT8 tensors, so kernel and reference differ only in
+accumulation order and in where P is rounded.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .int8 import LOG2E, _pv_dtype, _quantize_qk
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def num_blocks(tokens: int, block: int) -> int:
+    return -(-tokens // block)
+
+
+def _check(q, k, v, block_mask, key_valid, block_q, block_k):
+    """Raise ValueError naming the problem and the fix; return (B, Hq, Hkv, Nq, Nk, D)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
+        raise ValueError(
+            f"block_sparse_attention needs q, k, v of one dtype among float16/bfloat16/float32, got "
+            f"{q.dtype}/{k.dtype}/{v.dtype}; cast them to one dtype"
+        )
+    B, Hq, Nq, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k and v must be [B, Hkv, Nk, D] matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Hq % Hkv:
+        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
+    for name, blk in (("block_q", block_q), ("block_k", block_k)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tile), got {blk}")
+    want = (Hq, num_blocks(Nq, block_q), num_blocks(Nk, block_k))
+    if block_mask.dtype != torch.bool or block_mask.dim() != 4 or block_mask.shape[0] not in (1, B) or tuple(block_mask.shape[1:]) != want:
+        raise ValueError(
+            f"block_mask must be a bool tensor [{B} or 1, {want[0]}, {want[1]}, {want[2]}] (batch, query heads, "
+            f"query blocks of {block_q}, key blocks of {block_k}), got {block_mask.dtype} {tuple(block_mask.shape)}"
+        )
+    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) != (B, Nk)):
+        raise ValueError(f"key_valid must be a bool tensor [{B}, {Nk}] (True = attend), got {key_valid.dtype} {tuple(key_valid.shape)}")
+    return B, Hq, Hkv, Nq, Nk, D
+
+
+def token_mask(block_mask, nq: int, nk: int, block_q: int, block_k: int):
+    """The block mask expanded to tokens: bool [B or 1, H, nq, nk]."""
+    m = block_mask.repeat_interleave(block_q, dim=-2)[..., :nq, :]
+    return m.repeat_interleave(block_k, dim=-1)[..., :nk]
+
+
+def block_sparse_attention_reference(
+    q, k, v, block_mask, *, sm_scale=None, key_valid=None, int8=False, block_q=128, block_k=64, smooth_k=True
+):
+    """Dense attention restricted to the kept blocks, softmax in fp32; rows that see no key give 0.
+
+    Same arguments as `block_sparse_attention`; runs on any device. With `int8=True` it is the model of
+    the INT8 kernel path: same quantised tensors, P rounded to 16-bit before P·V.
+    """
+    B, Hq, Hkv, Nq, Nk, D = _check(q, k, v, block_mask, key_valid, block_q, block_k)
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    g = Hq // Hkv
+    if int8:
+        q8, sq, k8, sk = _quantize_qk(q, k, sm_scale, smooth_k, block_q, block_k)
+        k8, sk = k8.repeat_interleave(g, dim=1), sk.repeat_interleave(g, dim=1)
+        # fp32 holds the int32 dot products exactly: |sum| <= D * 127^2 < 2^24 for D <= 1024.
+        s = q8.float() @ k8.float().transpose(-1, -2)
+        s = s * (sq.repeat_interleave(block_q, dim=-1)[..., :Nq, None] * sk.repeat_interleave(block_k, dim=-1)[..., None, :Nk])
+    else:
+        s = (q.float() @ k.float().repeat_interleave(g, dim=1).transpose(-1, -2)) * (sm_scale * LOG2E)
+    keep = token_mask(block_mask, Nq, Nk, block_q, block_k)
+    if key_valid is not None:
+        keep = keep & key_valid[:, None, None, :]
+    s = s.masked_fill(~keep, float("-inf"))
+    row_max = s.amax(dim=-1, keepdim=True)
+    p = torch.exp2(s - torch.where(torch.isinf(row_max), 0.0, row_max))  # empty rows: all zeros
+    vv = v.repeat_interleave(g, dim=1)
+    if int8 or q.dtype != torch.float32:
+        dt = _pv_dtype(v.dtype)
+        p_v = p.to(dt).float() @ vv.to(dt).float()
+    else:
+        p_v = p @ vv.float()
+    o = p_v / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return o.to(q.dtype)
+
+
+def mask_to_index(block_mask):
+    """Bool [B, H, NBQ, NBK] -> (kept key-block ids first, ascending, int32 [B, H, NBQ, NBK]; counts int32 [B, H, NBQ])."""
+    order = torch.argsort((~block_mask).to(torch.int8), dim=-1, stable=True)
+    return order.to(torch.int32).contiguous(), block_mask.sum(dim=-1, dtype=torch.int32).contiguous()
+
+
+_kernel = None
+
+
+def _get_kernel():
+    """Import triton lazily (so tests can set TRITON_INTERPRET first, and the package imports without it)."""
+    global _kernel
+    if _kernel is not None:
+        return _kernel
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _block_sparse_fwd(
+        Q, K, V, O, IDX, CNT, VALID, SQ, SK,
+        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
+        sib, sih, sim, scb, sch, svlb,
+        Hq, GROUP, Nq, Nk, D, NBQ, NBK, qk_scale,
+        INT8: tl.constexpr, HAS_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // Hq
+        h = pid_bh % Hq
+        hk = h // GROUP
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < Nq
+        d_ok = offs_d < D
+
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+                    mask=m_ok[:, None] & d_ok[None, :], other=0)
+        if INT8:
+            q_scale = tl.load(SQ + (b * Hq + h) * NBQ + pid_m)  # sm_scale * log2(e) is folded in
+        else:
+            q_scale = qk_scale
+            if UPCAST:
+                q = q.to(tl.float32)
+        k_base = K + b * skb + hk * skh
+        v_base = V + b * svb + hk * svh
+        idx_base = IDX + b * sib + h * sih + pid_m * sim
+        count = tl.load(CNT + b * scb + h * sch + pid_m)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for j in range(0, count):
+            block_n = tl.load(idx_base + j)
+            kn = block_n * BLOCK_N + offs_n
+            n_ok = kn < Nk
+            kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None] * skd,
+                         mask=n_ok[None, :] & d_ok[:, None], other=0)  # [D, N]: K transposed
+            if INT8:
+                k_scale = tl.load(SK + (b * (Hq // GROUP) + hk) * NBK + block_n)
+                s = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
+            else:
+                if UPCAST:
+                    kt = kt.to(tl.float32)
+                s = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * q_scale
+            keep = n_ok
+            if HAS_VALID:
+                keep = keep & (tl.load(VALID + b * svlb + kn, mask=n_ok, other=0) != 0)
+            s = tl.where(keep[None, :], s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd,
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            p16 = p.to(v.dtype)
+            if UPCAST:  # the interpreter's tl.dot reads bf16 as raw bits; 16-bit products are exact in fp32
+                pv = tl.dot(p16.to(tl.float32), v.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                pv = tl.dot(p16, v, input_precision=PRECISION, out_dtype=tl.float32)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key: 0
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+                 acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+    _kernel = _block_sparse_fwd
+    return _kernel
+
+
+def triton_usable(device: torch.device) -> bool:
+    """The Triton kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1 (tests, small shapes)."""
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def block_sparse_attention(
+    q, k, v, block_mask, *, sm_scale=None, key_valid=None, int8=False, block_q=128, block_k=64, smooth_k=True
+):
+    """Attention over the kept blocks only, in Triton. Returns [B, Hq, Nq, D] in q's dtype and layout.
+
+    q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (any strides; Hq a multiple of Hkv), `block_mask` bool
+    [B or 1, Hq, ceil(Nq/block_q), ceil(Nk/block_k)], `key_valid` optional bool [B, Nk]. Head dims up
+    to 256. `int8=True` runs Q·Kᵀ on INT8 (SageAttention-style smoothing and per-tile scales).
+    CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; `block_sparse_attention_reference` elsewhere.
+    """
+    B, Hq, Hkv, Nq, Nk, D = _check(q, k, v, block_mask, key_valid, block_q, block_k)
+    if len({q.device, k.device, v.device, block_mask.device}) != 1 or not triton_usable(q.device):
+        raise ValueError(
+            f"block_sparse_attention runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"importing triton), all on one device; got q on {q.device}, mask on {block_mask.device}. Use "
+            f"block_sparse_attention_reference elsewhere"
+        )
+    if D > 256:
+        raise ValueError(f"block_sparse_attention supports head dims up to 256, got {D}")
+    sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
+    index, count = mask_to_index(block_mask)
+    nbq, nbk = block_mask.shape[-2:]
+    if int8:
+        q_in, sq, k_in, sk = _quantize_qk(q, k, sm_scale, smooth_k, block_q, block_k)
+    else:
+        q_in, k_in = q, k
+        sq = sk = q.new_empty(1, dtype=torch.float32)  # unused
+    if int8 or q.dtype != torch.float32:
+        v = v if v.dtype == _pv_dtype(v.dtype) else v.to(_pv_dtype(v.dtype))
+    valid = key_valid.to(torch.int8) if key_valid is not None else q.new_empty(1, dtype=torch.int8)
+    bstride = lambda t, i: 0 if t.shape[0] == 1 else t.stride(i)  # noqa: E731 - a batch-1 mask serves every row
+    o = torch.empty_like(q)
+    block_d = max(16, 1 << (D - 1).bit_length())
+    interpreted = q.device.type == "cpu"
+    _get_kernel()[(nbq, B * Hq)](
+        q_in, k_in, v, o, index, count, valid, sq, sk,
+        *q_in.stride(), *k_in.stride(), *v.stride(), *o.stride(),
+        bstride(index, 0), index.stride(1), index.stride(2), bstride(count, 0), count.stride(1),
+        valid.stride(0) if key_valid is not None else 0,
+        Hq, Hq // Hkv, Nq, Nk, D, nbq, nbk, sm_scale * LOG2E,
+        INT8=int8, HAS_VALID=key_valid is not None,
+        UPCAST=interpreted and q.dtype == torch.bfloat16,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d,
+        num_warps=8 if block_q * block_d >= 128 * 128 else 4,
+    )
+    return o
