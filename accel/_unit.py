@@ -100,6 +100,10 @@ class Unit:
         """One line for the report's `applied` list."""
         return ""
 
+    def check_removable(self) -> None:
+        """Raise (saying why and what to do) if `remove` cannot restore the model; called for every unit
+        before any is removed, so a refused unpatch changes nothing."""
+
     def remove(self) -> None:
         """Undo everything `install` did; the model then computes exactly what it did before."""
 

@@ -175,6 +175,8 @@ def unpatch(target: Any) -> None:
     handle = _HANDLES.get(target)
     if handle is None or handle.target is not target:
         raise NotPatchedError(f"{type(target).__name__} is not patched by accel (pass the object you patched)")
+    for unit in handle.units:
+        unit.check_removable()
     for unit in reversed(handle.units):
         unit.remove()
     handle.units.clear()

@@ -1,0 +1,253 @@
+"""Quantizing a model: which layers, swapping them for `W4Linear`, and putting the originals back."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import kernels
+from .calibrate import calibrate
+from .config import QuantConfig
+from .layer import W4Linear
+from .recipe import quantize_weight
+
+# Adapter layers of PEFT/diffusers LoRA: tiny, and trained to sit beside a 16-bit base layer.
+_ALWAYS_EXCLUDED = ("*.lora_A.*", "*.lora_B.*", "*.lora_A", "*.lora_B")
+
+
+class NothingToQuantize(ValueError):
+    """Every linear layer of the model is excluded or too small."""
+
+
+@dataclass
+class QuantizedLayer:
+    name: str
+    slots: list[tuple[nn.Module, str]]  # (parent, attribute) pairs holding the layer (tied layers: several)
+    original: nn.Linear | None  # kept for restore (None when freed)
+    device: torch.device  # where the original lived
+    quantized: W4Linear
+    bytes_before: int
+    weight_error: float
+    output_error: float | None
+    alpha: float | None
+
+
+@dataclass
+class QuantResult:
+    """What `quantize` did; `restore()` puts the original layers back (when they were kept)."""
+
+    config: QuantConfig
+    layers: list[QuantizedLayer]
+    kept_16bit: dict[str, str]  # layer name -> why it was not quantized
+    kernel_path: str
+    model_bytes_before: int
+    model_bytes_after: int
+    warnings: list[str] = field(default_factory=list)
+    restored: bool = False
+
+    @property
+    def reversible(self) -> bool:
+        return all(layer.original is not None for layer in self.layers)
+
+    def restore(self) -> None:
+        """Put the original `nn.Linear` layers back, on their original device: bit-identical weights."""
+        if self.restored:
+            return
+        self.check_reversible()
+        for layer in self.layers:
+            layer.original.to(layer.device)
+            for parent, attr in layer.slots:
+                setattr(parent, attr, layer.original)
+        self.restored = True
+
+    def check_reversible(self) -> None:
+        if not self.restored and not self.reversible:
+            raise RuntimeError(
+                "accel quantization with QuantConfig(keep_original=False) is one-way: the 16-bit weights were "
+                "freed. Reload the model to get them back, or quantize with keep_original=True (the default)"
+            )
+
+    def stats(self) -> dict:
+        """For `report.stats["quant"]`."""
+        before = sum(layer.bytes_before for layer in self.layers)
+        after = sum(layer.quantized.nbytes() for layer in self.layers)
+        calibrated = [layer for layer in self.layers if layer.output_error is not None]
+        kind = "output" if calibrated else "weight"
+        errors = {
+            layer.name: round(layer.output_error if layer.output_error is not None else layer.weight_error, 5)
+            for layer in self.layers
+        }
+        worst = max(errors, key=errors.get) if errors else None
+        reasons: dict[str, int] = {}
+        for why in self.kept_16bit.values():
+            reasons[why] = reasons.get(why, 0) + 1
+        cfg = self.config
+        return {
+            "layers quantized": len(self.layers),
+            "layers kept 16-bit": ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none",
+            "format": f"int{cfg.bits} asymmetric, group {cfg.group_size}, scale/offset search "
+            f"{'on' if cfg.search else 'off (round-to-nearest)'}, low-rank rank {cfg.rank}, activation-aware "
+            f"{f'on ({len(calibrated)} layers calibrated)' if cfg.calibration else 'off'}",
+            "quantized layers bytes": f"{before} -> {after} ({before / max(after, 1):.2f}x smaller)",
+            "model bytes": f"{self.model_bytes_before} -> {self.model_bytes_after} "
+            f"({self.model_bytes_before / max(self.model_bytes_after, 1):.2f}x smaller)",
+            "kernel path": self.kernel_path,
+            "originals": "kept (on the CPU) for unpatch" if self.reversible else "freed: quantization is one-way",
+            f"mean {kind} rel. error": round(sum(errors.values()) / max(len(errors), 1), 5),
+            f"max {kind} rel. error": f"{errors[worst]} ({worst})" if worst else "n/a",
+            f"per-layer {kind} rel. error": errors,
+        }
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def select_layers(
+    model: nn.Module, config: QuantConfig, family_exclude: tuple[str, ...] = ()
+) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """(layers to quantize by name, layers kept in 16-bit by name -> reason). Raises ValueError for a
+    selected layer whose in_features the group size does not divide."""
+    selected: dict[str, nn.Linear] = {}
+    kept: dict[str, str] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if isinstance(module, W4Linear):
+            raise ValueError(
+                f"{type(model).__name__} already has 4-bit layers ({name}); it was quantized or loaded with "
+                "accel.quant.load_quantized: use it as it is, without quant="
+            )
+        if not isinstance(module, nn.Linear) or id(module) in seen:
+            continue
+        seen.add(id(module))
+        if _matches(name, _ALWAYS_EXCLUDED):
+            kept[name] = "LoRA adapter"
+        elif config.default_exclusions and _matches(name, family_exclude):
+            kept[name] = "excluded by the model family's defaults"
+        elif _matches(name, config.exclude):
+            kept[name] = "excluded by QuantConfig.exclude"
+        elif config.include is not None and not _matches(name, config.include):
+            kept[name] = "not in QuantConfig.include"
+        elif min(module.in_features, module.out_features) < config.min_features:
+            kept[name] = f"smaller than min_features={config.min_features}"
+        else:
+            selected[name] = module
+    bad = [f"{n} (in_features={m.in_features})" for n, m in selected.items() if m.in_features % config.group_size]
+    if bad:
+        raise ValueError(
+            f"QuantConfig(group_size={config.group_size}) does not divide in_features of {len(bad)} layer(s): "
+            f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}; choose a group_size that divides them or keep "
+            "them in 16-bit with QuantConfig(exclude=(...))"
+        )
+    return selected, kept
+
+
+def _slots(model: nn.Module, targets: set[int]) -> dict[int, list[tuple[nn.Module, str]]]:
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    for parent in model.modules():
+        for attr, child in parent._modules.items():
+            if child is not None and id(child) in targets:
+                slots.setdefault(id(child), []).append((parent, attr))
+    return slots
+
+
+def _model_bytes(model: nn.Module) -> int:
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def quantize_model(
+    model: nn.Module,
+    config: QuantConfig,
+    family_exclude: tuple[str, ...] = (),
+    warn: Callable[[str], None] | None = None,
+) -> QuantResult:
+    """Swap the selected `nn.Linear` layers of `model` for `W4Linear` (see `accel.quant.quantize`)."""
+    layers, kept = select_layers(model, config, family_exclude)
+    if not layers:
+        raise NothingToQuantize(
+            f"no nn.Linear layer of {type(model).__name__} is left to quantize ({len(kept)} kept in 16-bit: "
+            f"{', '.join(sorted(set(kept.values()))) or 'the model has none'}); lower QuantConfig.min_features "
+            "or adjust include/exclude"
+        )
+    for name, module in layers.items():
+        if module.weight.device.type == "meta":
+            raise ValueError(
+                f"{name} has its weights offloaded (meta device); quantize before enabling CPU offload or device_map"
+            )
+    device = next(iter(layers.values())).weight.device
+    if config.kernel in ("triton", "dequant") and device.type != "cuda" and not kernels._interpreting():
+        raise ValueError(
+            f"QuantConfig(kernel={config.kernel!r}) runs on CUDA, but the model is on {device.type}; "
+            "use kernel='auto' or 'reference'"
+        )
+    messages = []
+    if config.kernel == "auto" and not kernels.gpu_supports_fused(device):
+        messages.append(f"4-bit layers run the slow PyTorch reference path: {kernels.describe_paths(device, 'auto')}")
+    stats = {}
+    if config.calibration is not None:
+        stats = calibrate(layers, config.calibration, config.calibration_tokens)
+        missing = len(layers) - len(stats)
+        if missing:
+            messages.append(
+                f"{missing} layer(s) saw no input during calibration; they are quantized without activation-aware scaling"
+            )
+    for message in messages:
+        (warn or _warn_once)(message)
+
+    model_before = _model_bytes(model)
+    slots = _slots(model, {id(m) for m in layers.values()})
+    done: list[QuantizedLayer] = []
+    with torch.no_grad():
+        for name, module in layers.items():
+            q = quantize_weight(
+                module.weight,
+                group_size=config.group_size,
+                dtype=module.weight.dtype,
+                search=config.search,
+                rank=config.rank,
+                stats=stats.get(name),
+            )
+            w4 = W4Linear.from_quantized(q, module.bias, config.group_size, config.kernel)
+            for parent, attr in slots[id(module)]:
+                setattr(parent, attr, w4)
+            original_device = module.weight.device
+            if config.keep_original and original_device.type != "cpu":
+                module.to("cpu")  # frees accelerator memory; restore moves it back bit for bit
+            done.append(
+                QuantizedLayer(
+                    name=name,
+                    slots=slots[id(module)],
+                    original=module if config.keep_original else None,
+                    device=original_device,
+                    quantized=w4,
+                    bytes_before=sum(t.numel() * t.element_size() for t in module.parameters()),
+                    weight_error=q.weight_error,
+                    output_error=q.output_error,
+                    alpha=q.alpha,
+                )
+            )
+    return QuantResult(
+        config=config,
+        layers=done,
+        kept_16bit=kept,
+        kernel_path=kernels.describe_paths(device, config.kernel),
+        model_bytes_before=model_before,
+        model_bytes_after=_model_bytes(model),
+        warnings=messages,
+    )
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    import warnings
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(f"accel.quant: {message}", stacklevel=3)

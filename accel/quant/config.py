@@ -1,0 +1,88 @@
+"""`QuantConfig`: what `accel.patch(..., quant=...)` and `accel.quant.quantize` do to the weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+SUPPORTED_BITS = (4,)
+GROUP_SIZES = (16, 32, 64, 128, 256)  # the GEMM tiles K by min(group, 64); tl.dot needs K-tiles of 16+
+KERNELS = ("auto", "triton", "dequant", "reference")
+
+
+@dataclass
+class QuantConfig:
+    """4-bit weights (W4A16) for the `nn.Linear` layers of a denoiser or language model.
+
+    Each row of a weight is cut into groups of `group_size` input channels; a group stores 4-bit codes
+    q in 0..15 and its own scale and zero in the model's dtype: w = (q - zero) * scale.
+    """
+
+    bits: int = 4
+    """Only 4 is supported."""
+
+    group_size: int = 128
+    """Input channels per scale/zero pair: 16, 32, 64, 128 or 256, and it must divide every quantized
+    layer's in_features. 128 stores 4.5 bits per weight on average (bf16 scale+zero per 128 codes)."""
+
+    search: bool = True
+    """Search each group's clipping range, then refit its scale and zero by least squares, keeping what
+    lowers the (activation-weighted, when calibrated) error. False: plain round-to-nearest of min/max."""
+
+    calibration: Callable[[], Any] | None = None
+    """Activation-aware scaling (AWQ idea): a callable that runs the model on real inputs, e.g.
+    `lambda: pipe(prompt, num_inference_steps=4)`. accel records per-channel input statistics of every
+    layer it quantizes during that run, then scales salient input channels up before quantizing (and
+    divides them back inside the dequantization), choosing the strength per layer by output error."""
+
+    calibration_tokens: int = 128
+    """Input rows kept per layer (on the CPU) to measure output error during the scaling search."""
+
+    rank: int = 0
+    """Low-rank correction (SVDQuant idea): keep a rank-`rank` 16-bit part of each weight and quantize
+    only the rest. 0 turns it off. Costs (in + out) * rank 16-bit values per layer."""
+
+    exclude: tuple[str, ...] = ()
+    """Extra glob patterns over module names (e.g. "*.proj_out", "blocks.0.*") to keep in 16-bit."""
+
+    include: tuple[str, ...] | None = None
+    """If set, only layers whose names match one of these patterns are quantized (exclusions still apply)."""
+
+    default_exclusions: bool = True
+    """Keep the model family's sensitive layers in 16-bit (embedders, final projection, lm_head, vision
+    tower; the adapter's `quant_exclude`). False quantizes them too."""
+
+    min_features: int = 256
+    """Layers with in_features or out_features below this stay in 16-bit: too small to matter for memory."""
+
+    kernel: str = "auto"
+    """"auto": on CUDA the fused Triton W4A16 GEMM for few tokens, Triton dequantize + cuBLAS for many;
+    the PyTorch reference on CPU. "triton", "dequant" or "reference" force one path."""
+
+    keep_original: bool = True
+    """Keep the original layers (moved to CPU memory when the model is on a GPU) so that `accel.unpatch`
+    restores them bit for bit. False frees them: quantization is then one-way and unpatch refuses."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"QuantConfig(bits={self.bits}) is not supported; only bits=4 is (W4A16)")
+        if self.group_size not in GROUP_SIZES:
+            raise ValueError(
+                f"QuantConfig(group_size={self.group_size}) is not supported; choose one of {GROUP_SIZES}"
+            )
+        if self.kernel not in KERNELS:
+            raise ValueError(f"QuantConfig(kernel={self.kernel!r}) is unknown; choose one of {KERNELS}")
+        if self.rank < 0:
+            raise ValueError(f"QuantConfig(rank={self.rank}) must be >= 0 (0 turns low-rank correction off)")
+        if self.calibration is not None and not callable(self.calibration):
+            raise ValueError(
+                "QuantConfig(calibration=...) must be a callable that runs the model, e.g. "
+                "lambda: pipe(prompt, num_inference_steps=4)"
+            )
+        if self.calibration_tokens < 1:
+            raise ValueError("QuantConfig(calibration_tokens=...) must be >= 1")
+        if isinstance(self.exclude, str) or (self.include is not None and isinstance(self.include, str)):
+            raise ValueError("QuantConfig exclude/include take a tuple of glob patterns, e.g. ('*.proj_out',)")
+        self.exclude = tuple(self.exclude)
+        if self.include is not None:
+            self.include = tuple(self.include)

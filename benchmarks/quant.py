@@ -1,0 +1,232 @@
+#!/usr/bin/env python
+"""W4 weight quantization benchmark: GEMM throughput and transformer latency/memory, one CUDA GPU.
+
+GEMMs (`--part gemm`): y = x @ W^T for x [M, K] bf16 and W [N, K], at
+- diffusion shapes: M = 4096, 16384, 32768 tokens; (K, N) = FLUX (3072, 3072), (3072, 12288), (12288, 3072),
+  Wan2.1-1.3B (1536, 1536), (1536, 8960), Wan2.1-14B (5120, 5120);
+- VLM decode shapes: M = 1, 4, 16; (K, N) = (4096, 4096), (4096, 11008), (11008, 4096).
+Variants: bf16 `torch.matmul` (baseline), accel `W4Linear` with kernel "auto", "triton" (fused W4A16 GEMM)
+and "dequant" (Triton dequantize + cuBLAS), and torchao int4 weight-only when torchao is installed
+(else the row says so). Median over `--repeats` of CUDA-event-timed calls after warm-up.
+
+Transformers (`--part model`): one denoiser forward of a FLUX.1-dev-shaped transformer (1024px: 4096 image + 512
+text tokens) and a Wan2.1-1.3B-shaped one (480p, 81 frames: 32,760 tokens), random weights, bf16, before and
+after `accel.quant.quantize` (QuantConfig defaults, no calibration): latency, bytes of the module, peak memory of
+the forward, relative error of the output, quantization time.
+
+Usage::
+
+    python benchmarks/quant.py                          # everything, on cuda:0
+    python benchmarks/quant.py --part gemm --repeats 20
+    python benchmarks/quant.py --tiny                   # tiny shapes on CPU (Triton interpreter): checks the script
+
+--tiny measures nothing: it runs every code path at toy sizes so tests can check the script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+if "--tiny" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+for path in (REPO, REPO / "benchmarks"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+from caching import FluxScenario, WanScenario, environment  # noqa: E402  (real configs, random init)
+
+from accel.quant import QuantConfig, W4Linear, quantize  # noqa: E402
+
+DIFFUSION_M = (4096, 16384, 32768)
+DIFFUSION_KN = ((3072, 3072), (3072, 12288), (12288, 3072), (1536, 1536), (1536, 8960), (5120, 5120))
+DECODE_M = (1, 4, 16)
+DECODE_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
+TINY_SHAPES = [(1, 64, 96), (33, 128, 64)]  # (M, K, N)
+
+
+def _timer(device: torch.device, repeats: int, warmup: int) -> Callable[[Callable[[], Any]], list[float]]:
+    def time_it(fn):
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return times
+
+    return time_it
+
+
+def _torchao_int4(linear: nn.Linear, group: int) -> tuple[nn.Module | None, str]:
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+    except ImportError:
+        return None, "torchao not installed"
+    model = nn.Sequential(linear)
+    try:
+        quantize_(model, Int4WeightOnlyConfig(group_size=group))
+    except Exception as err:  # report, do not hide: torchao's int4 needs CUDA and specific dtypes
+        return None, f"torchao failed: {type(err).__name__}: {err}"
+    return model, ""
+
+
+@torch.no_grad()
+def bench_gemm(args, device, dtype) -> list[dict]:
+    shapes = TINY_SHAPES if args.tiny else [(m, k, n) for m in DECODE_M for k, n in DECODE_KN] + [
+        (m, k, n) for m in DIFFUSION_M for k, n in DIFFUSION_KN
+    ]
+    time_it = _timer(device, args.repeats, args.warmup)
+    kernels = ("auto", "reference") if device.type != "cuda" else ("auto", "triton", "dequant")
+    if args.tiny:
+        kernels = ("auto", "triton", "dequant")  # the interpreter runs the Triton kernels on CPU
+    rows = []
+    for m, k, n in shapes:
+        torch.manual_seed(0)
+        linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        ref = linear(x)
+        base = statistics.median(time_it(lambda: torch.matmul(x, linear.weight.T)))
+        row = {"M": m, "K": k, "N": n, "bf16_s": base, "variants": {}}
+        holder = nn.Sequential(nn.Linear(k, n, bias=False, device=device, dtype=dtype))
+        holder[0].weight.copy_(linear.weight)
+        quantize(holder, QuantConfig(group_size=args.group_size, min_features=0, search=False))
+        w4: W4Linear = holder[0]
+        for kernel in kernels:
+            w4.kernel = kernel
+            y = w4(x)
+            t = statistics.median(time_it(lambda: w4(x)))
+            rel = float((y.float() - ref.float()).norm() / ref.float().norm())
+            row["variants"][f"accel {kernel}"] = {"s": t, "vs_bf16": base / t, "rel_err": rel}
+        ao, why = _torchao_int4(nn.Linear(k, n, bias=False, device=device, dtype=dtype), args.group_size) if not args.tiny else (None, "skipped in --tiny")
+        if ao is not None:
+            ao[0].weight  # noqa: B018  (quantized in place)
+            t = statistics.median(time_it(lambda: ao(x)))
+            row["variants"]["torchao int4wo"] = {"s": t, "vs_bf16": base / t}
+        else:
+            row["variants"]["torchao int4wo"] = {"note": why}
+        rows.append(row)
+        cells = "  ".join(
+            f"{name} {v['vs_bf16']:.2f}x" if "s" in v else f"{name}: {v['note']}" for name, v in row["variants"].items()
+        )
+        print(f"M={m:>6} K={k:>5} N={n:>5}  bf16 {base * 1e3:8.3f} ms  {cells}", flush=True)
+    return rows
+
+
+def _module_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def _flux_forward(scenario, model, inputs):
+    return model(
+        hidden_states=inputs["noise"], timestep=torch.full([1], 0.5, device=scenario.device, dtype=scenario.dtype),
+        guidance=inputs["guidance"], pooled_projections=inputs["pooled_prompt_embeds"],
+        encoder_hidden_states=inputs["prompt_embeds"], txt_ids=inputs["text_ids"], img_ids=inputs["img_ids"],
+        return_dict=False,
+    )[0]
+
+
+def _wan_forward(scenario, model, inputs):
+    return model(
+        hidden_states=inputs["noise"].to(scenario.dtype), timestep=torch.full([1], 500.0, device=scenario.device),
+        encoder_hidden_states=inputs["prompt_embeds"], return_dict=False,
+    )[0]
+
+
+@torch.no_grad()
+def bench_models(args, device, dtype) -> dict:
+    results = {}
+    time_it = _timer(device, args.repeats, args.warmup)
+    for key, cls, forward in (("flux", FluxScenario, _flux_forward), ("wan", WanScenario, _wan_forward)):
+        scenario = cls(args.tiny, device, dtype, args.seed)
+        model = scenario.build()
+        inputs = scenario.make_inputs()
+        entry = {"config": scenario.describe()}
+        for variant in ("bf16", "w4"):
+            if variant == "w4":
+                t0 = time.perf_counter()
+                config = QuantConfig(group_size=args.group_size, min_features=0 if args.tiny else 256)
+                result = quantize(model, config)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                entry["quantize_s"] = time.perf_counter() - t0
+                entry["quant_stats"] = {k: v for k, v in result.stats().items() if not k.startswith("per-layer")}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            out = forward(scenario, model, inputs).float()
+            times = time_it(lambda: forward(scenario, model, inputs))
+            entry[variant] = {
+                "median_s": statistics.median(times),
+                "module_bytes": _module_bytes(model),
+                "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            }
+            if variant == "bf16":
+                ref = out
+            else:
+                entry["w4"]["rel_err_vs_bf16"] = float((out - ref).norm() / ref.norm())
+        entry["speedup"] = entry["bf16"]["median_s"] / entry["w4"]["median_s"]
+        entry["memory_ratio"] = entry["bf16"]["module_bytes"] / entry["w4"]["module_bytes"]
+        results[key] = entry
+        print(
+            f"{key}: bf16 {entry['bf16']['median_s'] * 1e3:.1f} ms, w4 {entry['w4']['median_s'] * 1e3:.1f} ms "
+            f"({entry['speedup']:.2f}x), module {entry['memory_ratio']:.2f}x smaller, "
+            f"rel err {entry['w4']['rel_err_vs_bf16']:.4f}, quantized in {entry['quantize_s']:.1f} s",
+            flush=True,
+        )
+        del model
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", choices=["gemm", "model", "all"], default="all")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="toy sizes on CPU (Triton interpreter): checks the script")
+    p.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/quant-<gpu>.json")
+    args = p.parse_args(argv)
+    if args.tiny:
+        device, dtype = torch.device("cpu"), torch.float32
+        args.group_size = 16
+        torch.set_num_threads(1)  # toy sizes: threads only thrash
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("benchmarks/quant.py needs a CUDA GPU; use --tiny to check the script on CPU")
+        device, dtype = torch.device("cuda", torch.cuda.current_device()), torch.bfloat16
+    doc = {"tiny": args.tiny, "env": environment(device), "group_size": args.group_size}
+    if args.part in ("gemm", "all"):
+        doc["gemm"] = bench_gemm(args, device, dtype)
+    if args.part in ("model", "all"):
+        doc["models"] = bench_models(args, device, dtype)
+    out = args.json or REPO / "benchmarks" / "results" / f"quant-{doc['env']['device_name'].replace(' ', '-')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
