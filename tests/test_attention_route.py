@@ -173,3 +173,22 @@ def test_ragged_vlm_batch_keeps_int8_for_causal_plus_padding_masks(patched):
     assert not any("fallback" in path for path in calls), calls
     assert sum(n for path, n in calls.items() if path.startswith("int8")) == 3 + 2  # 3 vision, 2 LM layers
     assert torch.allclose(out.first_logits, base.first_logits, atol=1e-2, rtol=0)
+
+
+def test_kernel_options_reach_the_kernel(patched):
+    """smooth_q / pv / granularity change the computed attention (here through the CPU reference)."""
+    model = tiny("hunyuan_video")  # masked joint attention
+    base = model.run(seed=0)
+    outs = {}
+    for name, config in {
+        "default": AttentionConfig("int8"),
+        "block": AttentionConfig("int8", granularity="block"),
+        "fp8": AttentionConfig("int8", pv="fp8", smooth_q=True),
+    }.items():
+        _quiet_patch(patched, model.obj, attention=config)
+        outs[name] = model.run(seed=0)
+        accel.unpatch(model.obj)
+    assert not torch.equal(outs["default"], outs["block"]) and not torch.equal(outs["default"], outs["fp8"])
+    assert all(psnr(out, base) > 40 for out in outs.values())
+    with pytest.raises(ValueError, match="granularity"):
+        AttentionConfig(granularity="head")

@@ -49,3 +49,79 @@ def test_caching_benchmark_tiny_flux(tmp_path: Path) -> None:
     rerun = [r for r in rows if r["kind"] == "baseline-rerun"]
     assert rerun and rerun[0]["identical"]  # disable_cache() / accel.unpatch left the model as it was
     assert "baseline" in proc.stdout and "accel balanced" in proc.stdout and "diffusers FBC" in proc.stdout
+
+
+def test_sparse_attention_benchmark_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "sparse.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "sparse_attention.py"), "--tiny", "--repeats", "1", "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+
+    doc = json.loads(out.read_text())
+    assert doc["tiny"] is True and set(doc["scenarios"]) == {"wan", "hunyuan", "wan-step"}
+    for key in ("wan", "hunyuan"):
+        scenario = doc["scenarios"][key]
+        names = [row["name"] for row in scenario["rows"]]
+        assert names[:2] == ["dense SDPA", "dense INT8 (accel)"]
+        assert {"sparse 50%", "sparse 75% + INT8", "sparse 90%"} <= set(names)
+        for row in scenario["rows"]:
+            assert row["median_s"] > 0 and len(row["times_s"]) == 1
+        sparsities = [row["sparsity"] for row in scenario["rows"] if row["sparsity"] is not None]
+        assert sparsities == sorted(sparsities) and sparsities[0] == 0.5  # exact share of blocks skipped
+        assert {s["method"] for s in scenario["search"]} == {"antidiagonal", "pooled", "exact"}
+        assert all(s["amortised_share"] < s["share_of_dense_call"] for s in scenario["search"])
+    step = doc["scenarios"]["wan-step"]["rows"]
+    assert [r["name"] for r in step] == ["dense", "sparse target 0.95", "sparse target 0.8"]
+    assert all(r["rel_l1"] < 0.1 and 0.0 <= r["mean_sparsity"] <= 1.0 for r in step[1:])
+    assert "dense SDPA" in proc.stdout and "search antidiagonal" in proc.stdout
+
+
+def test_attention_benchmark_tiny(tmp_path: Path) -> None:
+    """benchmarks/attention.py --tiny: every variant runs (Triton interpreter), accuracy is filled in, the
+    tuning sweep ran, and the end-to-end Wan step produced either a timing or a recorded error."""
+    out = tmp_path / "attention.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "attention.py"), "--tiny", "--shapes", "vlm", "--repeats", "1",
+         "--warmup", "0", "--e2e", "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    doc = json.loads(out.read_text())
+    assert doc["tiny"] is True and set(doc["shapes"]) == {"vlm"}  # causal; non-causal: tests/test_attention_int8.py
+    assert doc["shapes"]["vlm"]["causal"] and doc["shapes"]["vlm"]["flops"] == 4.0 * 48 * 48 * 128 * 2 / 2  # halved: causal
+    for shape in doc["shapes"].values():
+        rows = {r["variant"]: r for r in shape["rows"]}
+        assert {"sdpa", "int8", "int8-token", "int8-fp8pv"} <= set(rows), set(rows)
+        for r in rows.values():
+            assert "error" not in r and r["median_s"] > 0 and r["tflops"] > 0, r
+            assert r["cos"] >= (0.998 if r["variant"] == "int8-fp8pv" else 0.9995), r
+        assert len(rows["int8"]["tuning"]) == 2 and rows["int8"]["config"]["block_q"] in (16, 32)
+    e2e = doc["e2e_wan"]
+    assert e2e["sdpa"]["median_s"] > 0 and ("median_s" in e2e["int8"] or "error" in e2e["int8"])
+    assert "int8-token" in proc.stdout and "TFLOP/s" in proc.stdout
+
+
+def test_quant_benchmark_tiny(tmp_path: Path) -> None:
+    out = tmp_path / "quant.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "quant.py"), "--tiny", "--repeats", "1", "--warmup", "0",
+         "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    doc = json.loads(out.read_text())
+    assert doc["tiny"] is True and doc["gemm"] and set(doc["models"]) == {"flux", "wan"}
+    for row in doc["gemm"]:
+        for name in ("accel auto", "accel triton", "accel dequant"):
+            assert row["variants"][name]["s"] > 0 and row["variants"][name]["rel_err"] < 0.1, (name, row)
+    for entry in doc["models"].values():
+        assert entry["memory_ratio"] > 1.5 and entry["w4"]["rel_err_vs_bf16"] < 0.1
+        assert entry["quant_stats"]["layers quantized"] > 0

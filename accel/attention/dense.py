@@ -107,12 +107,14 @@ class DenseAttention:
         if padded != D:  # zero channels change no dot product; the extra output columns are dropped
             note = f", head dim {D} padded to {padded}"
             q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
-        kwargs = dict(causal=causal, sm_scale=scale)
-        if bias is not None:
-            kwargs["key_padding_mask"] = bias
-        if self.config.smooth_q:
-            kwargs["smooth_q"] = True
+        cfg = self.config
+        kwargs = dict(causal=causal, sm_scale=scale, key_padding_mask=bias, smooth_q=cfg.smooth_q, pv=cfg.pv,
+                      granularity=cfg.granularity)
         if q.is_cuda:
+            if cfg.pv == "fp8" and torch.cuda.get_device_capability(q.device) < (8, 9):
+                self._warn_once("fp8", "AttentionConfig(pv='fp8') needs a GPU of compute capability 8.9 or later; "
+                                "P·V runs in 16-bit on this one")
+                kwargs["pv"] = "fp16"
             out = int8.int8_attention(q, k, v, **kwargs)
             self.counts[f"int8{note}"] += 1
         else:

@@ -112,14 +112,19 @@ def _pv_dtype(dtype):
 
 
 def _quantize_v_fp8(v: torch.Tensor):
-    """V -> float8_e4m3fn with one scale per (batch, head, channel): absmax over tokens / 448.
+    """V -> float8_e4m3fn, smoothed and scaled per (batch, head, channel).
 
-    Stored transposed (tokens contiguous) because that is the operand layout FP8 tensor cores want
-    for the right-hand side of P·V; the returned view is still [B, H, N, D].
+    V's token mean is subtracted first and added back to the output (exact: each softmax row sums
+    to 1). Without that, a large V channel bias (CogVideoX) takes e4m3's 3 mantissa bits and the
+    part of V that differs between tokens is lost. Scale: absmax over tokens / 448. Stored
+    transposed (tokens contiguous), the operand layout FP8 tensor cores want for the right-hand
+    side of P·V; the returned view is still [B, H, N, D]. Returns (v8, scales, means), [B, H, D].
     """
-    sv = v.abs().amax(dim=-2, keepdim=True).float().clamp_min(1e-8) / FP8_MAX  # [B, H, 1, D]
-    v8 = (v.float() / sv).clamp_(-FP8_MAX, FP8_MAX).transpose(-1, -2).contiguous().to(torch.float8_e4m3fn)
-    return v8.transpose(-1, -2), sv.squeeze(-2).contiguous()
+    mv = _token_mean(v)
+    vc = v.float() - mv
+    sv = vc.abs().amax(dim=-2, keepdim=True).clamp_min(1e-8) / FP8_MAX  # [B, H, 1, D]
+    v8 = (vc / sv).clamp_(-FP8_MAX, FP8_MAX).transpose(-1, -2).contiguous().to(torch.float8_e4m3fn)
+    return v8.transpose(-1, -2), sv.squeeze(-2).contiguous(), mv.squeeze(-2).contiguous()
 
 
 def key_padding_from_sdpa_mask(attn_mask: torch.Tensor, B: int, Nq: int, Nk: int) -> torch.Tensor | None:
@@ -187,6 +192,7 @@ class _Prepared(NamedTuple):
     sk: torch.Tensor
     v: torch.Tensor  # 16-bit V, or float8 V (transposed storage) with pv="fp8"
     sv: torch.Tensor | None  # per-channel V scales [B, Hkv, D] with pv="fp8"
+    mv: torch.Tensor | None  # V's token mean [B, Hkv, D], subtracted before FP8, with pv="fp8"
     bias: torch.Tensor | None  # [B, 1 or Hq, Nk] log2-domain per-key bias
 
 
@@ -204,13 +210,13 @@ def _prepare(q, k, v, quantize, *, sm_scale, smooth_k, smooth_q, key_padding_mas
     k8, sk = quantize(k, block_k, 1.0, mean_k)
     bias = _key_bias(key_padding_mask, q, k, mean_q, mean_k, sm_scale)
     if pv == "fp8":
-        v, sv = _quantize_v_fp8(v)
+        v, sv, mv = _quantize_v_fp8(v)
     else:
-        v, sv = v.to(_pv_dtype(v.dtype)), None
-    return _Prepared(q8, sq, k8, sk, v, sv, bias)
+        v, sv, mv = v.to(_pv_dtype(v.dtype)), None, None
+    return _Prepared(q8, sq, k8, sk, v, sv, mv, bias)
 
 
-def triton_cdiv(a, b):
+def _cdiv(a, b):
     return -(-a // b)
 
 
@@ -252,6 +258,8 @@ def int8_attention_reference(q, k, v, *, causal=False, sm_scale=None, smooth_k=T
         o = p.to(p8.v.dtype).float() @ vv
     l = p.sum(dim=-1, keepdim=True)
     o = o / torch.where(l == 0, 1.0, l)
+    if pv == "fp8":  # add V's mean back, except on fully masked rows (output 0)
+        o = o + torch.where(l > 0, p8.mv.repeat_interleave(g, dim=1)[:, :, None, :], 0.0)
     return o.to(q.dtype)
 
 
@@ -270,9 +278,10 @@ def _get_kernels():
     @triton.jit
     def _quant_int8(
         X, MEAN, XQ, S, sxb, sxh, sxn, sxd, H, N, D, NB, scale,
-        HAS_MEAN: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_MEAN: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program per (row block, batch*head): subtract the mean, absmax, round, store int8."""
+        """One program per (row block, batch*head): subtract the mean, absmax, round, store int8.
+        One scale for the block, or with PER_ROW one per row (the block is then only a tile)."""
         pid = tl.program_id(0)
         bh = tl.program_id(1)
         b = bh // H
@@ -284,16 +293,23 @@ def _get_kernels():
         if HAS_MEAN:
             mean = tl.load(MEAN + bh * D + offs_d, mask=offs_d < D, other=0.0)
             x = tl.where(ok, x - mean[None, :], 0.0)
-        step = tl.math.div_rn(tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-8), 127.0)
-        t = tl.math.div_rn(x, step)  # IEEE division, as torch does: identical int8
+        amax = tl.max(tl.abs(x), 1)
+        # IEEE divisions (div_rn), as torch does: identical int8 and scales
+        if PER_ROW:
+            step = tl.math.div_rn(tl.maximum(amax, 1e-8), 127.0)
+            t = tl.math.div_rn(x, step[:, None])
+            tl.store(S + bh * N + offs_n, step * scale, mask=offs_n < N)
+        else:
+            step = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-8), 127.0)
+            t = tl.math.div_rn(x, step)
+            tl.store(S + bh * NB + pid, step * scale)
         r = tl.minimum(tl.floor(tl.abs(t) + 0.5), 127.0)
         r = tl.where(t < 0, -r, r)
         tl.store(XQ + bh * N * D + offs_n[:, None] * D + offs_d[None, :], r.to(tl.int8), mask=ok)
-        tl.store(S + bh * NB + pid, step * scale)
 
     @triton.jit
     def _int8_attn_fwd(
-        Q, K, V, SQ, SK, SV, BIAS, O,
+        Q, K, V, SQ, SK, SV, MV, BIAS, O,
         sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh,
         Hq, Hkv, GROUP, Nq, Nk, D, NBQ, NBK, CAUSAL_OFFSET,
         CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -375,6 +391,9 @@ def _get_kernels():
             sv = tl.load(SV + (b * Hkv + hk) * D + offs_d, mask=d_ok, other=0.0)
             acc = acc * (sv / 448.0)[None, :]
         acc = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # fully masked row: acc is 0, output 0
+        if PV_FP8:  # add V's token mean back (not on fully masked rows)
+            mv = tl.load(MV + (b * Hkv + hk) * D + offs_d, mask=d_ok, other=0.0)
+            acc += tl.where(l_i > 0, 1.0, 0.0)[:, None] * mv[None, :]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
                  acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -390,9 +409,10 @@ def _quantize_per_block_triton(x: torch.Tensor, block: int, scale: float = 1.0, 
     xq = torch.empty(B, H, N, D, dtype=torch.int8, device=x.device)
     s = torch.empty(B, H, nb, dtype=torch.float32, device=x.device)
     mean_arg = mean.contiguous() if mean is not None else s  # dummy pointer, unused without HAS_MEAN
-    _get_kernels()[1][(nb, B * H)](
+    tile = 32 if block == 1 else block  # block 1 = per-token scales, computed 32 rows per program
+    _get_kernels()[1][(_cdiv(N, tile), B * H)](
         x, mean_arg, xq, s, *x.stride(), H, N, D, nb, scale,
-        HAS_MEAN=mean is not None, BLOCK=block, BLOCK_D=_block_d(D), num_warps=4,
+        HAS_MEAN=mean is not None, PER_ROW=block == 1, BLOCK=tile, BLOCK_D=_block_d(D), num_warps=4,
     )
     return xq, s
 
@@ -410,7 +430,10 @@ def int8_attention(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block
         [B, 1, 1, Nk] (as SDPA adds it); `key_padding_from_sdpa_mask` converts other SDPA masks.
     smooth_q: also subtract Q's token mean, adding the exact per-key correction back in fp32.
     pv: "fp16" runs P·V in the inputs' 16-bit type (fp16 for fp32 inputs); "fp8" in float8 e4m3
-        with per-channel V scales, on GPUs of compute capability >= 8.9 only.
+        with V smoothed (token mean added back) and scaled per channel, on GPUs of compute capability
+        >= 8.9 only.
+    granularity: "block" (one Q/K scale per tile, SageAttention v1) or "token" (one per row: more
+        accurate on heavy-tailed Q/K; the tiles stay block_q x block_k).
     num_warps / num_stages: Triton launch options for tuning (None: a default for the tile size).
     """
     B, Hq, Hkv, Nq, Nk, D = _check(q, k, v, causal, need_device=True)
@@ -427,14 +450,14 @@ def int8_attention(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block
     o = torch.empty_like(q)  # keeps q's memory layout
     bias = p8.bias if p8.bias is not None else p8.sq  # dummy pointer, unused without HAS_BIAS
     sbb, sbh = (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0) if p8.bias is not None else (0, 0)
-    grid = (triton_cdiv(Nq, block_q), B * Hq)
+    grid = (_cdiv(Nq, block_q), B * Hq)
     block_d = _block_d(D)
     options = {"num_warps": num_warps or (8 if block_q * block_d >= 128 * 128 else 4)}
     if num_stages is not None:
         options["num_stages"] = num_stages
     interpret = q.device.type == "cpu"
     _get_kernels()[0][grid](
-        p8.q8, p8.k8, p8.v, p8.sq, p8.sk, p8.sv if p8.sv is not None else p8.sq, bias, o,
+        p8.q8, p8.k8, p8.v, p8.sq, p8.sk, *((p8.sv, p8.mv) if pv == "fp8" else (p8.sq, p8.sq)), bias, o,  # sq: unused
         *p8.q8.stride(), *p8.k8.stride(), *p8.v.stride(), *o.stride(), sbb, sbh,
         Hq, Hkv, Hq // Hkv, Nq, Nk, D, p8.sq.shape[-1], p8.sk.shape[-1], Nk - Nq,
         CAUSAL=causal, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d,
