@@ -246,6 +246,8 @@ def _cmd_bench(args) -> int:
     if bool(args.family) == bool(args.pipeline):
         raise SystemExit("accel: error: give exactly one of --family F or --pipeline MODULE:FUNCTION")
     start = time.perf_counter()
+    if args.keep:
+        return _bench_pruning(args, start)
     if args.family:
         _check_names("family", [args.family], zoo.FAMILIES)
         if args.device != "cpu":
@@ -271,6 +273,122 @@ def _cmd_bench(args) -> int:
         _write_json(args.json, args, [result], total, args.device, tiny=bool(args.family))
         _out(f"JSON written to {args.json}")
     return 0
+
+
+# ---- accel eval: accuracy of visual token pruning on VLM benchmarks (accel.bench.evaluate)
+
+
+def _cmd_eval(args) -> int:
+    from accel.bench import evaluate
+
+    tasks = _split(args.tasks)
+    keep = _int_list("--keep", args.keep)
+    if not tasks:
+        raise SystemExit("accel: error: --tasks names no task")
+    if args.runner:
+        runner = _load_user_function(args.runner)
+    else:
+        try:
+            evaluate._require_lmms_eval()
+        except ImportError as err:
+            raise SystemExit(f"accel: error: {err}") from None
+
+        def runner(model, processor, tasks, limit):
+            return evaluate.run_lmms_eval(model, processor, tasks, limit, max_new_tokens=args.max_new_tokens,
+                                          include_path=args.include_path)
+
+    _out(f"loading {args.model} ({args.dtype}, {args.attn}) on {args.device}")
+    model, processor = evaluate.load_model(args.model, device=args.device, dtype=args.dtype,
+                                           attn_implementation=args.attn)
+    start = time.perf_counter()
+    result = evaluate.evaluate_pruning(model, processor, runner, tasks, keep=keep,
+                                       prune_options={"where": args.prune_where}, limit=args.limit, log=_out)
+    table = result.to_markdown()
+    _out("\n" + table)
+    data = {"command": "eval", "model": args.model, "machine": _machine(args.device),
+            "settings": {k: v for k, v in vars(args).items() if k != "func"},
+            "total_time_s": round(time.perf_counter() - start, 3), **result.to_dict()}
+    with open(args.json, "w") as f:
+        json.dump(data, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    _out(f"\nJSON written to {args.json}" + (f", table to {args.markdown}" if args.markdown else ""))
+    return 0
+
+
+# ---- accel bench --family VLM --keep ...: visual token pruning
+
+
+_VLM_COLUMNS = (
+    ("variant", 10), ("visual kept/in", 14), ("seq to LM", 9), ("prefill", 9), ("speedup", 7), ("TTFT", 9),
+    ("decode", 12), ("peak memory", 20), ("first-token KL", 14), ("agreement", 9),
+)
+
+
+def _int_list(option: str, value: str) -> list[int]:
+    try:
+        values = [int(v) for v in _split(value)]
+    except ValueError:
+        raise SystemExit(f"accel: error: {option} takes comma-separated integers, e.g. 64,128, got {value!r}") from None
+    if not values or min(values) < 1:
+        raise SystemExit(f"accel: error: {option} takes positive integers, got {value!r}")
+    return values
+
+
+def _bench_pruning(args, start: float) -> int:
+    from accel import zoo
+    from accel.bench.vlm import compare_pruning
+    from accel.pruning import PruneConfig
+    from accel.zoo import vlm
+
+    keep = _int_list("--keep", args.keep)
+    if not args.family:
+        raise SystemExit("accel: error: --keep works with --family; for your own VLM call "
+                         "accel.bench.vlm.compare_pruning(model, inputs, ...) or see benchmarks/pruning.py")
+    _check_names("family", [args.family], zoo.FAMILIES)
+    if args.family not in vlm.BUILDERS:
+        raise SystemExit(f"accel: error: --keep (visual token pruning) needs a VLM family ({', '.join(vlm.BUILDERS)}), "
+                         f"not {args.family!r}")
+    if args.device != "cpu":
+        raise SystemExit("accel: error: tiny families run on CPU; for a GPU see benchmarks/pruning.py")
+    tiny = zoo.build(args.family, seed=args.seed)
+    _out(TINY_WARNING)
+    inputs = vlm.make_inputs(tiny.obj, seed=args.seed, video=args.video)
+    variants = {f"keep={k}": PruneConfig(keep=k, where=args.prune_where) for k in keep}
+    new_tokens = args.steps or VLM_NEW_TOKENS
+    rows = compare_pruning(tiny.obj, inputs, variants, new_tokens=new_tokens, repeats=args.repeats,
+                           warmup=args.warmup, device="cpu")
+    total = time.perf_counter() - start
+    _out(f"{args.family} ({'video' if args.video else 'image'}), pruning {args.prune_where}, {new_tokens} new tokens, "
+         f"{args.repeats} timed run(s)\n")
+    for line in vlm_table_lines(rows):
+        _out(line)
+    if args.json:
+        result = {"family": args.family, "model": tiny.name, "kind": tiny.kind, "steps": new_tokens, "rows": rows}
+        _write_json(args.json, args, [result], total, "cpu", tiny=True)
+        _out(f"JSON written to {args.json}")
+    return 0
+
+
+def vlm_table_lines(rows) -> list[str]:
+    from accel.bench.measure import format_bytes
+
+    def line(cells):
+        return "  ".join(c.ljust(w) for c, (_, w) in zip(cells, _VLM_COLUMNS))
+
+    head = line([name for name, _ in _VLM_COLUMNS])
+    out = [head, "-" * len(head)]
+    for r in rows:
+        kept = f"{r.visual_tokens_kept}/{r.visual_tokens_in}" if r.visual_tokens_kept is not None else "all"
+        out.append(line([
+            r.variant, kept, str(r.sequence_to_lm),
+            f"{r.prefill_s * 1e3:.1f} ms", f"{r.prefill_speedup:.2f}x", f"{r.ttft_s * 1e3:.1f} ms",
+            f"{r.decode_tokens_per_s:.1f} tok/s" if r.decode_tokens_per_s is not None else "-",
+            f"{format_bytes(r.peak_memory_bytes)} ({r.memory_kind})" if r.peak_memory_bytes is not None else "-",
+            f"{r.first_token_kl:.3g}", f"{r.token_agreement:.0%}",
+        ]))
+    return out
 
 
 def _out(line: str) -> None:
@@ -342,8 +460,56 @@ Use the seed for the generator so every variant starts from the same noise. Exam
     bench.add_argument("--steps", type=int, default=None, help="tiny family: denoising steps (VLMs: new tokens)")
     bench.add_argument("--device", default="cpu", help="device to synchronise and measure memory on (default: cpu)")
     bench.add_argument("--json", default=None, help="also write the results as JSON here")
+    pruning = bench.add_argument_group(
+        "visual token pruning (VLM families)",
+        "--keep 8,4 replaces the preset table by baseline vs PruneConfig(keep=k) for each k: visual tokens kept, "
+        "sequence length reaching the language model, prefill time, time to first token, decode tokens/s, peak "
+        "memory, first-token KL and greedy agreement with the baseline (--steps: new tokens)",
+    )
+    pruning.add_argument("--keep", metavar="K,K", help="visual tokens kept per image/video, comma-separated")
+    pruning.add_argument("--prune-where", choices=("before_lm", "in_lm"), default="before_lm",
+                         help="PruneConfig.where (default: %(default)s)")
+    pruning.add_argument("--video", action="store_true", help="a video prompt instead of an image "
+                         "(llava_onevision, qwen2_vl, qwen2_5_vl)")
     common(bench, 3, 1)
     bench.set_defaults(func=_cmd_bench)
+
+    from accel.bench.evaluate import DEFAULT_MAX_NEW_TOKENS, STANDARD_KEEP, STANDARD_TASKS
+
+    ev = sub.add_parser(
+        "eval",
+        help="accuracy of visual token pruning on VLM benchmarks (lmms-eval)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Score a Hugging Face VLM unpruned, then with PruneConfig(keep=k) for each --keep, on lmms-eval "
+        "tasks, and print a markdown table (rows: budgets, columns: tasks and % of baseline). Needs "
+        "`pip install lmms-eval`; lmms-eval downloads the data sets from the Hugging Face Hub. Image tasks only.",
+        epilog="""\
+Example (LLaVA-1.5-7B, the standard table; --limit 100 for a quick look):
+
+    accel eval --model llava-hf/llava-1.5-7b-hf --tasks gqa,mme,pope,textvqa_val --keep 192,128,64 --device cuda
+
+--runner MODULE:FUNCTION (or path/to/file.py:FUNCTION) scores with your own function instead of lmms-eval:
+FUNCTION(model, processor, tasks, limit) -> {task: {metric: value}}; it is called once per budget on the
+patched model.""",
+    )
+    ev.add_argument("--model", required=True, help="Hugging Face model id or local directory")
+    ev.add_argument("--tasks", default=",".join(STANDARD_TASKS), help="comma-separated lmms-eval tasks "
+                    "(default: %(default)s)")
+    ev.add_argument("--keep", default=",".join(map(str, STANDARD_KEEP)),
+                    help="visual token budgets after the baseline (default: %(default)s)")
+    ev.add_argument("--prune-where", choices=("before_lm", "in_lm"), default="before_lm",
+                    help="PruneConfig.where (default: %(default)s)")
+    ev.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    ev.add_argument("--device", default="cuda", help="default: %(default)s")
+    ev.add_argument("--dtype", default="bfloat16", help="default: %(default)s")
+    ev.add_argument("--attn", default="sdpa", help="attn_implementation (default: %(default)s)")
+    ev.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                    help="when a task sets none (default: %(default)s)")
+    ev.add_argument("--include-path", metavar="DIR", help="a folder of your own lmms-eval task YAML files")
+    ev.add_argument("--runner", metavar="MODULE:FUNCTION", help="your own scoring function (see below)")
+    ev.add_argument("--json", default="accel-eval.json", help="default: %(default)s")
+    ev.add_argument("--markdown", default=None, help="also write the table here")
+    ev.set_defaults(func=_cmd_eval, repeats=1, warmup=0)
     return parser
 
 

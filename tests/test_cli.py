@@ -94,3 +94,30 @@ def test_compare_always_unpatches_and_records_errors():
     assert rows[3].error is None and rows[3].psnr == float("inf")
     assert calls[2] is not None and accel.get_handle(tiny.obj) is None  # patched during the run, unpatched after
     assert json.dumps([r.to_dict() for r in rows])
+
+
+def test_bench_vlm_pruning_table(tmp_path, capsys):
+    path = tmp_path / "prune.json"
+    argv = ["bench", "--family", "qwen2_vl", "--keep", "8,3", "--video", "--steps", "4", "--repeats", "1",
+            "--warmup", "0", "--quiet", "--json", str(path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "TINY RANDOM-WEIGHT MODELS" in out and "qwen2_vl (video), pruning before_lm, 4 new tokens" in out
+    for column in ("visual kept/in", "seq to LM", "prefill", "TTFT", "decode", "peak memory", "first-token KL"):
+        assert column in out
+    table = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("baseline", "keep="))}
+    assert table["baseline"][1] == "all" and table["keep=8"][1] == "8/8" and table["keep=3"][1] == "3/8"
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["baseline", "keep=8", "keep=3"]
+    assert rows[1]["first_token_kl"] == 0.0 and rows[1]["token_agreement"] == 1.0  # keeps all 8 video tokens
+    assert rows[2]["sequence_to_lm"] == rows[0]["sequence_to_lm"] - 5
+    assert all(r["prefill_s"] > 0 and r["ttft_s"] > 0 and r["peak_memory_bytes"] for r in rows)
+
+
+def test_bench_keep_needs_a_vlm_family():
+    with pytest.raises(SystemExit, match="needs a VLM family .*llava.*not 'flux'"):
+        main(["bench", "--family", "flux", "--keep", "4", "--quiet"])
+    with pytest.raises(SystemExit, match="--keep works with --family"):
+        main(["bench", "--pipeline", "x:y", "--keep", "4", "--quiet"])
+    with pytest.raises(SystemExit, match="positive integers"):
+        main(["bench", "--family", "llava", "--keep", "0", "--quiet"])
