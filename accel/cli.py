@@ -57,11 +57,14 @@ def _tiny_run_fn(tiny, steps: int | None) -> Callable[[int], Any]:
     return lambda seed: tiny.run(seed, **overrides)
 
 
-def _variants(presets: list[str]) -> list:
+def _variants(presets: list[str], attention: list[str] = ()) -> list:
     from accel.bench.harness import Variant
 
     # strict=False: a family accel cannot patch shows up as "nothing applied" instead of aborting the run.
-    return [Variant(p, {"preset": p, "strict": False}) for p in presets]
+    variants = [Variant(p, {"preset": p, "strict": False}) for p in presets]
+    # Attention routes alone ("lossless" preset), so their column shows what the kernel costs and saves.
+    variants += [Variant(f"attn-{k}", {"preset": "lossless", "attention": k}) for k in attention]
+    return variants
 
 
 def _bench_tiny(family: str, presets: list[str], args, progress: bool) -> dict:
@@ -72,7 +75,7 @@ def _bench_tiny(family: str, presets: list[str], args, progress: bool) -> dict:
     rows = compare(
         tiny.obj,
         _tiny_run_fn(tiny, args.steps),
-        _variants(presets),
+        _variants(presets, _split(args.attention)),
         repeats=args.repeats,
         warmup=args.warmup,
         device="cpu",
@@ -239,10 +242,12 @@ def _load_user_function(spec: str) -> Callable[[], Any]:
 def _cmd_bench(args) -> int:
     from accel import zoo
     from accel.bench.harness import compare
+    from accel.attention.config import KERNELS
     from accel.presets import PRESET_NAMES
 
     presets = _split(args.preset)
     _check_names("preset", presets, PRESET_NAMES)
+    _check_names("attention route", _split(args.attention), KERNELS)
     if bool(args.family) == bool(args.pipeline):
         raise SystemExit("accel: error: give exactly one of --family F or --pipeline MODULE:FUNCTION")
     start = time.perf_counter()
@@ -256,7 +261,7 @@ def _cmd_bench(args) -> int:
         result = _bench_tiny(args.family, presets, args, progress=not args.quiet)
     else:
         obj, run_fn = _load_user_function(args.pipeline)()
-        rows = compare(obj, run_fn, _variants(presets), repeats=args.repeats, warmup=args.warmup,
+        rows = compare(obj, run_fn, _variants(presets, _split(args.attention)), repeats=args.repeats, warmup=args.warmup,
                        device=args.device, seed=args.seed, progress=not args.quiet, desc=args.pipeline)
         result = {"family": args.pipeline, "model": type(obj).__name__, "kind": None,
                   "steps": args.steps, "rows": rows}
@@ -460,6 +465,11 @@ Use the seed for the generator so every variant starts from the same noise. Exam
     bench.add_argument("--steps", type=int, default=None, help="tiny family: denoising steps (VLMs: new tokens)")
     bench.add_argument("--device", default="cpu", help="device to synchronise and measure memory on (default: cpu)")
     bench.add_argument("--json", default=None, help="also write the results as JSON here")
+    bench.add_argument(
+        "--attention", default=None,
+        help="also bench these attention routes alone, comma-separated: int8, sdpa, flash, xformers "
+        "(on CPU, int8 runs its PyTorch reference: fidelity, not speed)",
+    )
     pruning = bench.add_argument_group(
         "visual token pruning (VLM families)",
         "--keep 8,4 replaces the preset table by baseline vs PruneConfig(keep=k) for each k: visual tokens kept, "

@@ -121,3 +121,16 @@ def test_bench_keep_needs_a_vlm_family():
         main(["bench", "--pipeline", "x:y", "--keep", "4", "--quiet"])
     with pytest.raises(SystemExit, match="positive integers"):
         main(["bench", "--family", "llava", "--keep", "0", "--quiet"])
+
+
+def test_bench_attention_routes(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--family", "wan", "--preset", "lossless", "--attention", "sdpa,int8", "--repeats", "1",
+            "--warmup", "0", "--quiet", "--json", str(path)]
+    assert main(argv) == 0
+    rows = {r["variant"]: r for r in json.loads(path.read_text())["rows"]}
+    assert set(rows) == {"baseline", "lossless", "attn-sdpa", "attn-int8"}
+    assert rows["attn-sdpa"]["psnr"] == "inf"  # rerouting through SDPA changes no bit
+    assert rows["attn-int8"]["psnr"] != "inf" and rows["attn-int8"]["psnr"] > 50
+    with pytest.raises(SystemExit, match="attention route"):
+        main(["bench", "--family", "wan", "--attention", "int4"])
