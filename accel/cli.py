@@ -67,7 +67,7 @@ def _variants(presets: list[str], attention: list[str] = ()) -> list:
     return variants
 
 
-def _bench_tiny(family: str, presets: list[str], args, progress: bool) -> dict:
+def _bench_tiny(family: str, presets: list[str], args, progress: bool, attention: list[str] = ()) -> dict:
     from accel import zoo
     from accel.bench.harness import compare
 
@@ -75,7 +75,7 @@ def _bench_tiny(family: str, presets: list[str], args, progress: bool) -> dict:
     rows = compare(
         tiny.obj,
         _tiny_run_fn(tiny, args.steps),
-        _variants(presets, _split(args.attention)),
+        _variants(presets, attention),
         repeats=args.repeats,
         warmup=args.warmup,
         device="cpu",
@@ -258,7 +258,7 @@ def _cmd_bench(args) -> int:
         if args.device != "cpu":
             raise SystemExit("accel: error: tiny families run on CPU; bench a GPU pipeline with --pipeline")
         _out(TINY_WARNING)
-        result = _bench_tiny(args.family, presets, args, progress=not args.quiet)
+        result = _bench_tiny(args.family, presets, args, progress=not args.quiet, attention=_split(args.attention))
     else:
         obj, run_fn = _load_user_function(args.pipeline)()
         rows = compare(obj, run_fn, _variants(presets, _split(args.attention)), repeats=args.repeats, warmup=args.warmup,
