@@ -6,13 +6,16 @@ GEMMs (`--part gemm`): y = x @ W^T for x [M, K] bf16 and W [N, K], at
   Wan2.1-1.3B (1536, 1536), (1536, 8960), Wan2.1-14B (5120, 5120);
 - VLM decode shapes: M = 1, 4, 16; (K, N) = (4096, 4096), (4096, 11008), (11008, 4096).
 Variants: bf16 `torch.matmul` (baseline), accel `W4Linear` with kernel "auto", "triton" (fused W4A16 GEMM)
-and "dequant" (Triton dequantize + cuBLAS), and torchao int4 weight-only when torchao is installed
-(else the row says so). Median over `--repeats` of CUDA-event-timed calls after warm-up.
+and "dequant" (Triton dequantize + cuBLAS), "w4a8" (per-token int8 activations, Triton W4A8 GEMM on INT8 tensor
+cores; the time includes quantizing the activations) and "auto int8" (`activations="int8"`: what kernel "auto"
+picks with int8 activations opted in), and torchao int4 weight-only when torchao is installed (else the row says
+so). Median over `--repeats` of CUDA-event-timed calls after warm-up; `rel_err` is against the bf16 product.
 
 Transformers (`--part model`): one denoiser forward of a FLUX.1-dev-shaped transformer (1024px: 4096 image + 512
 text tokens) and a Wan2.1-1.3B-shaped one (480p, 81 frames: 32,760 tokens), random weights, bf16, before and
 after `accel.quant.quantize` (QuantConfig defaults, no calibration): latency, bytes of the module, peak memory of
-the forward, relative error of the output, quantization time.
+the forward, relative error of the output, quantization time; then the same quantized model with
+`activations="int8"` ("w4a8": kernel "auto" runs W4A8 for calls of 1024+ tokens on GPUs with fast INT8).
 
 Usage::
 
@@ -20,7 +23,8 @@ Usage::
     python benchmarks/quant.py --part gemm --repeats 20
     python benchmarks/quant.py --tiny                   # tiny shapes on CPU (Triton interpreter): checks the script
 
---tiny measures nothing: it runs every code path at toy sizes so tests can check the script.
+--tiny measures nothing: it runs every code path at toy sizes so tests can check the script (the model part's
+"w4a8" there forces the PyTorch W4A8 reference, since kernel "auto" picks no int8 path on a CPU).
 """
 
 from __future__ import annotations
@@ -97,9 +101,11 @@ def bench_gemm(args, device, dtype) -> list[dict]:
         (m, k, n) for m in DIFFUSION_M for k, n in DIFFUSION_KN
     ]
     time_it = _timer(device, args.repeats, args.warmup)
-    kernels = ("auto", "reference") if device.type != "cuda" else ("auto", "triton", "dequant")
-    if args.tiny:
-        kernels = ("auto", "triton", "dequant")  # the interpreter runs the Triton kernels on CPU
+    # (label, QuantConfig.kernel, QuantConfig.activations); --tiny: the interpreter runs the Triton kernels on CPU
+    variants = [("auto", "auto", "16bit"), ("triton", "triton", "16bit"), ("dequant", "dequant", "16bit"),
+                ("w4a8", "w4a8", "int8"), ("auto int8", "auto", "int8")]
+    if device.type != "cuda" and not args.tiny:
+        variants = [("auto", "auto", "16bit"), ("reference", "reference", "16bit")]
     rows = []
     for m, k, n in shapes:
         torch.manual_seed(0)
@@ -112,12 +118,12 @@ def bench_gemm(args, device, dtype) -> list[dict]:
         holder[0].weight.copy_(linear.weight)
         quantize(holder, QuantConfig(group_size=args.group_size, min_features=0, search=False))
         w4: W4Linear = holder[0]
-        for kernel in kernels:
-            w4.kernel = kernel
+        for label, kernel, activations in variants:
+            w4.kernel, w4.activations = kernel, activations
             y = w4(x)
             t = statistics.median(time_it(lambda: w4(x)))
             rel = float((y.float() - ref.float()).norm() / ref.float().norm())
-            row["variants"][f"accel {kernel}"] = {"s": t, "vs_bf16": base / t, "rel_err": rel}
+            row["variants"][f"accel {label}"] = {"s": t, "vs_bf16": base / t, "rel_err": rel}
         ao, why = _torchao_int4(nn.Linear(k, n, bias=False, device=device, dtype=dtype), args.group_size) if not args.tiny else (None, "skipped in --tiny")
         if ao is not None:
             ao[0].weight  # noqa: B018  (quantized in place)
@@ -162,7 +168,12 @@ def bench_models(args, device, dtype) -> dict:
         model = scenario.build()
         inputs = scenario.make_inputs()
         entry = {"config": scenario.describe()}
-        for variant in ("bf16", "w4"):
+        for variant in ("bf16", "w4", "w4a8"):
+            if variant == "w4a8":  # the same 4-bit weights, int8 activations opted in
+                for layer in model.modules():
+                    if isinstance(layer, W4Linear):
+                        layer.activations = "int8"
+                        layer.kernel = "w4a8-reference" if args.tiny else "auto"
             if variant == "w4":
                 t0 = time.perf_counter()
                 config = QuantConfig(group_size=args.group_size, min_features=0 if args.tiny else 256)
@@ -184,14 +195,17 @@ def bench_models(args, device, dtype) -> dict:
             if variant == "bf16":
                 ref = out
             else:
-                entry["w4"]["rel_err_vs_bf16"] = float((out - ref).norm() / ref.norm())
+                entry[variant]["rel_err_vs_bf16"] = float((out - ref).norm() / ref.norm())
         entry["speedup"] = entry["bf16"]["median_s"] / entry["w4"]["median_s"]
+        entry["speedup_w4a8"] = entry["bf16"]["median_s"] / entry["w4a8"]["median_s"]
         entry["memory_ratio"] = entry["bf16"]["module_bytes"] / entry["w4"]["module_bytes"]
         results[key] = entry
         print(
             f"{key}: bf16 {entry['bf16']['median_s'] * 1e3:.1f} ms, w4 {entry['w4']['median_s'] * 1e3:.1f} ms "
             f"({entry['speedup']:.2f}x), module {entry['memory_ratio']:.2f}x smaller, "
-            f"rel err {entry['w4']['rel_err_vs_bf16']:.4f}, quantized in {entry['quantize_s']:.1f} s",
+            f"rel err {entry['w4']['rel_err_vs_bf16']:.4f}, quantized in {entry['quantize_s']:.1f} s; "
+            f"w4a8 {entry['w4a8']['median_s'] * 1e3:.1f} ms ({entry['speedup_w4a8']:.2f}x), "
+            f"rel err {entry['w4a8']['rel_err_vs_bf16']:.4f}",
             flush=True,
         )
         del model
@@ -210,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
-        args.group_size = 16
+        args.group_size = 32  # divides every tiny layer, and W4A8 needs groups of 32+
         torch.set_num_threads(1)  # toy sizes: threads only thrash
     else:
         if not torch.cuda.is_available():

@@ -120,8 +120,9 @@ def test_quant_benchmark_tiny(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["tiny"] is True and doc["gemm"] and set(doc["models"]) == {"flux", "wan"}
     for row in doc["gemm"]:
-        for name in ("accel auto", "accel triton", "accel dequant"):
+        for name in ("accel auto", "accel triton", "accel dequant", "accel w4a8", "accel auto int8"):
             assert row["variants"][name]["s"] > 0 and row["variants"][name]["rel_err"] < 0.1, (name, row)
     for entry in doc["models"].values():
         assert entry["memory_ratio"] > 1.5 and entry["w4"]["rel_err_vs_bf16"] < 0.1
+        assert entry["w4a8"]["rel_err_vs_bf16"] < 0.1
         assert entry["quant_stats"]["layers quantized"] > 0

@@ -1,4 +1,5 @@
-"""W4 weight quantization: 4-bit weights, 16-bit activations (W4A16) for denoisers and language models.
+"""W4 weight quantization: 4-bit weights, 16-bit activations (W4A16) for denoisers and language models, and
+opt-in int8 activations (W4A8) on GPUs with fast INT8 tensor cores.
 
 `accel.patch(pipe, quant=QuantConfig(...))` swaps the model's `nn.Linear` layers for `W4Linear` (the
 model family's sensitive layers stay in 16-bit) and `accel.unpatch` puts the originals back;
@@ -17,7 +18,7 @@ from .apply import NothingToQuantize, QuantResult, quantize_model
 from .config import QuantConfig
 from .int4 import dequantize, fit_int4, pack_int4, unpack_int4
 from .io import load_quantized, save_quantized
-from .kernels import dequantize_triton, w4a16_matmul, w4a16_matmul_reference
+from .kernels import dequantize_triton, w4a8_matmul, w4a8_matmul_reference, w4a16_matmul, w4a16_matmul_reference
 from .layer import W4Linear
 from .recipe import quantize_weight
 
@@ -50,8 +51,9 @@ class QuantUnit(Unit):
         r = self.result
         before = sum(layer.bytes_before for layer in r.layers)
         after = sum(layer.quantized.nbytes() for layer in r.layers)
+        acts = ", int8 activations opted in" if r.config.activations == "int8" else ""
         return (
-            f"{len(r.layers)} linear layers to int{r.config.bits} (group {r.config.group_size}), "
+            f"{len(r.layers)} linear layers to int{r.config.bits} (group {r.config.group_size}{acts}), "
             f"{before / max(after, 1):.2f}x fewer bytes; {r.kernel_path}"
         )
 
@@ -92,6 +94,8 @@ __all__ = [
     "quantize_weight",
     "save_quantized",
     "unpack_int4",
+    "w4a8_matmul",
+    "w4a8_matmul_reference",
     "w4a16_matmul",
     "w4a16_matmul_reference",
 ]

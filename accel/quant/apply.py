@@ -34,6 +34,7 @@ class QuantizedLayer:
     weight_error: float
     output_error: float | None
     alpha: float | None
+    int8_output_error: float | None  # with int8 activations (W4A8), on the calibration rows
 
 
 @dataclass
@@ -86,7 +87,10 @@ class QuantResult:
         for why in self.kept_16bit.values():
             reasons[why] = reasons.get(why, 0) + 1
         cfg = self.config
-        return {
+        int8 = {
+            layer.name: round(layer.int8_output_error, 5) for layer in calibrated if layer.int8_output_error is not None
+        }
+        stats = {
             "layers quantized": len(self.layers),
             "layers kept 16-bit": ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none",
             "format": f"int{cfg.bits} asymmetric, group {cfg.group_size}, scale/offset search "
@@ -101,6 +105,16 @@ class QuantResult:
             f"max {kind} rel. error": f"{errors[worst]} ({worst})" if worst else "n/a",
             f"per-layer {kind} rel. error": errors,
         }
+        if cfg.activations == "int8":
+            stats["activations"] = "int8 per token where the W4A8 GEMM runs (see kernel path), else 16-bit"
+            if int8:
+                worst8 = max(int8, key=int8.get)
+                stats["mean W4A8 output rel. error"] = round(sum(int8.values()) / len(int8), 5)
+                stats["max W4A8 output rel. error"] = f"{int8[worst8]} ({worst8})"
+                stats["per-layer W4A8 output rel. error"] = int8
+            else:
+                stats["W4A8 output rel. error"] = "not measured: pass QuantConfig(calibration=...) to measure it"
+        return stats
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -180,14 +194,17 @@ def quantize_model(
                 f"{name} has its weights offloaded (meta device); quantize before enabling CPU offload or device_map"
             )
     device = next(iter(layers.values())).weight.device
-    if config.kernel in ("triton", "dequant") and device.type != "cuda" and not kernels._interpreting():
+    if config.kernel in ("triton", "dequant", "w4a8") and device.type != "cuda" and not kernels._interpreting():
         raise ValueError(
             f"QuantConfig(kernel={config.kernel!r}) runs on CUDA, but the model is on {device.type}; "
-            "use kernel='auto' or 'reference'"
+            "use kernel='auto' or 'reference' ('w4a8-reference' for int8 activations)"
         )
     messages = []
+    path_rule = kernels.describe_paths(device, config.kernel, config.activations, config.group_size)
     if config.kernel == "auto" and not kernels.gpu_supports_fused(device):
-        messages.append(f"4-bit layers run the slow PyTorch reference path: {kernels.describe_paths(device, 'auto')}")
+        messages.append(f"4-bit layers run the slow PyTorch reference path: {path_rule}")
+    elif config.activations == "int8" and config.kernel == "auto" and kernels.int8_unavailable(device, config.group_size):
+        messages.append(f"QuantConfig(activations='int8') has no effect here: {path_rule}")
     stats = {}
     if config.calibration is not None:
         stats = calibrate(layers, config.calibration, config.calibration_tokens)
@@ -211,8 +228,9 @@ def quantize_model(
                 search=config.search,
                 rank=config.rank,
                 stats=stats.get(name),
+                int8_activations=config.activations == "int8",
             )
-            w4 = W4Linear.from_quantized(q, module.bias, config.group_size, config.kernel)
+            w4 = W4Linear.from_quantized(q, module.bias, config.group_size, config.kernel, config.activations)
             for parent, attr in slots[id(module)]:
                 setattr(parent, attr, w4)
             original_device = module.weight.device
@@ -229,13 +247,14 @@ def quantize_model(
                     weight_error=q.weight_error,
                     output_error=q.output_error,
                     alpha=q.alpha,
+                    int8_output_error=q.int8_output_error,
                 )
             )
     return QuantResult(
         config=config,
         layers=done,
         kept_16bit=kept,
-        kernel_path=kernels.describe_paths(device, config.kernel),
+        kernel_path=path_rule,
         model_bytes_before=model_before,
         model_bytes_after=_model_bytes(model),
         warnings=messages,

@@ -7,12 +7,15 @@ from typing import Any, Callable
 
 SUPPORTED_BITS = (4,)
 GROUP_SIZES = (16, 32, 64, 128, 256)  # the GEMM tiles K by min(group, 64); tl.dot needs K-tiles of 16+
-KERNELS = ("auto", "triton", "dequant", "reference")
+KERNELS = ("auto", "triton", "dequant", "w4a8", "reference", "w4a8-reference")
+ACTIVATIONS = ("16bit", "int8")
+W4A8_MIN_GROUP = 32  # the W4A8 GEMM takes an int8 dot per group; Triton's int8 tl.dot needs K-tiles of 32+
 
 
 @dataclass
 class QuantConfig:
-    """4-bit weights (W4A16) for the `nn.Linear` layers of a denoiser or language model.
+    """4-bit weights (W4A16, or W4A8 with `activations="int8"`) for the `nn.Linear` layers of a denoiser or
+    language model.
 
     Each row of a weight is cut into groups of `group_size` input channels; a group stores 4-bit codes
     q in 0..15 and its own scale and zero in the model's dtype: w = (q - zero) * scale.
@@ -55,9 +58,19 @@ class QuantConfig:
     min_features: int = 256
     """Layers with in_features or out_features below this stay in 16-bit: too small to matter for memory."""
 
+    activations: str = "16bit"
+    """"16bit": activations stay in the compute dtype (W4A16, the default). "int8" (opt-in, adds error):
+    where the GPU has fast INT8 tensor cores (sm_80+) and a call has many tokens, each token's input is
+    rounded to int8 with its own scale and the W4A8 GEMM runs (about twice the bf16 tensor-core rate);
+    elsewhere the layer stays W4A16 and the report says why. Needs group_size >= 32. With `calibration`,
+    the activation-aware scaling strength is chosen under int8 activations (it also tames activation
+    outlier channels), and the report gives each layer's W4A8 output error on the calibration rows."""
+
     kernel: str = "auto"
-    """"auto": on CUDA the fused Triton W4A16 GEMM for few tokens, Triton dequantize + cuBLAS for many;
-    the PyTorch reference on CPU. "triton", "dequant" or "reference" force one path."""
+    """"auto": on CUDA the fused Triton W4A16 GEMM for few tokens, Triton dequantize + cuBLAS for many
+    (or, with activations="int8", the Triton W4A8 GEMM for many); the PyTorch reference on CPU.
+    "triton", "dequant", "w4a8" or "reference" force one path; "w4a8-reference" is the PyTorch model of
+    the W4A8 GEMM (any device: shows its accuracy on a CPU). The W4A8 ones need activations="int8"."""
 
     keep_original: bool = True
     """Keep the original layers (moved to CPU memory when the model is on a GPU) so that `accel.unpatch`
@@ -65,13 +78,24 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"QuantConfig(bits={self.bits}) is not supported; only bits=4 is (W4A16)")
+            raise ValueError(f"QuantConfig(bits={self.bits}) is not supported; only bits=4 is")
         if self.group_size not in GROUP_SIZES:
             raise ValueError(
                 f"QuantConfig(group_size={self.group_size}) is not supported; choose one of {GROUP_SIZES}"
             )
         if self.kernel not in KERNELS:
             raise ValueError(f"QuantConfig(kernel={self.kernel!r}) is unknown; choose one of {KERNELS}")
+        if self.activations not in ACTIVATIONS:
+            raise ValueError(f"QuantConfig(activations={self.activations!r}) is unknown; choose one of {ACTIVATIONS}")
+        if self.kernel.startswith("w4a8") and self.activations != "int8":
+            raise ValueError(
+                f"QuantConfig(kernel={self.kernel!r}) rounds activations to int8; opt in with activations='int8'"
+            )
+        if self.activations == "int8" and self.group_size < W4A8_MIN_GROUP:
+            raise ValueError(
+                f"QuantConfig(activations='int8') needs group_size >= {W4A8_MIN_GROUP} (the W4A8 GEMM's int8 "
+                f"tensor-core tiles), got group_size={self.group_size}"
+            )
         if self.rank < 0:
             raise ValueError(f"QuantConfig(rank={self.rank}) must be >= 0 (0 turns low-rank correction off)")
         if self.calibration is not None and not callable(self.calibration):

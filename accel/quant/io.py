@@ -11,6 +11,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .apply import _slots
+from .config import ACTIVATIONS, KERNELS
 from .layer import W4Linear
 
 _META_KEY = "accel.quant"
@@ -27,10 +28,15 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     save_model(model, str(path), metadata=meta)
 
 
-def load_quantized(model: nn.Module, path: str | Path, *, kernel: str = "auto") -> nn.Module:
+def load_quantized(
+    model: nn.Module, path: str | Path, *, kernel: str = "auto", activations: str = "16bit"
+) -> nn.Module:
     """Load a file written by `save_quantized` into `model`, a fresh instance of the same architecture:
     its `nn.Linear` layers named in the file become `W4Linear`, then every tensor is loaded (strictly).
-    Returns `model`. The 16-bit weights of the replaced layers are dropped."""
+    Returns `model`. The 16-bit weights of the replaced layers are dropped. `kernel` and `activations`
+    mean what they mean in `QuantConfig`."""
+    if kernel not in KERNELS or activations not in ACTIVATIONS:
+        raise ValueError(f"load_quantized takes kernel in {KERNELS} and activations in {ACTIVATIONS}")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if _META_KEY not in meta:
@@ -68,6 +74,7 @@ def load_quantized(model: nn.Module, path: str | Path, *, kernel: str = "auto") 
             dtype=_DTYPES[dtypes[name]],
             device=device,
             kernel=kernel,
+            activations=activations,
         )
         for parent, attr in slots[id(module)]:
             setattr(parent, attr, w4)

@@ -17,7 +17,8 @@ class W4Linear(nn.Module):
     Buffers (all in the state dict, so safetensors can save and load them):
     `qweight` uint8 [N, K/2] (two codes per byte), `scales` and `offsets` [N, K/G] in the compute dtype,
     and when present `in_scale` [K] (activation-aware scaling), `lora_down` [r, K] / `lora_up` [N, r]
-    (low-rank correction), `bias` [N]. The kernel is picked per call (`kernels.choose_path`).
+    (low-rank correction), `bias` [N]. The kernel is picked per call (`kernels.choose_path`); with
+    `activations="int8"` it may round the input to int8 per token (W4A8). The low-rank branch stays 16-bit.
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class W4Linear(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
         kernel: str = "auto",
+        activations: str = "16bit",
     ):
         super().__init__()
         if in_features % group_size:
@@ -41,6 +43,7 @@ class W4Linear(nn.Module):
         self.group_size = group_size
         self.rank = rank
         self.kernel = kernel
+        self.activations = activations
         groups = in_features // group_size
 
         def empty(*shape, dt=dtype):
@@ -55,7 +58,9 @@ class W4Linear(nn.Module):
         self.register_buffer("bias", empty(out_features) if bias else None)
 
     @classmethod
-    def from_quantized(cls, q: QuantizedWeight, bias: torch.Tensor | None, group_size: int, kernel: str) -> W4Linear:
+    def from_quantized(
+        cls, q: QuantizedWeight, bias: torch.Tensor | None, group_size: int, kernel: str, activations: str = "16bit"
+    ) -> W4Linear:
         out_features, half = q.qweight.shape
         layer = cls(
             half * 2,
@@ -67,6 +72,7 @@ class W4Linear(nn.Module):
             dtype=q.scales.dtype,
             device="meta",
             kernel=kernel,
+            activations=activations,
         )
         for name in ("qweight", "scales", "offsets", "in_scale", "lora_down", "lora_up"):
             setattr(layer, name, getattr(q, name))
@@ -96,9 +102,14 @@ class W4Linear(nn.Module):
         return w.to(dtype or self.scales.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        path = kernels.choose_path(x, self.kernel)
+        path = kernels.choose_path(x, self.kernel, self.activations, self.group_size)
+        args = (x, self.qweight, self.scales, self.offsets, self.in_scale, self.bias)
         if path == "triton":
-            y = kernels.w4a16_matmul(x, self.qweight, self.scales, self.offsets, self.in_scale, self.bias)
+            y = kernels.w4a16_matmul(*args)
+        elif path == "w4a8":
+            y = kernels.w4a8_matmul(*args)
+        elif path == "w4a8-reference":
+            y = kernels.w4a8_matmul_reference(*args)
         else:
             unpack = kernels.dequantize_triton if path == "dequant" else dequantize
             w = unpack(self.qweight, self.scales, self.offsets, self.in_scale, x.dtype)
@@ -113,5 +124,7 @@ class W4Linear(nn.Module):
             extras.append(f"rank={self.rank}")
         if self.in_scale is not None:
             extras.append("activation-aware")
+        if self.activations != "16bit":
+            extras.append(f"activations={self.activations}")
         extras.append(f"bias={self.bias is not None}")
         return ", ".join(extras)

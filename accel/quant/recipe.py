@@ -10,6 +10,10 @@ With everything on, for a weight W [N, K] and calibration inputs X [T, K]:
    as two thin matrices (up [N, r], down [r, K]); only the rest, with its outliers mostly gone, is
    quantized.
 3. Group fit (`int4.fit_int4`) of the remainder, its error weighted by E[x_k^2] when calibrated.
+
+With int8 activations (W4A8), step 1 measures the output error with the inputs rounded to int8 per token,
+as the W4A8 GEMM rounds them: dividing outlier channels by s_k then also shrinks each token's int8 step
+(SmoothQuant's idea), and alpha balances that against the weight error.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .int4 import dequantize, fit_int4, pack_int4
+from .kernels import quantize_activations_reference, w4a8_matmul_reference
 
 _ALPHAS = [i / 10 for i in range(11)]
 
@@ -45,6 +50,7 @@ class QuantizedWeight:
     weight_error: float  # ||W - W_q|| / ||W|| (Frobenius)
     output_error: float | None  # ||X (W - W_q)^T|| / ||X W^T|| on the calibration rows
     alpha: float | None  # chosen activation-scaling strength (None: not calibrated)
+    int8_output_error: float | None = None  # as output_error, with the W4A8 GEMM's int8 activations
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the quantized layer computes with, in float32 (for tests and error reports)."""
@@ -65,15 +71,24 @@ def _channel_factor(absmean: torch.Tensor, alpha: float, dtype: torch.dtype) -> 
     return (1.0 / s).to(dtype).float()
 
 
-def _choose_alpha(w, x, y, absmean, group_size, dtype):
+def _int8_rows(x: torch.Tensor, inv: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x * inv rounded to int8 per token as the W4A8 GEMM does, back in float32."""
+    x8, step, _ = quantize_activations_reference(x, inv, group_size)
+    return x8.float() * step[:, None]
+
+
+def _choose_alpha(w, x, y, absmean, group_size, dtype, int8_activations):
     """The activation-scaling strength with the smallest output error on the calibration rows, using
     plain round-to-nearest for speed (as AWQ does)."""
     best_alpha, best_err = 0.0, None
     for alpha in _ALPHAS:
         inv = _channel_factor(absmean, alpha, dtype)
         q, sc, off = fit_int4(w / inv, group_size, dtype, search=False)
-        w_q = dequantize(pack_int4(q), sc, off, inv, torch.float32)
-        err = float(((x @ w_q.T - y) ** 2).sum())
+        if int8_activations:
+            y_q = _int8_rows(x, inv, group_size) @ dequantize(pack_int4(q), sc, off, None, torch.float32).T
+        else:
+            y_q = x @ dequantize(pack_int4(q), sc, off, inv, torch.float32).T
+        err = float(((y_q - y) ** 2).sum())
         if best_err is None or err < best_err:
             best_alpha, best_err = alpha, err
     return best_alpha
@@ -87,8 +102,10 @@ def quantize_weight(
     search: bool = True,
     rank: int = 0,
     stats: ActivationStats | None = None,
+    int8_activations: bool = False,
 ) -> QuantizedWeight:
-    """Quantize one weight [N, K] (see the module docstring). Runs on the weight's device, in float32."""
+    """Quantize one weight [N, K] (see the module docstring). Runs on the weight's device, in float32.
+    `int8_activations`: the layer may run W4A8; choose alpha for it and report its error too."""
     w = weight.detach().float()
     n, k = w.shape
     x = y = None
@@ -97,7 +114,7 @@ def quantize_weight(
     if stats is not None:
         x = stats.sample.to(w.device, torch.float32)
         y = x @ w.T
-        alpha = _choose_alpha(w, x, y, stats.absmean.to(w.device), group_size, dtype)
+        alpha = _choose_alpha(w, x, y, stats.absmean.to(w.device), group_size, dtype, int8_activations)
         importance = stats.sqmean.to(w.device).clamp_min(1e-12)
         if alpha > 0:
             inv = _channel_factor(stats.absmean.to(w.device), alpha, dtype)
@@ -133,4 +150,9 @@ def quantize_weight(
     result.weight_error = _rel(diff, w)
     if x is not None:
         result.output_error = _rel(x @ diff.T, y)
+        if int8_activations:
+            y8 = w4a8_matmul_reference(x, result.qweight, scales, offsets, result.in_scale)
+            if lora_up is not None:
+                y8 = y8 + (x @ lora_down.float().T) @ lora_up.float().T
+            result.int8_output_error = _rel(y8 - y, y)
     return result
