@@ -45,13 +45,11 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import re
 import statistics
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -114,24 +112,9 @@ def accuracy(out, q, k, v, causal: bool, n_rows: int) -> dict[str, float]:
 
 
 def timer(fn: Callable[[], Any], warmup: int, repeats: int, cuda: bool) -> list[float]:
-    import torch
+    from accel.bench.measure import time_calls
 
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
+    return time_calls(fn, repeats, warmup, "cuda" if cuda else "cpu")
 
 
 def baselines(cuda: bool) -> dict[str, Callable]:

@@ -51,6 +51,7 @@ for path in (REPO, REPO / "benchmarks"):
 
 from caching import FluxScenario, WanScenario, environment  # noqa: E402  (real configs, random init)
 
+from accel.bench.measure import time_calls  # noqa: E402
 from accel.quant import QuantConfig, W4Linear, quantize  # noqa: E402
 
 DIFFUSION_M = (4096, 16384, 32768)
@@ -61,25 +62,7 @@ TINY_SHAPES = [(1, 64, 96), (33, 128, 64)]  # (M, K, N)
 
 
 def _timer(device: torch.device, repeats: int, warmup: int) -> Callable[[Callable[[], Any]], list[float]]:
-    def time_it(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return times
-
-    return time_it
+    return lambda fn: time_calls(fn, repeats, warmup, device)
 
 
 def _torchao_int4(linear: nn.Linear, group: int) -> tuple[nn.Module | None, str]:

@@ -96,10 +96,10 @@ class PeakMemory:
 def time_calls(
     fn: Callable[[], Any], repeats: int, warmup: int = 1, device: str | torch.device = "cpu"
 ) -> list[float]:
-    """Run ``fn`` ``warmup`` times untimed, then return ``repeats`` wall times in seconds.
+    """Run ``fn`` ``warmup`` times untimed, then return ``repeats`` times in seconds.
 
-    On CUDA each call is bracketed by ``torch.cuda.synchronize`` so queued kernels
-    are counted against the call that launched them.
+    On CUDA each call is timed with CUDA events recorded around it, after the queue is drained, so the
+    kernels it launched count against it and host jitter does not; elsewhere, wall time.
     """
     cuda = _is_cuda(device)
     for _ in range(warmup):
@@ -108,11 +108,16 @@ def time_calls(
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
     return times
 
 
