@@ -101,6 +101,14 @@ def test_schedule_dense_steps_search_interval_and_report(patched, reference_path
     assert stats["search seconds"] > 0
     assert set(stats["sparsity per layer"]) == {0, 1, 2}
     assert all(len(heads) == 2 for heads in stats["sparsity per head"].values())
+    assert sum(stats["head orders"].values()) == stats["searches"] * 2  # one order per (batch row, head) and search
+    # Only the kept block ids (int16) and one int32 offset per query block are stored, per module and branch.
+    unit = handle.unit("sparse")
+    for found in unit.patterns.values():
+        kept = found.blocks.counts().sum().item()
+        assert found.blocks.nbytes == 2 * kept + 4 * (found.blocks.counts().numel() + 1)
+    per_module = sum(p.blocks.nbytes for p in unit.patterns.values()) / 3
+    assert stats["pattern MB per module"] == round(per_module / 1e6, 4) > 0
     # A second call searches again from scratch (patterns do not leak between generations).
     model.run(0)
     assert handle.report().stats["sparse"]["searches"] == 6 * per_step
@@ -163,5 +171,8 @@ def test_not_a_dit_and_bad_configs(patched):
         SparseConfig(block_k=16, stride=32)
     with pytest.raises(ValueError, match="method"):
         SparseConfig(method="magic")
+    with pytest.raises(ValueError, match="reorder"):
+        SparseConfig(reorder="spiral")
+    assert SparseConfig(reorder=False).reorder == "none" and SparseConfig(reorder=True).reorder == "per-head"
     with pytest.raises(TypeError, match="SparseConfig"):
         patched(tiny("wan").obj, sparse=0.9)

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from accel.attention.sparse_kernel import (
+    BlockIndex,
     block_sparse_attention,
     block_sparse_attention_reference,
-    mask_to_index,
     num_blocks,
     token_mask,
 )
@@ -93,18 +93,41 @@ def test_batch_one_mask_serves_every_row_and_strided_input():
     torch.testing.assert_close(out, ref, **TOL[torch.float16])
 
 
-def test_mask_to_index_lists_kept_blocks_first():
-    mask = torch.tensor([[[[False, True, False, True], [False, False, False, False]]]])
-    index, count = mask_to_index(mask)
-    assert count.tolist() == [[[2, 0]]]
-    assert index[0, 0, 0, :2].tolist() == [1, 3]
-    assert index.dtype == count.dtype == torch.int32
+def test_block_index_is_compact_and_round_trips():
+    mask = torch.tensor([[[[False, True, False, True], [False, False, False, False], [True, True, True, True]]]])
+    blocks = BlockIndex.from_mask(mask)
+    assert blocks.index.dtype == torch.int16 and blocks.offsets.dtype == torch.int32
+    assert blocks.index.tolist() == [1, 3, 0, 1, 2, 3]  # kept ids only, ascending per row
+    assert blocks.offsets.tolist() == [0, 2, 2, 6]
+    assert blocks.counts().tolist() == [[[2, 0, 4]]]
+    assert blocks.nbytes == 6 * 2 + 4 * 4
+    assert torch.equal(blocks.to_mask(), mask)
+    torch.testing.assert_close(blocks.sparsity_per_head(), torch.tensor([0.5]))
+    big = _random_mask(2, 3, 100, 16, 16, seed=8)
+    assert torch.equal(BlockIndex.from_mask(big).to_mask(), big)
+
+
+def test_block_index_and_per_head_key_valid_through_the_kernel():
+    """A prebuilt BlockIndex gives what the mask gives; key_valid [B, Hkv, N] masks each head's keys."""
+    b, h, n, bq, bk = 2, 2, 64, 16, 16
+    q, k, v = _qkv(b, h, h, n, 16, torch.float16, seed=9)
+    mask = _random_mask(b, h, n, bq, bk, keep=0.5, seed=10)
+    key_valid = torch.rand(b, h, n, generator=torch.Generator().manual_seed(11)) < 0.8
+    kw = dict(key_valid=key_valid, block_q=bq, block_k=bk)
+    out = block_sparse_attention(q, k, v, BlockIndex.from_mask(mask), **kw)
+    torch.testing.assert_close(out, block_sparse_attention(q, k, v, mask, **kw), atol=0, rtol=0)
+    ref = block_sparse_attention_reference(q, k, v, mask, **kw)
+    torch.testing.assert_close(out, ref, **TOL[torch.float16])
+    per_head = torch.stack([block_sparse_attention_reference(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1],
+                                                             mask[:, i : i + 1], key_valid=key_valid[:, i], block_q=bq,
+                                                             block_k=bk) for i in range(h)], 1)[:, :, 0]
+    torch.testing.assert_close(ref, per_head, atol=0, rtol=0)
 
 
 def test_clear_errors(monkeypatch):
     q, k, v = _qkv(1, 2, 2, 32, 16, torch.float16)
     mask = torch.ones(1, 2, 2, 2, dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"block_mask must be a bool tensor \[1 or 1, 2, 2, 2\]"):
+    with pytest.raises(ValueError, match=r"block_mask must be a bool tensor or BlockIndex of shape \[1 or 1, 2, 2, 2\]"):
         block_sparse_attention(q, k, v, mask[..., :1], block_q=16, block_k=16)
     with pytest.raises(ValueError, match="bool"):
         block_sparse_attention(q, k, v, mask.float(), block_q=16, block_k=16)

@@ -12,17 +12,24 @@ import pytest
 import torch
 
 from accel.attention import pattern
+import torch.nn.functional as F
+
 from accel.attention.pattern import (
     METHODS,
     block_mass_exact,
+    candidate_orders,
+    choose_orders,
     default_tile,
     diagonal_blocks,
+    gather_tokens,
     invert,
     search_pattern,
     select_blocks,
     text_blocks,
     video_order,
 )
+from accel.attention.sparse import _reorder
+from accel.attention.sparse_kernel import block_sparse_attention_reference, num_blocks
 from accel.pipelines.base import LatentGrid
 
 GRID = LatentGrid(8, 8, 16)  # 1024 video tokens
@@ -163,3 +170,69 @@ def test_chunked_search_equals_one_shot(monkeypatch, method):
     monkeypatch.setattr(pattern, "CHUNK_ELEMENTS", 1)  # one query block per chunk
     torch.testing.assert_close(pattern.block_mass(method, q, k, 32, 16, **kw), one)
     torch.testing.assert_close(one.sum(-1), torch.ones_like(one[..., 0]))
+
+
+def test_per_head_orders_keep_fewer_blocks_than_any_shared_order():
+    """Spatial heads pick frame-major, temporal heads position-major: at the same target (exact search,
+    so the kept mass is guaranteed) fewer blocks are kept than with any one order shared by all heads."""
+    q, k = synthetic_qk(GRID, heads=("spatial", "temporal", "local", "temporal"))
+    orders = candidate_orders(GRID, BLOCK)
+    assert orders.names == ("tiles", "frames", "positions")
+    choice = choose_orders(q, k, orders, block_q=BLOCK, block_k=BLOCK, target=0.95, sm_scale=q.shape[-1] ** -0.5)
+    assert choice.shape == (1, 4)
+    assert [orders.names[i] for i in choice[0, [0, 1, 3]].tolist()] == ["frames", "positions", "positions"]
+    shared = [_search(q[:, :, p], k[:, :, p], 0.95, "exact").sum().item() for p in orders.perms]
+    index = orders.perms[choice]
+    per_head = _search(gather_tokens(q, index), gather_tokens(k, index), 0.95, "exact").sum().item()
+    print(f"\nkept blocks: shared {dict(zip(orders.names, shared))}, per-head {per_head}")
+    assert per_head < 0.8 * min(shared)
+
+
+@pytest.mark.parametrize("position,text", [("none", 0), ("prefix", 5), ("suffix", 9)])
+def test_per_head_orders_round_trip_exactly(position, text):
+    grid = LatentGrid(3, 5, 7)
+    orders = candidate_orders(grid, 16, position, text)
+    n = grid.tokens + text
+    assert orders.video == ((text if position == "prefix" else 0), (text if position == "prefix" else 0) + grid.tokens)
+    choice = torch.tensor([[0, 1, 2, 1], [2, 2, 0, 0]])
+    x = torch.randn(2, 4, n, 3)
+    moved = gather_tokens(x, orders.perms[choice])
+    assert torch.equal(moved[1, 2], x[1, 2, orders.perms[0]]) and torch.equal(moved[0, 2], x[0, 2, orders.perms[2]])
+    assert torch.equal(gather_tokens(moved, orders.inverses[choice]), x)
+    # text keeps its place in every order
+    video = torch.zeros(n, dtype=torch.bool)
+    video[orders.video[0] : orders.video[1]] = True
+    assert (orders.perms[:, ~video] == torch.arange(n)[~video]).all()
+    assert candidate_orders(LatentGrid(1, 8, 8), 16).names == ("tiles", "positions")  # one frame: tiles == frames
+
+
+def test_stage_reordering_with_per_head_orders_and_gqa_is_undone_exactly():
+    """What the stage does on a reused per-head pattern: gather q/k/v (and the key mask) per head, attend,
+    put the output back. With every block kept it must equal SDPA on the model's order."""
+    grid, text = LatentGrid(2, 4, 4), 6
+    orders = candidate_orders(grid, 16, "suffix", text)
+    n = grid.tokens + text
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 4, n, 8, generator=g), torch.randn(2, 2, n, 8, generator=g), torch.randn(2, 2, n, 8, generator=g)
+    key_valid = torch.ones(2, n, dtype=torch.bool)
+    key_valid[0, -4:] = False  # padded text
+    order = torch.tensor([[1, 2], [0, 2]])  # per key/value head; query heads follow their group
+    qq, kk, vv, valid, undo = _reorder(orders, order, q, k, v, key_valid)
+    assert valid.shape == (2, 2, n) and not valid[0, :, -4:].any()
+    full = torch.ones(1, 4, num_blocks(n, 16), num_blocks(n, 16), dtype=torch.bool)
+    out = undo(block_sparse_attention_reference(qq, kk, vv, full, key_valid=valid, block_q=16, block_k=16))
+    gold = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :], enable_gqa=True)
+    torch.testing.assert_close(out, gold, atol=1e-5, rtol=1e-5)
+    qq, kk, vv, valid, undo = _reorder(orders, 1, q, k, v, key_valid)  # one order for every head
+    out = undo(block_sparse_attention_reference(qq, kk, vv, full, key_valid=valid, block_q=16, block_k=16))
+    torch.testing.assert_close(out, gold, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_head_key_valid_equals_one_head_at_a_time(method):
+    q, k = synthetic_qk(LatentGrid(2, 4, 8), heads=("spatial", "temporal"), noise=1.0)
+    valid = torch.rand(1, 2, 64, generator=torch.Generator().manual_seed(1)) < 0.8
+    both = pattern.block_mass(method, q, k, 16, 16, sm_scale=0.2, key_valid=valid)
+    for h in range(2):
+        one = pattern.block_mass(method, q[:, h : h + 1], k[:, h : h + 1], 16, 16, sm_scale=0.2, key_valid=valid[:, h])
+        torch.testing.assert_close(both[:, h : h + 1], one)

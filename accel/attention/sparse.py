@@ -4,18 +4,27 @@ What it does, per self/joint attention call of the denoiser (cross-attention is 
 
 1. The first `dense_fraction` of the denoising steps run dense: the layout of the video is still being
    decided there and errors would compound.
-2. At a search step, for each attention module, CFG branch and batch row, the block pattern of every
-   head is searched online (`accel.attention.pattern`): block importance from a cheap estimate, then the
-   fewest key blocks per query block that reach `target` of the attention mass, plus text and diagonal
-   blocks. Tokens are first regrouped into small 3-D tiles of the video grid (`reorder`), so that
-   spatial, temporal and local heads all become block-dense.
-3. Until the next search step (`search_interval` steps later) the masks are reused: the pattern of a
-   head hardly changes across denoising steps (AdaSpa's finding).
+2. At a search step, for each attention module, CFG branch and batch row, every head first gets its own
+   token order (`reorder="per-head"`, as Sparse VideoGen): frame-major for spatial heads, position-major
+   for temporal ones, 3-D tiles for local ones, whichever a cheap probe finds most block-dense. Then its
+   block pattern is searched online (`accel.attention.pattern`): block importance from a cheap estimate,
+   the fewest key blocks per query block that reach `target` of the attention mass, plus text and
+   diagonal blocks. What is kept is only what the kernel reads (`BlockIndex`: the kept key-block ids,
+   int16, and one offset per query block) plus the order chosen per head, and the sparsity reached.
+3. Until the next search step (`search_interval` steps later) these are reused as they are: the pattern
+   of a head hardly changes across denoising steps (AdaSpa's finding).
 4. The block-sparse kernel (`accel.attention.sparse_kernel`) computes only the kept blocks, optionally
-   with INT8 Q·Kᵀ (`int8=True`); the output is put back in the model's token order.
+   with INT8 Q·Kᵀ (`int8=True`), on q/k/v gathered into each head's order; the output is put back in the
+   model's token order exactly.
+
+Pattern memory per attention module (and CFG branch) at 75% sparsity, 128x64 blocks: about 0.8 MB for
+Wan2.1 480p (32,760 tokens, 12 heads; 48 MB for its 30 modules x 2 branches) and 20.9 MB for HunyuanVideo
+720p (119,056 tokens, 24 heads; 1.25 GB for its 60 modules); 2 bytes per kept block pair, see
+`accel.attention.sparse_kernel`. The report shows the figure reached (`pattern MB per module`).
 
 The report (`handle.report().stats["sparse"]`) gives the sparsity reached per layer (and per head)
-averaged over the sparse calls, the searches run and their time, and the steps kept dense.
+averaged over the sparse calls, the searches run and their time, the token orders the heads chose, the
+pattern memory and the steps kept dense.
 """
 
 from __future__ import annotations
@@ -31,8 +40,10 @@ import torch
 from .._unit import NotApplicable, PatchContext, Unit
 from ..report import Report
 from . import route
-from .pattern import METHODS, default_tile, invert, search_pattern, video_order
-from .sparse_kernel import block_sparse_attention, block_sparse_attention_reference, triton_usable
+from .pattern import METHODS, ORDERS, TokenOrders, candidate_orders, choose_orders, gather_tokens, search_pattern
+from .sparse_kernel import BlockIndex, block_sparse_attention, block_sparse_attention_reference, triton_usable
+
+REORDER = ("per-head", "tiles", "none")
 
 
 @dataclass
@@ -52,8 +63,11 @@ class SparseConfig:
         "pooled" (mean-pooled blocks, cheapest, coarsest: it overrates the top blocks and keeps a few
         percent less mass than `target`) or "exact" (true block mass; one dense Q·Kᵀ per search).
     stride: antidiagonal stride (divides block_q and block_k).
-    reorder: regroup the video tokens into 3-D tiles of about block_q tokens (frames x height x width)
-        before the search and the kernel, and back after. Needs the adapter's video grid.
+    reorder: token order of the video for the search and the kernel (undone exactly after); needs the
+        adapter's video grid. "per-head" (default): each head takes, at each search, whichever of 3-D tiles,
+        frame-major (spatial heads) or position-major (temporal heads) a cheap probe finds most block-dense;
+        "tiles": 3-D tiles of about block_q tokens for every head; "none": the model's order. True and
+        False mean "per-head" and "none".
     int8: run Q·Kᵀ in INT8 inside the sparse kernel (SageAttention-style smoothing and scales).
     """
 
@@ -64,10 +78,14 @@ class SparseConfig:
     search_interval: int = 10
     method: str = "antidiagonal"
     stride: int = 8
-    reorder: bool = True
+    reorder: str = "per-head"
     int8: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.reorder, bool):
+            self.reorder = "per-head" if self.reorder else "none"
+        if self.reorder not in REORDER:
+            raise ValueError(f"SparseConfig.reorder={self.reorder!r}; choose one of {', '.join(REORDER)}")
         if not 0.0 < self.target <= 1.0:
             raise ValueError(f"SparseConfig.target={self.target}: the kept attention mass must be in (0, 1]")
         for name in ("block_q", "block_k"):
@@ -88,9 +106,10 @@ class SparseConfig:
 
 @dataclass
 class _Pattern:
-    """Masks found at one search, for one attention module and CFG branch."""
+    """What one search found, for one attention module and CFG branch: all a later call needs."""
 
-    mask: torch.Tensor  # bool [B, H, NBQ, NBK], in the (possibly reordered) token order
+    blocks: BlockIndex  # in the token order below
+    order: int | torch.Tensor | None  # one order for all heads, long [B, Hkv] one per head, or None (model order)
     sparsity: torch.Tensor  # [H]: share of blocks skipped per head (on the device)
     step: int | None
     calls: int  # calls of this module and branch since the search (bare models count calls, not steps)
@@ -103,7 +122,9 @@ class SparseAttention(Unit):
         self.ctx = ctx
         self.config = config
         self.patterns: dict[tuple, _Pattern] = {}
-        self.orders: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.orders: dict[tuple, TokenOrders] = {}
+        self.order_counts = dict.fromkeys(ORDERS, 0)  # (batch row, head) choices over all searches
+        self.pattern_bytes: dict[tuple[str, Any], int] = {}  # (module, branch) -> bytes of its latest pattern
         self._warned: set[str] = set()
         self.sparsity: dict[int, list] = {}  # layer -> [sum over calls of per-head sparsity (device), calls]
         self.searches = 0
@@ -121,8 +142,8 @@ class SparseAttention(Unit):
         c = self.config
         parts = [f"block-sparse attention, mass target {c.target}", f"{c.block_q}x{c.block_k} blocks",
                  f"first {c.dense_fraction:.0%} of steps dense", f"{c.method} search every {c.search_interval} steps"]
-        if c.reorder:
-            parts.append("3-D token reordering")
+        if c.reorder != "none":
+            parts.append("per-head token orders" if c.reorder == "per-head" else "3-D token tiles")
         if c.int8:
             parts.append("INT8 Q·Kᵀ")
         return ", ".join(parts)
@@ -145,6 +166,8 @@ class SparseAttention(Unit):
             heads = (total / calls).tolist()
             per_head[layer] = [round(x, 4) for x in heads]
             per_layer[layer] = round(sum(heads) / len(heads), 4)
+        modules = {name for name, _ in self.pattern_bytes}
+        total = sum(self.pattern_bytes.values())
         report.stats["sparse"] = {
             "sparsity per layer": per_layer,
             "sparsity per head": per_head,
@@ -154,6 +177,9 @@ class SparseAttention(Unit):
             "dense calls (warm-up)": self.dense_calls,
             "searches": self.searches,
             "search seconds": round(self.search_seconds, 6),
+            "head orders": {name: n for name, n in self.order_counts.items() if n},
+            "pattern MB per module": round(total / len(modules) / 1e6, 4) if modules else None,
+            "pattern MB total": round(total / 1e6, 4),
             "calls left dense": dict(self.declined),
         }
 
@@ -174,29 +200,33 @@ class SparseAttention(Unit):
 
         query, key, value = call.query, call.key, call.value
         key_valid = self._key_valid(call)
-        order = self._order(call)
-        if order is not None:
-            perm, inverse = order
-            query, key, value = (t.index_select(2, perm) for t in (query, key, value))
-            key_valid = key_valid.index_select(1, perm) if key_valid is not None else None
+        orders = self._orders(call)
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(query.shape[-1])
-        mask = self._pattern(call, query, key, scale, key_valid, order is not None)
+        state_key = (call.site.name, call.branch, tuple(query.shape), tuple(key.shape), orders is not None)
+        found = self._reusable(state_key, call)
+        if found is None:  # a search step: choose the token orders, reorder, search on the reordered tokens
+            timer = self._start_timer(query.device)
+            order = self._choose(orders, query, key, scale, key_valid)
+            query, key, value, key_valid, undo = _reorder(orders, order, query, key, value, key_valid)
+            found = self._search(call, state_key, order, query, key, scale, key_valid)
+            self._stop_timer(timer)
+        else:
+            query, key, value, key_valid, undo = _reorder(orders, found.order, query, key, value, key_valid)
+        self._count_sparsity(call.layer, found.sparsity)
 
         c = self.config
         kwargs = dict(sm_scale=scale, key_valid=key_valid, int8=c.int8, block_q=c.block_q, block_k=c.block_k)
         if triton_usable(query.device):
-            out = block_sparse_attention(query, key, value, mask, **kwargs)
+            out = block_sparse_attention(query, key, value, found.blocks, **kwargs)
         else:
             self._warn_once(
                 "reference",
                 f"sparse: no Triton kernel on {query.device.type} (CUDA, or CPU with TRITON_INTERPRET=1); "
                 "computing the same block-sparse attention with the PyTorch reference, which is slower than dense",
             )
-            out = block_sparse_attention_reference(query, key, value, mask, **kwargs)
+            out = block_sparse_attention_reference(query, key, value, found.blocks, **kwargs)
         self.sparse_calls += 1
-        if order is not None:
-            out = out.index_select(2, inverse)
-        return out
+        return undo(out) if undo is not None else out
 
     def _unsupported(self, call) -> str | None:
         q, k = call.query, call.key
@@ -237,9 +267,9 @@ class SparseAttention(Unit):
             return None
         return call.attn_mask[:, 0, 0, :].expand(call.query.shape[0], -1).contiguous()
 
-    def _order(self, call) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(permutation, inverse) that regroups the video tokens in 3-D tiles, or None."""
-        if not self.config.reorder:
+    def _orders(self, call) -> TokenOrders | None:
+        """The candidate token orders of this call's sequence, or None (model order)."""
+        if self.config.reorder == "none":
             return None
         grid = call.grid
         if grid is None:
@@ -255,37 +285,49 @@ class SparseAttention(Unit):
             return None
         key = (grid.frames, grid.height, grid.width, call.text_position, text, call.query.device)
         if key not in self.orders:
-            tile = default_tile(grid.frames, grid.height, grid.width, self.config.block_q)
-            perm = video_order(grid, tile, call.text_position, text, device=call.query.device)
-            self.orders[key] = (perm, invert(perm))
+            names = ORDERS if self.config.reorder == "per-head" else ("tiles",)
+            self.orders[key] = candidate_orders(grid, self.config.block_q, call.text_position, text,
+                                                device=call.query.device, names=names)
         return self.orders[key]
 
-    def _pattern(self, call, query, key, scale, key_valid, reordered) -> torch.Tensor:
-        c = self.config
-        state_key = (call.site.name, call.branch, tuple(query.shape), tuple(key.shape), reordered)
+    def _reusable(self, state_key, call) -> _Pattern | None:
         found = self.patterns.get(state_key)
-        if found is not None:
-            found.calls += 1
-            if call.step is not None and found.step is not None:
-                fresh = call.step - found.step < c.search_interval
-            else:
-                fresh = found.calls < c.search_interval
-            if fresh:
-                self._count_sparsity(call.layer, found.sparsity)
-                return found.mask
+        if found is None:
+            return None
+        found.calls += 1
+        if call.step is not None and found.step is not None:
+            fresh = call.step - found.step < self.config.search_interval
+        else:
+            fresh = found.calls < self.config.search_interval
+        return found if fresh else None
+
+    def _choose(self, orders, query, key, scale, key_valid) -> int | torch.Tensor | None:
+        """The token order of every head: one index for all heads where they agree (a plain index_select
+        then), else long [B, Hkv]."""
+        c = self.config
+        if orders is None or c.target >= 1.0:  # every block is kept: the order changes nothing
+            return None
+        choice = choose_orders(query, key, orders, block_q=c.block_q, block_k=c.block_k, target=c.target,
+                               sm_scale=scale, key_valid=key_valid)
+        picked = choice.flatten().tolist()  # a search step synchronises anyway (building the index)
+        for i in picked:
+            self.order_counts[orders.names[i]] += 1
+        return picked[0] if len(set(picked)) == 1 else choice
+
+    def _search(self, call, state_key, order, query, key, scale, key_valid) -> _Pattern:
+        c = self.config
         text = call.text_tokens if call.role == "joint" else 0
-        timer = self._start_timer(query.device)
         mask = search_pattern(
             query, key, target=c.target, block_q=c.block_q, block_k=c.block_k, sm_scale=scale, method=c.method,
             stride=c.stride, key_valid=key_valid, text_position=call.text_position if text else "none",
             text_tokens=text,
         )
-        self._stop_timer(timer)
+        blocks = BlockIndex.from_mask(mask)
         self.searches += 1
-        found = _Pattern(mask, 1.0 - mask.float().mean(dim=(0, 2, 3)), call.step, 0)
+        found = _Pattern(blocks, order, blocks.sparsity_per_head(), call.step, 0)
         self.patterns[state_key] = found
-        self._count_sparsity(call.layer, found.sparsity)
-        return mask
+        self.pattern_bytes[(call.site.name, call.branch)] = blocks.nbytes
+        return found
 
     def _count_sparsity(self, layer: int, per_head: torch.Tensor) -> None:
         # Summed on the device: no host-device sync per call; read when the report is built.
@@ -309,6 +351,26 @@ class SparseAttention(Unit):
             self._search_events.append(timer)
         else:
             self.search_seconds += time.perf_counter() - timer
+
+
+def _reorder(orders, order, query, key, value, key_valid):
+    """q, k, v and key_valid in the chosen token order(s), and the function that puts an output back."""
+    if order is None:
+        return query, key, value, key_valid, None
+    if isinstance(order, int):
+        perm, inverse = orders.perms[order], orders.inverses[order]
+        query, key, value = (t.index_select(2, perm) for t in (query, key, value))
+        key_valid = key_valid.index_select(1, perm) if key_valid is not None else None
+        return query, key, value, key_valid, lambda out: out.index_select(2, inverse)
+    group = query.shape[1] // key.shape[1]
+    kv_index = orders.perms[order]  # [B, Hkv, N]
+    q_index = kv_index.repeat_interleave(group, dim=1) if group > 1 else kv_index
+    query, key, value = gather_tokens(query, q_index), gather_tokens(key, kv_index), gather_tokens(value, kv_index)
+    if key_valid is not None:
+        key_valid = key_valid[:, None].expand(-1, kv_index.shape[1], -1).gather(2, kv_index)
+    inverse = orders.inverses[order]
+    inverse = inverse.repeat_interleave(group, dim=1) if group > 1 else inverse
+    return query, key, value, key_valid, lambda out: gather_tokens(out, inverse)
 
 
 def install(ctx: PatchContext, config: SparseConfig) -> SparseAttention:
