@@ -132,11 +132,12 @@ def test_sparse_int8_with_cache_and_int8_attention(patched):
     base = baseline("wan", **run)
     handle = patched(
         model.obj, attention="int8", cache=CacheConfig(threshold=0.05),
-        sparse=SparseConfig(target=0.9, int8=True, dense_fraction=0.25, **SMALL),
+        sparse=SparseConfig(target=0.9, dense_fraction=0.25, **SMALL),  # int8 follows attention="int8"
     )
     out = model.run(0, **run)
     names = [a.accelerator for a in handle.report().applied]
     assert names == ["attention", "sparse", "cache"]
+    assert "INT8" in handle.report().applied[1].detail
     stats = handle.report().stats["sparse"]
     assert stats["sparse calls"] > 0 and stats["dense calls (warm-up)"] > 0
     assert torch.isfinite(out).all() and (out - base).abs().mean() < 0.05
@@ -176,3 +177,11 @@ def test_not_a_dit_and_bad_configs(patched):
     assert SparseConfig(reorder=False).reorder == "none" and SparseConfig(reorder=True).reorder == "per-head"
     with pytest.raises(TypeError, match="SparseConfig"):
         patched(tiny("wan").obj, sparse=0.9)
+
+
+def test_int8_follows_the_attention_route_unless_set(patched):
+    model = tiny("wan")
+    assert "INT8" not in patched(model.obj, cache=False, sparse=SparseConfig(**SMALL)).report().applied[0].detail
+    accel.unpatch(model.obj)
+    handle = patched(model.obj, cache=False, attention="sdpa", sparse=SparseConfig(int8=True, **SMALL))
+    assert "INT8" in handle.report().applied[1].detail

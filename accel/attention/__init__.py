@@ -35,7 +35,7 @@ class AttentionUnit(Unit):
     def remove(self) -> None:
         from . import route
 
-        self.router.dense = route._sdpa_dense
+        self.router.dense, self.router.kernel = route._sdpa_dense, "sdpa"
         route.release(self.router)
 
     def update_report(self, report: Report) -> None:
@@ -60,7 +60,7 @@ def install(ctx: PatchContext, config) -> AttentionUnit:
     router = route.get_or_install(ctx)
     num_blocks = 1 + max(site.block for site in router.sites if site.role != "vision")
     dense = DenseAttention(config, ctx.report, num_blocks)
-    router.dense = dense
+    router.dense, router.kernel = dense, config.kernel
     return AttentionUnit(router, dense)
 
 

@@ -151,6 +151,7 @@ class AttentionRouter:
         if not self.sites:
             raise ValueError(f"{self.adapter.display_name} exposes no attention modules to reroute")
         self.dense: Callable[[AttentionCall], torch.Tensor] = _sdpa_dense
+        self.kernel = "sdpa"  # name of the dense route, set by the attention unit
         self.stages: list[Stage] = []
         self.users = 0
         self.text_position = getattr(getattr(self.adapter, "text_layout", None), "position", "none")

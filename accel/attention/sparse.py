@@ -68,7 +68,8 @@ class SparseConfig:
         frame-major (spatial heads) or position-major (temporal heads) a cheap probe finds most block-dense;
         "tiles": 3-D tiles of about block_q tokens for every head; "none": the model's order. True and
         False mean "per-head" and "none".
-    int8: run Q·Kᵀ in INT8 inside the sparse kernel (SageAttention-style smoothing and scales).
+    int8: run Q·Kᵀ in INT8 inside the sparse kernel (SageAttention-style smoothing and scales). None
+        (default) follows `attention=`: INT8 when the model's attention route is "int8".
     """
 
     target: float = 0.95
@@ -79,7 +80,7 @@ class SparseConfig:
     method: str = "antidiagonal"
     stride: int = 8
     reorder: str = "per-head"
-    int8: bool = False
+    int8: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.reorder, bool):
@@ -144,9 +145,12 @@ class SparseAttention(Unit):
                  f"first {c.dense_fraction:.0%} of steps dense", f"{c.method} search every {c.search_interval} steps"]
         if c.reorder != "none":
             parts.append("per-head token orders" if c.reorder == "per-head" else "3-D token tiles")
-        if c.int8:
+        if self._int8():
             parts.append("INT8 Q·Kᵀ")
         return ", ".join(parts)
+
+    def _int8(self) -> bool:
+        return self.config.int8 if self.config.int8 is not None else self.router.kernel == "int8"
 
     def remove(self) -> None:
         self.router.stages.remove(self.stage)
@@ -215,7 +219,7 @@ class SparseAttention(Unit):
         self._count_sparsity(call.layer, found.sparsity)
 
         c = self.config
-        kwargs = dict(sm_scale=scale, key_valid=key_valid, int8=c.int8, block_q=c.block_q, block_k=c.block_k)
+        kwargs = dict(sm_scale=scale, key_valid=key_valid, int8=self._int8(), block_q=c.block_q, block_k=c.block_k)
         if triton_usable(query.device):
             out = block_sparse_attention(query, key, value, found.blocks, **kwargs)
         else:
