@@ -61,8 +61,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from accel.attention.int8 import int8_attention  # noqa: E402
+from accel.bench.measure import time_calls  # noqa: E402
 from accel.attention.pattern import METHODS, candidate_orders, choose_orders, search_pattern  # noqa: E402
-from accel.attention.sparse import _reorder  # noqa: E402
+from accel.attention.sparse import apply_orders  # noqa: E402
 from accel.attention.sparse_kernel import BlockIndex, block_sparse_attention, num_blocks  # noqa: E402
 from accel.pipelines.base import LatentGrid  # noqa: E402
 
@@ -85,22 +86,7 @@ STEPS, DENSE_FRACTION, SEARCH_INTERVAL = 50, 0.25, 10  # SparseConfig defaults o
 
 
 def timed(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000.0)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
+    return time_calls(fn, repeats, warmup, device)
 
 
 def random_block_mask(b, h, nbq, nbk, sparsity, block_q, block_k, device, seed=0) -> torch.Tensor:
@@ -145,7 +131,7 @@ def bench_attention(key, shape, args, device, dtype) -> dict:
     per_head = torch.arange(heads, device=device)[None] % len(orders.names)  # a mix of orders: the gather path
 
     def reorder():
-        qq, kk, vv, _, undo = _reorder(orders, per_head, q, k, v, None)
+        qq, kk, vv, _, undo = apply_orders(orders, per_head, q, k, v, None)
         return undo(qq)
 
     add("reorder per head + undo", reorder)
@@ -161,7 +147,7 @@ def bench_attention(key, shape, args, device, dtype) -> dict:
 
     def search(method):  # what SparseAttention runs at a search step
         order = probe()
-        qq, kk, _, _, _ = _reorder(orders, order, q, k, v, None)
+        qq, kk, _, _, _ = apply_orders(orders, order, q, k, v, None)
         mask = search_pattern(qq, kk, target=0.95, block_q=bq, block_k=bk, sm_scale=dim ** -0.5, method=method,
                               stride=args.stride, text_position="suffix" if text else "none", text_tokens=text)
         return BlockIndex.from_mask(mask)

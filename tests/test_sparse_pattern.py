@@ -28,7 +28,7 @@ from accel.attention.pattern import (
     text_blocks,
     video_order,
 )
-from accel.attention.sparse import _reorder
+from accel.attention.sparse import apply_orders
 from accel.attention.sparse_kernel import block_sparse_attention_reference, num_blocks
 from accel.pipelines.base import LatentGrid
 
@@ -217,13 +217,13 @@ def test_stage_reordering_with_per_head_orders_and_gqa_is_undone_exactly():
     key_valid = torch.ones(2, n, dtype=torch.bool)
     key_valid[0, -4:] = False  # padded text
     order = torch.tensor([[1, 2], [0, 2]])  # per key/value head; query heads follow their group
-    qq, kk, vv, valid, undo = _reorder(orders, order, q, k, v, key_valid)
+    qq, kk, vv, valid, undo = apply_orders(orders, order, q, k, v, key_valid)
     assert valid.shape == (2, 2, n) and not valid[0, :, -4:].any()
     full = torch.ones(1, 4, num_blocks(n, 16), num_blocks(n, 16), dtype=torch.bool)
     out = undo(block_sparse_attention_reference(qq, kk, vv, full, key_valid=valid, block_q=16, block_k=16))
     gold = F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid[:, None, None, :], enable_gqa=True)
     torch.testing.assert_close(out, gold, atol=1e-5, rtol=1e-5)
-    qq, kk, vv, valid, undo = _reorder(orders, 1, q, k, v, key_valid)  # one order for every head
+    qq, kk, vv, valid, undo = apply_orders(orders, 1, q, k, v, key_valid)  # one order for every head
     out = undo(block_sparse_attention_reference(qq, kk, vv, full, key_valid=valid, block_q=16, block_k=16))
     torch.testing.assert_close(out, gold, atol=1e-5, rtol=1e-5)
 

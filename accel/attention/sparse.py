@@ -211,11 +211,11 @@ class SparseAttention(Unit):
         if found is None:  # a search step: choose the token orders, reorder, search on the reordered tokens
             timer = self._start_timer(query.device)
             order = self._choose(orders, query, key, scale, key_valid)
-            query, key, value, key_valid, undo = _reorder(orders, order, query, key, value, key_valid)
+            query, key, value, key_valid, undo = apply_orders(orders, order, query, key, value, key_valid)
             found = self._search(call, state_key, order, query, key, scale, key_valid)
             self._stop_timer(timer)
         else:
-            query, key, value, key_valid, undo = _reorder(orders, found.order, query, key, value, key_valid)
+            query, key, value, key_valid, undo = apply_orders(orders, found.order, query, key, value, key_valid)
         self._count_sparsity(call.layer, found.sparsity)
 
         c = self.config
@@ -357,7 +357,7 @@ class SparseAttention(Unit):
             self.search_seconds += time.perf_counter() - timer
 
 
-def _reorder(orders, order, query, key, value, key_valid):
+def apply_orders(orders, order, query, key, value, key_valid):
     """q, k, v and key_valid in the chosen token order(s), and the function that puts an output back."""
     if order is None:
         return query, key, value, key_valid, None
