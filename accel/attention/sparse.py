@@ -244,6 +244,8 @@ class SparseAttention(Unit):
             return "query heads not a multiple of key heads"
         if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 256:
             return "dtype or head dim outside the kernel's range"
+        if q.is_cuda and q.dtype == torch.float32 and not self._int8():
+            return "float32 inputs on a GPU (the kernel needs 16-bit there; run the model in bf16 or fp16)"
         mask = call.attn_mask
         if mask is not None and not (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1):
             return "attention mask other than a boolean key-padding mask [B, 1, 1, S]"

@@ -289,6 +289,10 @@ def block_sparse_attention(
         )
     if D > 256:
         raise ValueError(f"block_sparse_attention supports head dims up to 256, got {D}")
+    if q.is_cuda and q.dtype == torch.float32 and not int8:
+        # fp32 tiles at 128x64 need more shared memory than sm_80/sm_89 have and spill everywhere
+        # (benchmarks/compile_report.py); the interpreter has no such limit.
+        raise ValueError("block_sparse_attention on CUDA needs float16/bfloat16 q, k, v (or int8=True); cast them first")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     blocks = block_mask if isinstance(block_mask, BlockIndex) else BlockIndex.from_mask(block_mask)
     nbq, nbk = blocks.shape[-2:]

@@ -350,8 +350,8 @@ def w4a8_matmul(x, qweight, scales, offsets, in_scale=None, bias=None):
     block_k = min(group, _W4A8_BLOCK_K_MAX)
     if _interpreting():
         block_m, block_n, launch = 16, 32, {}
-    else:  # two 128x128 accumulators (int32 group dot, float32 total): 8 warps keep them in registers
-        block_m = 32 if m <= 32 else 64 if m <= 64 else 128
+    else:  # two accumulators (int32 group dot, float32 total): 64x128 fits 8 warps' registers, 128x128
+        block_m = 32 if m <= 32 else 64  # spills ~1 KB per thread (benchmarks/compile_report.py)
         block_n, launch = 128, {"num_warps": 8, "num_stages": 3}
     grid = (triton_cdiv(m, block_m) * triton_cdiv(n, block_n),)
     _kernels()[3][grid](
