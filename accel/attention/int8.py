@@ -43,14 +43,15 @@ GRANULARITIES = ("block", "token")  # one Q/K scale per tile, or per token
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 
 
-def _check(q, k, v, causal, need_device):
-    """Raise ValueError naming the problem and the fix; return (B, Hq, Hkv, Nq, Nk, D)."""
+def check_qkv(q, k, v, who: str):
+    """Shapes and dtypes every attention kernel here needs; ValueError naming the problem and the fix.
+    Returns (B, Hq, Hkv, Nq, Nk, D)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
         raise ValueError(
-            f"int8_attention needs q, k, v of one dtype among float16/bfloat16/float32, got "
+            f"{who} needs q, k, v of one dtype among float16/bfloat16/float32, got "
             f"{q.dtype}/{k.dtype}/{v.dtype}; cast them with .to(torch.float16) or .to(torch.bfloat16)"
         )
     B, Hq, Nq, D = q.shape
@@ -59,6 +60,12 @@ def _check(q, k, v, causal, need_device):
     Hkv, Nk = k.shape[1], k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
+    return B, Hq, Hkv, Nq, Nk, D
+
+
+def _check(q, k, v, causal, need_device):
+    """Raise ValueError naming the problem and the fix; return (B, Hq, Hkv, Nq, Nk, D)."""
+    B, Hq, Hkv, Nq, Nk, D = check_qkv(q, k, v, "int8_attention")
     if D not in HEAD_DIMS:
         raise ValueError(f"int8_attention supports head dim {HEAD_DIMS}, got {D}; pad the head dim or use F.scaled_dot_product_attention")
     if causal and Nq > Nk:

@@ -38,9 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .int8 import LOG2E, _pv_dtype, _quantize_qk
+from .int8 import LOG2E, _pv_dtype, _quantize_qk, check_qkv
 
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def num_blocks(tokens: int, block: int) -> int:
@@ -93,20 +92,7 @@ class BlockIndex:
 
 def _check(q, k, v, blocks, key_valid, block_q, block_k):
     """Raise ValueError naming the problem and the fix; return (B, Hq, Hkv, Nq, Nk, D)."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
-        raise ValueError(
-            f"block_sparse_attention needs q, k, v of one dtype among float16/bfloat16/float32, got "
-            f"{q.dtype}/{k.dtype}/{v.dtype}; cast them to one dtype"
-        )
-    B, Hq, Nq, D = q.shape
-    if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k and v must be [B, Hkv, Nk, D] matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
-    Hkv, Nk = k.shape[1], k.shape[2]
-    if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
+    B, Hq, Hkv, Nq, Nk, D = check_qkv(q, k, v, "block_sparse_attention")
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tile), got {blk}")
