@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from .int8 import LOG2E, _pv_dtype, _quantize_qk, check_qkv
 
 
-
 def num_blocks(tokens: int, block: int) -> int:
     return -(-tokens // block)
 
