@@ -9,6 +9,7 @@ installed and propagates.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -86,9 +87,15 @@ class PatchContext:
     shared: dict[str, Any] = field(default_factory=dict)  # objects units share (e.g. the attention router)
 
     def warn(self, message: str) -> None:
-        """A warning for the report (shown once, at patch time, by `accel.patch`)."""
+        """A warning found at install time: into the report, and shown once by `accel.patch`."""
         if message not in self.report.warnings:
             self.report.warnings.append(message)
+
+    def warn_now(self, message: str) -> None:
+        """A warning found during a call (a fallback, say): into the report and shown now, once."""
+        if message not in self.report.warnings:
+            self.report.warnings.append(message)
+            warnings.warn(f"accel: {message}", stacklevel=4)
 
 
 class Unit:

@@ -59,7 +59,7 @@ def install(ctx: PatchContext, config) -> AttentionUnit:
         ctx.warn("attention: dense_first_steps/dense_last_steps need a patched pipeline; a bare model has no step count")
     router = route.get_or_install(ctx)
     num_blocks = 1 + max(site.block for site in router.sites if site.role != "vision")
-    dense = DenseAttention(config, ctx.report, num_blocks)
+    dense = DenseAttention(config, ctx.warn_now, num_blocks)
     router.dense, router.kernel = dense, config.kernel
     return AttentionUnit(router, dense)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import warnings
+from typing import Callable
 from collections import Counter
 
 import torch
@@ -25,13 +25,12 @@ class Decline(Exception):
 class DenseAttention:
     """The dense route chosen by `AttentionConfig`, callable on an `AttentionCall`."""
 
-    def __init__(self, config: AttentionConfig, report, num_blocks: int):
+    def __init__(self, config: AttentionConfig, warn: Callable[[str], None], num_blocks: int):
         self.config = config
-        self.report = report
+        self.warn = warn  # PatchContext.warn_now: into the report, shown once
         self.num_blocks = num_blocks
         self.dense_blocks = {b % num_blocks for b in config.dense_blocks if -num_blocks <= b < num_blocks}
         self.counts: Counter[str] = Counter()
-        self._warned: set[str] = set()
         self._mask: torch.Tensor | None = None  # the last attention mask seen, and what it was found to be
         self._mask_version = -1
         self._mask_answer: tuple[torch.Tensor, bool] | None = None
@@ -68,11 +67,7 @@ class DenseAttention:
 
     def _decline(self, reason: str) -> None:
         self.counts[f"sdpa (fallback: {reason})"] += 1
-        if reason not in self._warned:
-            self._warned.add(reason)
-            message = f"attention={self.config.kernel!r} falls back to SDPA for some calls: {reason}"
-            self.report.warnings.append(message)
-            warnings.warn(f"accel: {message}", stacklevel=4)
+        self.warn(f"attention={self.config.kernel!r} falls back to SDPA for some calls: {reason}")
 
     def stats(self) -> dict:
         return {"kernel": self.config.kernel, "calls": dict(sorted(self.counts.items()))}
@@ -112,14 +107,14 @@ class DenseAttention:
                       granularity=cfg.granularity)
         if q.is_cuda:
             if cfg.pv == "fp8" and torch.cuda.get_device_capability(q.device) < (8, 9):
-                self._warn_once("fp8", "AttentionConfig(pv='fp8') needs a GPU of compute capability 8.9 or later; "
+                self.warn("AttentionConfig(pv='fp8') needs a GPU of compute capability 8.9 or later; "
                                 "P·V runs in 16-bit on this one")
                 kwargs["pv"] = "fp16"
             out = int8.int8_attention(q, k, v, **kwargs)
             self.counts[f"int8{note}"] += 1
         else:
-            self._warn_once(
-                "cpu", "attention='int8' on CPU tensors runs the PyTorch reference of the kernel (slow; same "
+            self.warn(
+                "attention='int8' on CPU tensors runs the PyTorch reference of the kernel (slow; same "
                 "quantisation, to preview quality); the Triton kernel needs a CUDA GPU"
             )
             out = int8.int8_attention_reference(q, k, v, **kwargs)
@@ -199,12 +194,6 @@ class DenseAttention:
         out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=call.scale)
         self.counts["xformers"] += 1
         return out.transpose(1, 2)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            self.report.warnings.append(message)
-            warnings.warn(f"accel: {message}", stacklevel=5)
 
 
 def check_available(kernel: str) -> str | None:

@@ -19,7 +19,6 @@ Stages (sparse attention) see the call first and may answer it; otherwise the de
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -250,8 +249,7 @@ class AttentionRouter:
             f"attention: {site.name} made no scaled_dot_product_attention call, so accel did not change it "
             "(its processor uses another attention path)"
         )
-        self.ctx.warn(message)
-        warnings.warn(f"accel: {message}", stacklevel=3)
+        self.ctx.warn_now(message)
 
 
 # transformers' attention function finds its router from the module it is called with.

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +125,6 @@ class SparseAttention(Unit):
         self.orders: dict[tuple, TokenOrders] = {}
         self.order_counts = dict.fromkeys(ORDERS, 0)  # (batch row, head) choices over all searches
         self.pattern_bytes: dict[tuple[str, Any], int] = {}  # (module, branch) -> bytes of its latest pattern
-        self._warned: set[str] = set()
         self.sparsity: dict[int, list] = {}  # layer -> [sum over calls of per-head sparsity (device), calls]
         self.searches = 0
         self.search_seconds = 0.0
@@ -223,8 +221,7 @@ class SparseAttention(Unit):
         if triton_usable(query.device):
             out = block_sparse_attention(query, key, value, found.blocks, **kwargs)
         else:
-            self._warn_once(
-                "reference",
+            self.ctx.warn_now(
                 f"sparse: no Triton kernel on {query.device.type} (CUDA, or CPU with TRITON_INTERPRET=1); "
                 "computing the same block-sparse attention with the PyTorch reference, which is slower than dense",
             )
@@ -253,14 +250,7 @@ class SparseAttention(Unit):
 
     def _decline(self, reason: str) -> None:
         self.declined[reason] = self.declined.get(reason, 0) + 1
-        self._warn_once(reason, f"sparse: calls with {reason} stay dense (counted in the report)")
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"accel: {message}", stacklevel=4)
-            if message not in self.ctx.report.warnings:
-                self.ctx.report.warnings.append(message)
+        self.ctx.warn_now(f"sparse: calls with {reason} stay dense (counted in the report)")
 
     def _dense_steps(self, call) -> int:
         if call.step is None or call.num_steps is None:
@@ -279,12 +269,11 @@ class SparseAttention(Unit):
             return None
         grid = call.grid
         if grid is None:
-            self._warn_once("no-grid", "sparse: the adapter gave no video grid for a call; tokens stay in model order")
+            self.ctx.warn_now("sparse: the adapter gave no video grid for a call; tokens stay in model order")
             return None
         text = call.text_tokens if call.role == "joint" else 0
         if grid.tokens + text != call.key.shape[-2] or (text and call.text_position not in ("prefix", "suffix")):
-            self._warn_once(
-                "grid-mismatch",
+            self.ctx.warn_now(
                 f"sparse: sequence of {call.key.shape[-2]} tokens does not match the video grid "
                 f"{grid.frames}x{grid.height}x{grid.width} plus {text} text tokens; tokens stay in model order",
             )
