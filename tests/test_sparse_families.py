@@ -44,7 +44,7 @@ def _branches(family):
     return 2 if family in TWO_CALL_CFG else 1
 
 
-@pytest.mark.parametrize("family", VIDEO)
+@pytest.mark.parametrize("family", VIDEO + ["flux", "sd3"])  # image DiTs: joint attention, text prefix/suffix
 def test_target_one_reproduces_dense_through_the_kernel(family, patched):
     model = tiny(family)
     base = baseline(family, **FEW_STEPS)
