@@ -1,19 +1,27 @@
 """accel: one line to make diffusers pipelines and transformers VLMs faster, at a measured cost."""
 
 from .api import Handle, get_handle, patch, unpatch
+from .attention import AttentionConfig
+from .attention.sparse import SparseConfig
 from .caching import CacheConfig
 from .errors import AccelError, AlreadyPatchedError, NotPatchedError, UnsupportedModelError
 from .presets import PRESET_NAMES
+from .pruning import PruneConfig
+from .quant import QuantConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AccelError",
     "AlreadyPatchedError",
+    "AttentionConfig",
     "CacheConfig",
     "Handle",
     "NotPatchedError",
     "PRESET_NAMES",
+    "PruneConfig",
+    "QuantConfig",
+    "SparseConfig",
     "UnsupportedModelError",
     "get_handle",
     "patch",
