@@ -11,22 +11,21 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_caching_benchmark_tiny_flux(tmp_path: Path) -> None:
-    out = tmp_path / "caching.json"
+def run_tiny(script: str, tmp_path: Path, *args: str, timeout: int = 180) -> tuple[dict, str]:
+    """Run benchmarks/<script> with `args` (including --tiny) as a user would; return its JSON and stdout."""
+    out = tmp_path / f"{script}.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "caching.py"), "--tiny", "--repeats", "1", "--scenario", "flux",
-         "--json", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
+        [sys.executable, str(REPO / "benchmarks" / script), *args, "--json", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return json.loads(out.read_text()), proc.stdout
 
-    doc = json.loads(out.read_text())
+
+def test_caching_benchmark_tiny_flux(tmp_path: Path) -> None:
+    doc, stdout = run_tiny("caching.py", tmp_path, "--tiny", "--repeats", "1", "--scenario", "flux")
     assert doc["tiny"] is True
     assert set(doc["scenarios"]) == {"flux"}
     scenario = doc["scenarios"]["flux"]
@@ -48,20 +47,11 @@ def test_caching_benchmark_tiny_flux(tmp_path: Path) -> None:
         assert row["accel_report"]["calls_recorded"] == 2  # warm-up + 1 timed run, each its own call
     rerun = [r for r in rows if r["kind"] == "baseline-rerun"]
     assert rerun and rerun[0]["identical"]  # disable_cache() / accel.unpatch left the model as it was
-    assert "baseline" in proc.stdout and "accel balanced" in proc.stdout and "diffusers FBC" in proc.stdout
+    assert "baseline" in stdout and "accel balanced" in stdout and "diffusers FBC" in stdout
 
 
 def test_sparse_attention_benchmark_tiny(tmp_path: Path) -> None:
-    out = tmp_path / "sparse.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "sparse_attention.py"), "--tiny", "--repeats", "1", "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-
-    doc = json.loads(out.read_text())
+    doc, stdout = run_tiny("sparse_attention.py", tmp_path, "--tiny", "--repeats", "1")
     assert doc["tiny"] is True and set(doc["scenarios"]) == {"wan", "hunyuan", "wan-step"}
     for key in ("wan", "hunyuan"):
         scenario = doc["scenarios"][key]
@@ -77,22 +67,15 @@ def test_sparse_attention_benchmark_tiny(tmp_path: Path) -> None:
     step = doc["scenarios"]["wan-step"]["rows"]
     assert [r["name"] for r in step] == ["dense", "sparse target 0.95", "sparse target 0.8"]
     assert all(r["rel_l1"] < 0.1 and 0.0 <= r["mean_sparsity"] <= 1.0 for r in step[1:])
-    assert "dense SDPA" in proc.stdout and "search antidiagonal" in proc.stdout
+    assert "dense SDPA" in stdout and "search antidiagonal" in stdout
 
 
 def test_attention_benchmark_tiny(tmp_path: Path) -> None:
     """benchmarks/attention.py --tiny: every variant runs (Triton interpreter), accuracy is filled in, the
     tuning sweep ran, and the end-to-end Wan step produced either a timing or a recorded error."""
-    out = tmp_path / "attention.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "attention.py"), "--tiny", "--shapes", "vlm", "--repeats", "1",
-         "--warmup", "0", "--e2e", "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    doc, stdout = run_tiny(
+        "attention.py", tmp_path, "--tiny", "--shapes", "vlm", "--repeats", "1", "--warmup", "0", "--e2e", timeout=300
     )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    doc = json.loads(out.read_text())
     assert doc["tiny"] is True and set(doc["shapes"]) == {"vlm"}  # causal; non-causal: tests/test_attention_int8.py
     assert doc["shapes"]["vlm"]["causal"] and doc["shapes"]["vlm"]["flops"] == 4.0 * 48 * 48 * 128 * 2 / 2  # halved: causal
     for shape in doc["shapes"].values():
@@ -104,20 +87,11 @@ def test_attention_benchmark_tiny(tmp_path: Path) -> None:
         assert len(rows["int8"]["tuning"]) == 2 and rows["int8"]["config"]["block_q"] in (16, 32)
     e2e = doc["e2e_wan"]
     assert e2e["sdpa"]["median_s"] > 0 and ("median_s" in e2e["int8"] or "error" in e2e["int8"])
-    assert "int8-token" in proc.stdout and "TFLOP/s" in proc.stdout
+    assert "int8-token" in stdout and "TFLOP/s" in stdout
 
 
 def test_quant_benchmark_tiny(tmp_path: Path) -> None:
-    out = tmp_path / "quant.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "quant.py"), "--tiny", "--repeats", "1", "--warmup", "0",
-         "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
-    )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    doc = json.loads(out.read_text())
+    doc, stdout = run_tiny("quant.py", tmp_path, "--tiny", "--repeats", "1", "--warmup", "0")
     assert doc["tiny"] is True and doc["gemm"] and set(doc["models"]) == {"flux", "wan"}
     for row in doc["gemm"]:
         for name in ("accel auto", "accel triton", "accel dequant", "accel w4a8", "accel auto int8"):
@@ -126,3 +100,24 @@ def test_quant_benchmark_tiny(tmp_path: Path) -> None:
         assert entry["memory_ratio"] > 1.5 and entry["w4"]["rel_err_vs_bf16"] < 0.1
         assert entry["w4a8"]["rel_err_vs_bf16"] < 0.1
         assert entry["quant_stats"]["layers quantized"] > 0
+
+
+def test_pruning_benchmark_tiny(tmp_path: Path) -> None:
+    doc, stdout = run_tiny("pruning.py", tmp_path, "--tiny", "--repeats", "1")
+    assert doc["tiny"] is True
+    assert set(doc["scenarios"]) == {"llava", "qwen2_vl_image", "qwen2_vl_video"}
+    for name, scenario in doc["scenarios"].items():
+        rows = scenario["rows"]
+        assert [r["variant"] for r in rows] == ["baseline", "keep 3", "keep 2", "in_lm keep 2 (layer 1)"]
+        base = rows[0]
+        assert base["sequence_to_lm"] == scenario["prompt_tokens"] and base["token_agreement"] == 1.0
+        for row in rows:
+            for key in ("prefill_s", "ttft_s", "first_token_kl", "token_agreement", "peak_memory_bytes"):
+                assert row[key] is not None, (name, row["variant"], key)
+            assert "decode_tokens_per_s" in row  # None when CPU noise makes generate(4) no slower than generate(1)
+        for row in rows[1:]:
+            kept = int(row["variant"].split()[-1] if "in_lm" not in row["variant"] else row["variant"].split()[2])
+            assert row["visual_tokens_kept"] == kept < row["visual_tokens_in"], (name, row)
+            assert row["sequence_to_lm"] < base["sequence_to_lm"]
+            assert row["report"]["calls (prefills with visual tokens)"] >= 3  # prefill, TTFT and full runs
+    assert "prefill ms" in stdout
