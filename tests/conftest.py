@@ -23,6 +23,17 @@ def tiny(family: str):
     return _BUILT[family]
 
 
+_BASELINES = {}
+
+
+def baseline(family: str, **overrides):
+    """The unpatched output of `tiny(family).run(0, **overrides)`, computed once per test session."""
+    key = (family, tuple(sorted(overrides.items())))
+    if key not in _BASELINES:
+        _BASELINES[key] = tiny(family).run(0, **overrides)
+    return _BASELINES[key]
+
+
 @pytest.fixture
 def patched():
     """accel.patch that is always undone at the end of the test, even when it fails."""

@@ -7,19 +7,9 @@ import accel
 from accel import CacheConfig
 from accel.bench.metrics import psnr
 
-from conftest import DIFFUSION_FAMILIES, TWO_CALL_CFG, tiny
+from conftest import DIFFUSION_FAMILIES, TWO_CALL_CFG, baseline, tiny
 
 pytestmark = pytest.mark.parametrize("family", DIFFUSION_FAMILIES)
-
-_BASELINES = {}
-
-
-def baseline(family, **overrides):
-    key = (family, tuple(sorted(overrides.items())))
-    if key not in _BASELINES:
-        _BASELINES[key] = tiny(family).run(0, **overrides)
-    return _BASELINES[key]
-
 
 def test_patch_run_unpatch_is_bit_exact(family):
     model = tiny(family)

@@ -16,14 +16,6 @@ IDS = [f"{f}-{'video' if v else 'image'}" for f, v in CASES]
 NEW = 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model_of(family):
     return tiny(family).obj
 

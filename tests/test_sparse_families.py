@@ -16,7 +16,7 @@ import accel
 from accel import CacheConfig
 from accel.attention.sparse import SparseConfig
 
-from conftest import TWO_CALL_CFG, tiny
+from conftest import TWO_CALL_CFG, baseline, tiny
 
 VIDEO = ["wan", "hunyuan_video", "cogvideox", "ltx"]
 SMALL = dict(block_q=16, block_k=16, stride=8)  # tiny sequences: several blocks per sequence
@@ -24,16 +24,6 @@ FEW_STEPS = dict(num_inference_steps=3)
 # Larger frames for the sparsity tests (the reference path is fast): LTX compresses 8x less in space.
 BIG = {"wan": dict(height=128, width=128), "hunyuan_video": dict(height=128, width=128),
        "cogvideox": dict(height=128, width=128), "ltx": dict(height=256, width=256)}
-
-_BASELINES = {}
-
-
-def baseline(family, **overrides):
-    key = (family, tuple(sorted(overrides.items())))
-    if key not in _BASELINES:
-        _BASELINES[key] = tiny(family).run(0, **overrides)
-    return _BASELINES[key]
-
 
 def _self_sites(handle):
     router = handle.unit("sparse").router

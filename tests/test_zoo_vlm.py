@@ -32,15 +32,6 @@ ADAPTERS = {
 _CACHE: dict[str, TinyModel] = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls run 10-100x faster on one thread than on two contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(family: str) -> TinyModel:
     if family not in _CACHE:
         _CACHE[family] = vlm.BUILDERS[family](seed=0)
