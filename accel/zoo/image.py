@@ -76,6 +76,19 @@ def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tenso
     return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dtype)
 
 
+_POOLED_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+def _pooled_embeds(gen: torch.Generator, txt_dim: int, pooled_dim: int, dtype: torch.dtype) -> dict:
+    """Prompt, pooled and negative embeddings in place of text encoders (in this order: seeds depend on it)."""
+    return dict(
+        prompt_embeds=_randn(gen, 1, _TXT_LEN, txt_dim, dtype=dtype),
+        pooled_prompt_embeds=_randn(gen, 1, pooled_dim, dtype=dtype),
+        negative_prompt_embeds=_randn(gen, 1, _TXT_LEN, txt_dim, dtype=dtype),
+        negative_pooled_prompt_embeds=_randn(gen, 1, pooled_dim, dtype=dtype),
+    )
+
+
 def _finish(pipe, dtype: torch.dtype):
     for comp in pipe.components.values():
         if isinstance(comp, torch.nn.Module):
@@ -161,10 +174,7 @@ def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
     pipe = _finish(seeded(seed, build), dtype)
     gen = torch.Generator("cpu").manual_seed(seed + 1)
     defaults = dict(
-        prompt_embeds=_randn(gen, 1, _TXT_LEN, _FLUX_TXT_DIM, dtype=dtype),
-        pooled_prompt_embeds=_randn(gen, 1, _FLUX_POOLED_DIM, dtype=dtype),
-        negative_prompt_embeds=_randn(gen, 1, _TXT_LEN, _FLUX_TXT_DIM, dtype=dtype),
-        negative_pooled_prompt_embeds=_randn(gen, 1, _FLUX_POOLED_DIM, dtype=dtype),
+        **_pooled_embeds(gen, _FLUX_TXT_DIM, _FLUX_POOLED_DIM, dtype),
         true_cfg_scale=4.0,
         guidance_scale=3.5,
         num_inference_steps=DEFAULT_STEPS,
@@ -172,13 +182,12 @@ def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
         width=64,
         num_images_per_prompt=1,
     )
-    keys = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
     return TinyModel(
         name="tiny-random-flux",
         family="flux",
         kind="image",
         obj=pipe,
-        _run=_make_run(pipe, defaults, keys),
+        _run=_make_run(pipe, defaults, _POOLED_KEYS),
         default_steps=DEFAULT_STEPS,
     )
 
@@ -221,23 +230,19 @@ def tiny_sd3(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
     pipe = _finish(seeded(seed, build), dtype)
     gen = torch.Generator("cpu").manual_seed(seed + 1)
     defaults = dict(
-        prompt_embeds=_randn(gen, 1, _TXT_LEN, _SD3_TXT_DIM, dtype=dtype),
-        pooled_prompt_embeds=_randn(gen, 1, _SD3_POOLED_DIM, dtype=dtype),
-        negative_prompt_embeds=_randn(gen, 1, _TXT_LEN, _SD3_TXT_DIM, dtype=dtype),
-        negative_pooled_prompt_embeds=_randn(gen, 1, _SD3_POOLED_DIM, dtype=dtype),
+        **_pooled_embeds(gen, _SD3_TXT_DIM, _SD3_POOLED_DIM, dtype),
         guidance_scale=5.0,
         num_inference_steps=DEFAULT_STEPS,
         height=64,
         width=64,
         num_images_per_prompt=1,
     )
-    keys = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
     return TinyModel(
         name="tiny-random-sd3",
         family="sd3",
         kind="image",
         obj=pipe,
-        _run=_make_run(pipe, defaults, keys),
+        _run=_make_run(pipe, defaults, _POOLED_KEYS),
         default_steps=DEFAULT_STEPS,
     )
 
@@ -353,10 +358,7 @@ def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
     pipe = _finish(seeded(seed, build), dtype)
     gen = torch.Generator("cpu").manual_seed(seed + 1)
     defaults = dict(
-        prompt_embeds=_randn(gen, 1, _TXT_LEN, _SDXL_TXT_DIM, dtype=dtype),
-        pooled_prompt_embeds=_randn(gen, 1, _SDXL_POOLED_DIM, dtype=dtype),
-        negative_prompt_embeds=_randn(gen, 1, _TXT_LEN, _SDXL_TXT_DIM, dtype=dtype),
-        negative_pooled_prompt_embeds=_randn(gen, 1, _SDXL_POOLED_DIM, dtype=dtype),
+        **_pooled_embeds(gen, _SDXL_TXT_DIM, _SDXL_POOLED_DIM, dtype),
         guidance_scale=5.0,
         num_inference_steps=DEFAULT_STEPS,
         height=64,
