@@ -18,17 +18,13 @@ class NotPatchedError(AccelError, RuntimeError):
 
 
 class ConfigError(AccelError, ValueError):
-    """A config field (CacheConfig, AttentionConfig, SparseConfig, PruneConfig, QuantConfig) has a bad value."""
-
-
-class ConfigTypeError(ConfigError, TypeError):
-    """A config field has the wrong type, e.g. a float where an int is needed."""
-
-
-class ConfigError(AccelError, ValueError):
     """A config field (or an `accel.patch` keyword) has a wrong type or an out-of-range value; the message
     names the field."""
 
 
 class CopyError(AccelError, TypeError):
     """A patched object was deep-copied or pickled; the message says how to copy or save it instead."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config field has the wrong type, e.g. a float where an int is needed (also a TypeError)."""
