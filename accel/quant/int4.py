@@ -11,12 +11,20 @@ Two codes share a byte: even input channel k in the low nibble, k + 1 in the hig
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 LEVELS = 15  # codes 0..15
-_SEARCH_RATIOS = torch.linspace(1.0, 0.5, 21).tolist()  # group range shrink factors tried by the search
 _REFITS = 2  # least-squares refits of (scale, offset) after the range search
 _CHUNK = 1 << 24  # weights per chunk of rows while fitting (bounds temporary memory on big layers)
+
+
+@functools.cache
+def _search_ratios() -> list[float]:
+    """Group range shrink factors tried by the search. Built on first use, on the CPU, in float32: no tensor
+    work at import, which may happen under `with torch.device("meta")` or another default dtype."""
+    return torch.linspace(1.0, 0.5, 21, dtype=torch.float32, device="cpu").tolist()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -112,11 +120,11 @@ def _fit_chunk(wg, importance, dtype, search):
 
     # Clip the range (fewer, finer levels for the bulk of the group): both ends together, then each end
     # alone from the best so far, since a group's outlier usually sits on one side.
-    for ratio in _SEARCH_RATIOS[1:]:
+    for ratio in _search_ratios()[1:]:
         try_range(lo * ratio, hi * ratio)
-    for ratio in _SEARCH_RATIOS[1:]:
+    for ratio in _search_ratios()[1:]:
         try_range(lo * ratio, best_hi)
-    for ratio in _SEARCH_RATIOS[1:]:
+    for ratio in _search_ratios()[1:]:
         try_range(best_lo, hi * ratio)
     for _ in range(_REFITS):
         s, o = _least_squares(wg, q, importance)
