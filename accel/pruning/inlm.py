@@ -14,6 +14,8 @@ from dataclasses import replace
 
 import torch
 
+from .._transformers_compat import create_causal_mask, get_cache, supports_mask_layer
+from ..errors import UnsupportedModelError
 from .segments import find_segments
 from .unit import PruneError, PruneUnit, attention_mask_2d
 
@@ -21,8 +23,6 @@ _OVERRIDES = ("attention_mask", "position_embeddings", "position_ids")
 
 
 def install_in_lm(unit: PruneUnit) -> None:
-    from transformers.masking_utils import create_causal_mask
-
     layers = unit.adapter.language_layers()
     k = unit.config.layer
     if k >= len(layers):
@@ -33,7 +33,14 @@ def install_in_lm(unit: PruneUnit) -> None:
     lm_config = unit.adapter.language_model().config
     if any(t != "full_attention" for t in getattr(lm_config, "layer_types", None) or ()):
         raise ValueError("PruneConfig(where='in_lm') supports full-attention language models only (no sliding window)")
-    state = _InLM(unit, k, create_causal_mask, lm_config)
+    if not supports_mask_layer():
+        import transformers
+
+        raise UnsupportedModelError(
+            f"PruneConfig(where='in_lm') needs a transformers whose create_causal_mask takes layer_idx (transformers "
+            f"{transformers.__version__} does not); upgrade transformers or use where='before_lm'"
+        )
+    state = _InLM(unit, k, lm_config)
     unit._handles.append(layers[k].register_forward_pre_hook(state.at_layer_k, with_kwargs=True))
     for layer in layers[k + 1 :]:
         unit._handles.append(layer.register_forward_pre_hook(state.after_layer_k, with_kwargs=True))
@@ -47,10 +54,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class _InLM:
-    def __init__(self, unit: PruneUnit, k: int, create_causal_mask, lm_config):
+    def __init__(self, unit: PruneUnit, k: int, lm_config):
         self.unit = unit
         self.k = k
-        self.create_causal_mask = create_causal_mask
         self.lm_config = lm_config
         self.select_config = replace(unit.config, contextual=0.0, temporal_threshold=None)
         self.overrides: dict | None = None  # kwargs for layers K+1.. in the current forward
@@ -59,14 +65,11 @@ class _InLM:
         self.cache = None
 
     def _mask(self, hidden, mask2d, cache, positions):
-        return self.create_causal_mask(
-            config=self.lm_config, inputs_embeds=hidden, attention_mask=mask2d, past_key_values=cache,
-            position_ids=positions, layer_idx=self.k,
-        )
+        return create_causal_mask(self.lm_config, hidden, mask2d, cache, positions, layer_idx=self.k)
 
     def at_layer_k(self, module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(module, args, kwargs)
         lm_inputs = self.unit._lm_inputs
         self.overrides = None
         if cache is not None and cache.get_seq_length(self.k) > 0:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._transformers_compat import cache_length, get_cache
 from .._unit import Unit
 from ..report import Report
 from .config import PruneConfig
@@ -132,8 +133,8 @@ class PruneUnit(Unit):
         if self.config.where == "in_lm":
             self._lm_inputs = (kwargs.get("attention_mask"), kwargs.get("position_ids"))
             return None
-        cache = kwargs.get("past_key_values")
-        past = cache.get_seq_length() if cache is not None else 0
+        cache = get_cache(module, args, kwargs)
+        past = cache_length(cache)
         if past > 0:
             return self._decode_step(args, kwargs, cache, past)
         self._state = None
