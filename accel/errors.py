@@ -28,3 +28,13 @@ class CopyError(AccelError, TypeError):
 
 class ConfigTypeError(ConfigError, TypeError):
     """A config field has the wrong type, e.g. a float where an int is needed (also a TypeError)."""
+
+
+class QuantSaveError(AccelError, RuntimeError):
+    """`save_pretrained` was called on a model (or pipeline) holding accel's 4-bit layers, which the plain
+    diffusers/transformers format cannot hold; the message points at `accel.quant.save_quantized`."""
+
+
+class QuantFileError(AccelError, ValueError):
+    """A file given to `accel.quant.load_quantized` is damaged, tampered with or does not fit the model;
+    the message names the tensor or metadata field. The model is left as it was."""
