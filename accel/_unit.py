@@ -9,6 +9,7 @@ installed and propagates.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -55,6 +56,9 @@ class StepClock:
         self._unwrap()
         original = scheduler.step  # bound method; the instance attribute below shadows it
 
+        # wraps: pipelines read `inspect.signature(scheduler.step)` to decide whether to pass `generator`
+        # and `eta`; a bare (*args, **kwargs) would silently drop them and change seeded outputs.
+        @functools.wraps(original)
         def step(*args, **kwargs):
             try:
                 return original(*args, **kwargs)
