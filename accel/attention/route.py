@@ -19,7 +19,6 @@ Stages (sparse attention) see the call first and may answer it; otherwise the de
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -177,7 +176,7 @@ class AttentionRouter:
             config._attn_implementation_internal = implementation
         self._saved_implementations.clear()
         for site in self.sites:
-            _SITES.pop(site.module, None)
+            site.module.__dict__.pop(_SITE_ATTR, None)
 
     def _install_diffusers(self) -> None:
         for site in self.sites:
@@ -198,7 +197,7 @@ class AttentionRouter:
         AttentionInterface.register(TRANSFORMERS_NAME, _transformers_attention)
         AttentionMaskInterface.register(TRANSFORMERS_NAME, sdpa_mask)
         for site in self.sites:
-            _SITES[site.module] = (self, site)
+            site.module.__dict__[_SITE_ATTR] = (self, site)
         configs = {}
         for module in self.ctx.model.modules():
             config = getattr(module, "config", None)
@@ -253,13 +252,14 @@ class AttentionRouter:
 
 
 # transformers' attention function finds its router from the module it is called with.
-_SITES: "weakref.WeakKeyDictionary[nn.Module, tuple[AttentionRouter, AttentionSite]]" = weakref.WeakKeyDictionary()
+# Stored on the module (not in a global table, which would keep the model alive through the router).
+_SITE_ATTR = "_accel_attention_site"
 
 
 def _transformers_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    entry = _SITES.get(module)
+    entry = module.__dict__.get(_SITE_ATTR)
     if entry is None:  # an attention module accel did not patch (e.g. the model was unpatched meanwhile)
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     router, site = entry

@@ -24,6 +24,10 @@ from .controller import CacheController
 HOOK = "accel_cache"
 
 
+class CannotCache(ValueError):
+    """This denoiser has too few blocks for the cache as configured (the message says why)."""
+
+
 class DenoiserCallHook(ModelHook):
     """Brackets each denoiser call for the controller and learns the CFG branch from `cache_context`."""
 
@@ -141,7 +145,7 @@ class DiTCache:
     def __init__(self, adapter: DiTAdapter, config: CacheConfig, steps_hint):
         blocks = adapter.blocks()
         if config.head_blocks >= len(blocks):
-            raise ValueError(
+            raise CannotCache(
                 f"CacheConfig.head_blocks={config.head_blocks} leaves no blocks to cache: "
                 f"{type(adapter.model).__name__} has {len(blocks)} blocks"
             )

@@ -16,7 +16,7 @@ from .. import _hooks
 from ..pipelines.base import UNetAdapter
 from .config import CacheConfig
 from .controller import CacheController
-from .dit import HOOK, DenoiserCallHook
+from .dit import HOOK, CannotCache, DenoiserCallHook
 
 
 class ShallowHook(ModelHook):
@@ -70,7 +70,7 @@ class UNetCache:
         unet = adapter.model
         down, mid, up = adapter.down_blocks(), adapter.mid_block(), adapter.up_blocks()
         if len(down) < 2 or len(up) < 2:
-            raise ValueError(
+            raise CannotCache(
                 f"{type(unet).__name__} has {len(down)} down and {len(up)} up blocks; the UNet cache needs "
                 "at least 2 of each"
             )
