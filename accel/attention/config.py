@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._validate import check_bool, check_choice, check_int, check_int_tuple, check_str_tuple
+
 KERNELS = ("int8", "sdpa", "flash", "xformers")
 SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
 ROLES = ("self", "cross", "joint", "causal", "vision")
@@ -49,20 +51,13 @@ class AttentionConfig:
     pv: str = "fp16"
 
     def __post_init__(self) -> None:
-        if self.kernel not in KERNELS:
-            raise ValueError(f"AttentionConfig.kernel={self.kernel!r}; choose one of {', '.join(KERNELS)}")
-        if self.sdpa_backend is not None and self.sdpa_backend not in SDPA_BACKENDS:
-            raise ValueError(
-                f"AttentionConfig.sdpa_backend={self.sdpa_backend!r}; choose one of {', '.join(SDPA_BACKENDS)} or None"
-            )
-        if self.granularity not in ("token", "block"):
-            raise ValueError(f"AttentionConfig.granularity={self.granularity!r}; choose 'token' or 'block'")
-        if self.pv not in ("fp16", "fp8"):
-            raise ValueError(f"AttentionConfig.pv={self.pv!r}; choose 'fp16' or 'fp8'")
-        unknown = set(self.dense_roles) - set(ROLES)
-        if unknown:
-            raise ValueError(f"AttentionConfig.dense_roles has unknown roles {sorted(unknown)}; roles are {', '.join(ROLES)}")
-        if self.dense_first_steps < 0 or self.dense_last_steps < 0 or self.min_query_len < 0:
-            raise ValueError("AttentionConfig: dense_first_steps, dense_last_steps and min_query_len must be >= 0")
-        self.dense_blocks = tuple(self.dense_blocks)
-        self.dense_roles = tuple(self.dense_roles)
+        check_choice(self, "kernel", KERNELS)
+        check_int_tuple(self, "dense_blocks", hint="block indices, e.g. (0, -1)")
+        check_int(self, "dense_first_steps", low=0)
+        check_int(self, "dense_last_steps", low=0)
+        check_str_tuple(self, "dense_roles", choices=ROLES, hint='e.g. ("cross",)')
+        check_int(self, "min_query_len", low=0)
+        check_choice(self, "sdpa_backend", SDPA_BACKENDS, optional=True)
+        check_bool(self, "smooth_q")
+        check_choice(self, "granularity", ("token", "block"))
+        check_choice(self, "pv", ("fp16", "fp8"))

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .._unit import NotApplicable, PatchContext, Unit
+from .._validate import check_bool, check_choice, check_float, check_int, fail
 from ..report import Report
 from . import route
 from .pattern import METHODS, ORDERS, TokenOrders, candidate_orders, choose_orders, gather_tokens, search_pattern
@@ -84,24 +85,19 @@ class SparseConfig:
     def __post_init__(self) -> None:
         if isinstance(self.reorder, bool):
             self.reorder = "per-head" if self.reorder else "none"
-        if self.reorder not in REORDER:
-            raise ValueError(f"SparseConfig.reorder={self.reorder!r}; choose one of {', '.join(REORDER)}")
-        if not 0.0 < self.target <= 1.0:
-            raise ValueError(f"SparseConfig.target={self.target}: the kept attention mass must be in (0, 1]")
+        check_float(self, "target", low=0, high=1, open_low=True, hint="the attention mass each query block keeps")
         for name in ("block_q", "block_k"):
-            blk = getattr(self, name)
-            if blk < 16 or blk & (blk - 1):
-                raise ValueError(f"SparseConfig.{name}={blk}: must be a power of two >= 16 (the kernel's tile)")
-        if not 0.0 <= self.dense_fraction <= 1.0:
-            raise ValueError(f"SparseConfig.dense_fraction={self.dense_fraction}: must be in [0, 1]")
-        if self.search_interval < 1:
-            raise ValueError(f"SparseConfig.search_interval={self.search_interval}: must be >= 1 (steps between searches)")
-        if self.method not in METHODS:
-            raise ValueError(f"SparseConfig.method={self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method == "antidiagonal" and (self.stride < 1 or self.block_q % self.stride or self.block_k % self.stride):
-            raise ValueError(
-                f"SparseConfig.stride={self.stride} must divide block_q={self.block_q} and block_k={self.block_k}"
-            )
+            blk = check_int(self, name, low=16, hint="a power of two >= 16, the kernel's tile")
+            if blk & (blk - 1):
+                fail(self, name, blk, "must be a power of two >= 16 (the kernel's tile)")
+        check_float(self, "dense_fraction", low=0, high=1)
+        check_int(self, "search_interval", low=1, hint="steps between searches")
+        check_choice(self, "method", METHODS)
+        check_int(self, "stride", low=1)
+        check_choice(self, "reorder", REORDER, hint="or True / False for 'per-head' / 'none'")
+        check_bool(self, "int8", optional=True, hint="None follows the attention= route")
+        if self.method == "antidiagonal" and (self.block_q % self.stride or self.block_k % self.stride):
+            fail(self, "stride", self.stride, f"must divide block_q={self.block_q} and block_k={self.block_k}")
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .._validate import check_choice, check_float, check_int, fail, is_int
+
 
 @dataclass
 class CacheConfig:
@@ -44,22 +46,18 @@ class CacheConfig:
     decision: str = "lagged"
     num_steps: int | None = None
 
-    def __post_init__(self):
-        if self.threshold < 0:
-            raise ValueError(f"CacheConfig.threshold must be >= 0, got {self.threshold}")
-        if self.target is not None and self.target < 0:
-            raise ValueError(f"CacheConfig.target must be >= 0 or None, got {self.target}")
-        if self.head_blocks < 1:
-            raise ValueError(f"CacheConfig.head_blocks must be >= 1, got {self.head_blocks}")
-        if not 0 <= self.taylor_order <= 3:
-            raise ValueError(f"CacheConfig.taylor_order must be 0..3, got {self.taylor_order}")
-        if self.max_consecutive < 1:
-            raise ValueError(f"CacheConfig.max_consecutive must be >= 1, got {self.max_consecutive}")
-        if self.decision not in ("lagged", "current"):
-            raise ValueError(
-                f"CacheConfig.decision must be 'lagged' (no GPU sync per step) or 'current' "
-                f"(decides from this step's change, one host-device sync per step), got {self.decision!r}"
-            )
+    def __post_init__(self) -> None:
+        check_float(self, "threshold", low=0)
+        check_float(self, "target", low=0, optional=True)
+        check_int(self, "head_blocks", low=1)
+        check_int(self, "taylor_order", low=0, high=3)
+        _check_steps(self, "warmup")
+        _check_steps(self, "cooldown")
+        check_int(self, "max_consecutive", low=1)
+        check_choice(self, "decision", ("lagged", "current"),
+                     hint="'lagged': no GPU sync per step; 'current': decides from this step's change, "
+                     "one host-device sync per step")
+        check_int(self, "num_steps", low=1, optional=True)
 
     def warmup_steps(self, num_steps: int | None) -> int:
         return max(2, _as_steps(self.warmup, num_steps))
@@ -74,3 +72,16 @@ def _as_steps(value: float | int, num_steps: int | None) -> int:
     if num_steps is None:
         return 1 if value > 0 else 0
     return math.ceil(value * num_steps)
+
+
+def _check_steps(config: CacheConfig, name: str) -> None:
+    """An int >= 0 counts steps; a float in [0, 1) is a fraction of the steps (a whole float, 3.0, counts steps)."""
+    value = getattr(config, name)
+    if is_int(value):
+        check_int(config, name, low=0)
+        return
+    value = check_float(config, name, low=0, hint="an int counts steps, a float below 1 is a fraction of them")
+    if value >= 1:
+        if not value.is_integer():
+            fail(config, name, value, "a float must be below 1 (a fraction of the steps); give whole steps as an int")
+        setattr(config, name, int(value))

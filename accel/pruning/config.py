@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .._validate import check_choice, check_float, check_int
+from ..errors import ConfigError
+
 _WHERE = ("before_lm", "in_lm")
 _SCORES = ("auto", "cls", "sampled")
 
@@ -54,33 +57,22 @@ class PruneConfig:
     temporal_threshold: float | None = 0.9
 
     def __post_init__(self) -> None:
+        check_int(self, "keep", low=1, optional=True)
+        check_float(self, "keep_ratio", low=0, high=1, open_low=True, optional=True)
+        check_float(self, "mass", low=0, high=1, open_low=True, optional=True)
         given = [name for name in ("keep", "keep_ratio", "mass") if getattr(self, name) is not None]
         if len(given) > 1:
-            raise ValueError(f"PruneConfig: give only one of keep, keep_ratio, mass (got {', '.join(given)})")
+            raise ConfigError(f"PruneConfig: give only one of keep, keep_ratio, mass (got {', '.join(given)})")
         if not given:
             self.keep_ratio = 0.25
-        if self.keep is not None and self.keep < 1:
-            raise ValueError(f"PruneConfig.keep must be >= 1, got {self.keep}")
-        if self.keep_ratio is not None and not 0.0 < self.keep_ratio <= 1.0:
-            raise ValueError(f"PruneConfig.keep_ratio must be in (0, 1], got {self.keep_ratio}")
-        if self.mass is not None and not 0.0 < self.mass <= 1.0:
-            raise ValueError(f"PruneConfig.mass must be in (0, 1], got {self.mass}")
-        if self.min_keep < 1:
-            raise ValueError(f"PruneConfig.min_keep must be >= 1, got {self.min_keep}")
-        if self.where not in _WHERE:
-            raise ValueError(f"PruneConfig.where must be one of {_WHERE}, got {self.where!r}")
-        if self.layer < 1:
-            raise ValueError(f"PruneConfig.layer must be >= 1 (layers before it see every token), got {self.layer}")
-        if self.text_queries < 1:
-            raise ValueError(f"PruneConfig.text_queries must be >= 1, got {self.text_queries}")
-        if self.score not in _SCORES:
-            raise ValueError(f"PruneConfig.score must be one of {_SCORES}, got {self.score!r}")
-        if self.sampled_queries < 1:
-            raise ValueError(f"PruneConfig.sampled_queries must be >= 1, got {self.sampled_queries}")
-        if not 0.0 <= self.contextual < 1.0:
-            raise ValueError(f"PruneConfig.contextual must be in [0, 1), got {self.contextual}")
-        if self.temporal_threshold is not None and not -1.0 <= self.temporal_threshold <= 1.0:
-            raise ValueError(f"PruneConfig.temporal_threshold must be in [-1, 1] or None, got {self.temporal_threshold}")
+        check_int(self, "min_keep", low=1)
+        check_choice(self, "where", _WHERE)
+        check_int(self, "layer", low=1, hint="layers before it see every token")
+        check_int(self, "text_queries", low=1)
+        check_choice(self, "score", _SCORES)
+        check_int(self, "sampled_queries", low=1)
+        check_float(self, "contextual", low=0, high=1, open_high=True)
+        check_float(self, "temporal_threshold", low=-1, high=1, optional=True, hint="None turns temporal merging off")
 
     def budget(self, n: int, scores=None) -> int:
         """Tokens to keep of a segment of `n` scored tokens (`scores`: a distribution, for `mass`)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .._validate import check_bool, check_callable, check_choice, check_int, check_str_tuple, fail
+
 SUPPORTED_BITS = (4,)
 GROUP_SIZES = (16, 32, 64, 128, 256)  # the GEMM tiles K by min(group, 64); tl.dot needs K-tiles of 16+
 KERNELS = ("auto", "triton", "dequant", "w4a8", "reference", "w4a8-reference")
@@ -77,36 +79,24 @@ class QuantConfig:
     restores them bit for bit. False frees them: quantization is then one-way and unpatch refuses."""
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
-            raise ValueError(f"QuantConfig(bits={self.bits}) is not supported; only bits=4 is")
-        if self.group_size not in GROUP_SIZES:
-            raise ValueError(
-                f"QuantConfig(group_size={self.group_size}) is not supported; choose one of {GROUP_SIZES}"
-            )
-        if self.kernel not in KERNELS:
-            raise ValueError(f"QuantConfig(kernel={self.kernel!r}) is unknown; choose one of {KERNELS}")
-        if self.activations not in ACTIVATIONS:
-            raise ValueError(f"QuantConfig(activations={self.activations!r}) is unknown; choose one of {ACTIVATIONS}")
+        check_int(self, "bits")
+        check_choice(self, "bits", SUPPORTED_BITS, hint="only bits=4 is supported")
+        check_int(self, "group_size")
+        check_choice(self, "group_size", GROUP_SIZES)
+        check_bool(self, "search")
+        check_callable(self, "calibration", optional=True,
+                       hint="a function that runs the model, e.g. lambda: pipe(prompt, num_inference_steps=4)")
+        check_int(self, "calibration_tokens", low=1)
+        check_int(self, "rank", low=0, hint="0 turns low-rank correction off")
+        check_str_tuple(self, "exclude", hint="a tuple of glob patterns, e.g. ('*.proj_out',)")
+        check_str_tuple(self, "include", optional=True, hint="a tuple of glob patterns, e.g. ('blocks.*',)")
+        check_bool(self, "default_exclusions")
+        check_int(self, "min_features", low=0)
+        check_choice(self, "activations", ACTIVATIONS)
+        check_choice(self, "kernel", KERNELS)
+        check_bool(self, "keep_original")
         if self.kernel.startswith("w4a8") and self.activations != "int8":
-            raise ValueError(
-                f"QuantConfig(kernel={self.kernel!r}) rounds activations to int8; opt in with activations='int8'"
-            )
+            fail(self, "kernel", self.kernel, "rounds activations to int8; opt in with activations='int8'")
         if self.activations == "int8" and self.group_size < W4A8_MIN_GROUP:
-            raise ValueError(
-                f"QuantConfig(activations='int8') needs group_size >= {W4A8_MIN_GROUP} (the W4A8 GEMM's int8 "
-                f"tensor-core tiles), got group_size={self.group_size}"
-            )
-        if self.rank < 0:
-            raise ValueError(f"QuantConfig(rank={self.rank}) must be >= 0 (0 turns low-rank correction off)")
-        if self.calibration is not None and not callable(self.calibration):
-            raise ValueError(
-                "QuantConfig(calibration=...) must be a callable that runs the model, e.g. "
-                "lambda: pipe(prompt, num_inference_steps=4)"
-            )
-        if self.calibration_tokens < 1:
-            raise ValueError("QuantConfig(calibration_tokens=...) must be >= 1")
-        if isinstance(self.exclude, str) or (self.include is not None and isinstance(self.include, str)):
-            raise ValueError("QuantConfig exclude/include take a tuple of glob patterns, e.g. ('*.proj_out',)")
-        self.exclude = tuple(self.exclude)
-        if self.include is not None:
-            self.include = tuple(self.include)
+            fail(self, "activations", self.activations, f"needs group_size >= {W4A8_MIN_GROUP} (the W4A8 GEMM's "
+                 f"int8 tensor-core tiles), got group_size={self.group_size}")
