@@ -76,6 +76,8 @@ def install(ctx: PatchContext, config: QuantConfig) -> QuantUnit:
         if "quant" in ctx.explicit:
             raise
         raise NotApplicable(str(err)) from None
+    if ctx.pipeline is not None:
+        result.guard_saving(ctx.pipeline)  # refuse before the pipeline writes any component
     return QuantUnit(result)
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from ..errors import QuantSaveError
 from . import kernels
 from .calibrate import calibrate
 from .config import QuantConfig
@@ -23,12 +25,56 @@ class NothingToQuantize(ValueError):
     """Every linear layer of the model is excluded or too small."""
 
 
+class _RefuseSave:
+    """Stands in for `save_pretrained` on an object holding 4-bit layers (an instance attribute, so it
+    shadows the class's method, pickles, and holds no reference to the object)."""
+
+    def __init__(self, owner: str, how_back: str):
+        self.owner = owner
+        self.how_back = how_back
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise QuantSaveError(
+            f"{self.owner}.save_pretrained would write accel's 4-bit tensors (qweight, scales, offsets) under the "
+            "plain diffusers/transformers format, and from_pretrained would load them as uninitialised (NaN) "
+            "weights. Save the 4-bit model with accel.quant.save_quantized(model, path) and reload it with "
+            f"accel.quant.load_quantized; {self.how_back}"
+        )
+
+
+_MISSING = object()
+
+
+def guard_saving(obj: Any, how_back: str) -> Callable[[], None] | None:
+    """Make `obj.save_pretrained` (if it has one) raise QuantSaveError; returns the undo (None: nothing
+    done). `how_back` ends the message: how to save 16-bit weights instead."""
+    if not callable(getattr(type(obj), "save_pretrained", None)):
+        return None
+    prior = obj.__dict__.get("save_pretrained", _MISSING)
+    if isinstance(prior, _RefuseSave):
+        return None
+    obj.__dict__["save_pretrained"] = _RefuseSave(type(obj).__name__, how_back)
+    ref = weakref.ref(obj)
+
+    def undo() -> None:
+        target = ref()
+        if target is None or not isinstance(target.__dict__.get("save_pretrained"), _RefuseSave):
+            return
+        if prior is _MISSING:
+            del target.__dict__["save_pretrained"]
+        else:
+            target.__dict__["save_pretrained"] = prior
+
+    return undo
+
+
 @dataclass
 class QuantizedLayer:
     name: str
-    slots: list[tuple[nn.Module, str]]  # (parent, attribute) pairs holding the layer (tied layers: several)
+    slots: list[tuple[weakref.ref, str]]  # (parent, attribute) pairs holding the layer (tied layers: several)
     original: nn.Linear | None  # kept for restore (None when freed)
     device: torch.device  # where the original lived
+    dtype: torch.dtype  # the original's weight dtype when quantized (the 4-bit layer's compute dtype)
     quantized: W4Linear
     bytes_before: int
     weight_error: float
@@ -49,21 +95,41 @@ class QuantResult:
     model_bytes_after: int
     warnings: list[str] = field(default_factory=list)
     restored: bool = False
+    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
     def reversible(self) -> bool:
         return all(layer.original is not None for layer in self.layers)
 
     def restore(self) -> None:
-        """Put the original `nn.Linear` layers back, on their original device: bit-identical weights."""
+        """Put the original `nn.Linear` layers back: bit-identical weights, on the device and in the dtype
+        the model has now (a `.to(dtype)`, `.half()` or `.to(device)` since quantizing cast the 4-bit
+        layers; the originals, kept outside the module tree, get the same move here)."""
         if self.restored:
             return
         self.check_reversible()
         for layer in self.layers:
-            layer.original.to(layer.device)
-            for parent, attr in layer.slots:
-                setattr(parent, attr, layer.original)
+            now = layer.quantized.scales
+            device = now.device if now.device.type != "meta" else layer.device
+            layer.original.to(device=device, dtype=now.dtype if now.dtype != layer.dtype else None)
+            for ref, attr in layer.slots:
+                parent = ref()
+                if parent is not None:
+                    setattr(parent, attr, layer.original)
+        for undo in self._undo:
+            undo()
+        self._undo.clear()
         self.restored = True
+
+    def guard_saving(self, obj: Any) -> None:
+        """Refuse `obj.save_pretrained` until `restore()` (for `obj` holding the quantized model)."""
+        undo = guard_saving(
+            obj,
+            "to save the 16-bit weights, put the original layers back first (accel.unpatch, or restore() on "
+            "the result of accel.quant.quantize)",
+        )
+        if undo is not None:
+            self._undo.append(undo)
 
     def check_reversible(self) -> None:
         if not self.restored and not self.reversible:
@@ -239,9 +305,10 @@ def quantize_model(
             done.append(
                 QuantizedLayer(
                     name=name,
-                    slots=slots[id(module)],
+                    slots=[(weakref.ref(parent), attr) for parent, attr in slots[id(module)]],
                     original=module if config.keep_original else None,
                     device=original_device,
+                    dtype=module.weight.dtype,
                     quantized=w4,
                     bytes_before=sum(t.numel() * t.element_size() for t in module.parameters()),
                     weight_error=q.weight_error,
@@ -250,7 +317,7 @@ def quantize_model(
                     int8_output_error=q.int8_output_error,
                 )
             )
-    return QuantResult(
+    result = QuantResult(
         config=config,
         layers=done,
         kept_16bit=kept,
@@ -259,6 +326,8 @@ def quantize_model(
         model_bytes_after=_model_bytes(model),
         warnings=messages,
     )
+    result.guard_saving(model)
+    return result
 
 
 _WARNED: set[str] = set()
