@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
-import weakref
 from typing import Any
 
 from torch import nn
 
 from ._unit import NotApplicable, PatchContext, StepClock, Unit
-from .errors import AlreadyPatchedError, NotPatchedError, UnsupportedModelError
+from ._versions import check_versions
+from .errors import AlreadyPatchedError, ConfigTypeError, CopyError, NotPatchedError, UnsupportedModelError
 from .pipelines import find_adapter
-from .presets import default_config, preset_configs
+from .presets import config_class_of, default_config, preset_configs
 from .report import Applied, Report, Skipped
 
-# Handles by patched object (the user's pipeline or model, and the denoiser inside it). Nothing is
-# stored on the user's objects except the hooks themselves.
-_HANDLES: "weakref.WeakKeyDictionary[Any, Handle]" = weakref.WeakKeyDictionary()
+# The handle lives on the patched objects themselves (the user's pipeline or model, and the denoiser inside
+# it), not in a global table, so dropping the last reference to a patched object frees it and its memory.
+_HANDLE_ATTR = "_accel_handle"
+# Copying or pickling a patched object would copy hooks bound to the original (a deep copy would run the
+# original's weights), so both are refused on the patched objects until `unpatch`.
+_GUARDS = ("__deepcopy__", "__reduce_ex__")
 
 _DENOISER_COMPONENTS = ("transformer", "unet")
 
@@ -44,6 +48,7 @@ class Handle:
         self.units: list[Unit] = []
         self.clock: StepClock | None = None
         self._pipeline_class: type | None = None
+        self._saved_guards: list[tuple[Any, dict]] = []  # (object, its own attributes accel shadowed)
         self._report = Report(model=type(model).__name__, family=None, preset=preset)
 
     def unit(self, name: str) -> Unit | None:
@@ -104,22 +109,27 @@ def patch(
     for name, value in overrides.items():
         if value is None:
             continue
+        check_keyword(name, value)
         explicit.add(name)
         if value is True:
             value = configs.get(name) or default_config(name)
         configs[name] = value or None
 
-    if target in _HANDLES:
+    existing = _handle_of(target)
+    if existing is not None and existing.target is target:
         raise AlreadyPatchedError(
-            f"{type(target).__name__} is already patched by accel; call accel.unpatch(...) before patching again"
+            f"{type(target).__name__} is already patched by accel; call accel.unpatch(...) on it before patching again"
         )
     model, pipeline = _resolve(target)
-    if model in _HANDLES:
+    existing = _handle_of(model) or existing
+    if existing is not None:
         raise AlreadyPatchedError(
-            f"{type(model).__name__} is already patched by accel (through another object); call accel.unpatch first"
+            f"{type(model).__name__} is already patched by accel through {_describe_target(existing)}; "
+            f"call accel.unpatch on that object, or on the {type(model).__name__} itself, before patching again"
         )
     handle = Handle(target, model, preset)
     report = handle._report
+    report.warnings.extend(check_versions())
     try:
         adapter = find_adapter(model)
     except UnsupportedModelError as err:
@@ -128,7 +138,7 @@ def patch(
         warnings.warn(f"{err} Nothing was patched.", stacklevel=2)
         report.warnings.append(str(err))
         report.skipped.append(Skipped("all", f"unsupported model {type(model).__name__}"))
-        _HANDLES[target] = _HANDLES[model] = handle  # so that unpatch works the same way
+        _attach(handle)  # so that unpatch works the same way
         return handle
     handle.adapter = adapter
     report.family = adapter.family
@@ -163,18 +173,21 @@ def patch(
 
     if pipeline is not None:
         _wrap_pipeline_call(pipeline, handle)
-    _HANDLES[target] = handle
-    _HANDLES[model] = handle
+    _attach(handle)
     for message in report.warnings:
         warnings.warn(f"accel: {message}", stacklevel=2)
     return handle
 
 
 def unpatch(target: Any) -> None:
-    """Remove everything accel installed on `target`; its outputs are then bit-identical to before."""
-    handle = _HANDLES.get(target)
-    if handle is None or handle.target is not target:
-        raise NotPatchedError(f"{type(target).__name__} is not patched by accel (pass the object you patched)")
+    """Remove everything accel installed on `target` (the object given to `accel.patch`, or the denoiser or
+    model inside it); its outputs are then bit-identical to before."""
+    handle = _handle_of(target)
+    if handle is None:
+        raise NotPatchedError(
+            f"{type(target).__name__} is not patched by accel; accel.unpatch takes the object given to "
+            "accel.patch (or the denoiser / model inside it)"
+        )
     for unit in handle.units:
         unit.check_removable()
     for unit in reversed(handle.units):
@@ -184,12 +197,73 @@ def unpatch(target: Any) -> None:
         handle.clock.end_call()
     if handle._pipeline_class is not None:
         handle.target.__class__ = handle._pipeline_class
-    del _HANDLES[handle.target]
-    _HANDLES.pop(handle.model, None)
+    _detach(handle)
 
 
 def get_handle(target: Any) -> Handle | None:
-    return _HANDLES.get(target)
+    """The handle of the patch that covers `target` (the patched object or the model inside it), or None."""
+    return _handle_of(target)
+
+
+def check_keyword(name: str, value: Any) -> None:
+    """`accel.patch(name=value)` takes None, a bool, or the accelerator's config (attention: also a kernel name)."""
+    if value is None or isinstance(value, bool):
+        return
+    config_class = config_class_of(name)
+    if isinstance(value, config_class) or (name == "attention" and isinstance(value, str)):
+        return
+    also = " or a kernel name" if name == "attention" else ""
+    raise ConfigTypeError(
+        f"accel.patch({name}=...) takes a {config_class.__name__}{also}, True (its defaults) or False (off); "
+        f"got {type(value).__name__} {value!r}"
+    )
+
+
+def _handle_of(obj: Any) -> Handle | None:
+    try:
+        return vars(obj).get(_HANDLE_ATTR)
+    except TypeError:  # no __dict__: an int, a string, ...
+        return None
+
+
+def _describe_target(handle: Handle) -> str:
+    if handle.target is handle.model:
+        return "accel.patch on the model itself"
+    return f"the {type(handle.target).__name__} that holds it"
+
+
+def _attach(handle: Handle) -> None:
+    for obj in dict.fromkeys((handle.target, handle.model)):  # the same object once
+        saved = {key: obj.__dict__[key] for key in _GUARDS if key in obj.__dict__}
+        handle._saved_guards.append((obj, saved))
+        name = type(obj).__name__
+        obj.__dict__["__deepcopy__"] = functools.partial(_refuse_copy, name)
+        obj.__dict__["__reduce_ex__"] = functools.partial(_refuse_pickle, name)
+        obj.__dict__[_HANDLE_ATTR] = handle
+
+
+def _detach(handle: Handle) -> None:
+    for obj, saved in handle._saved_guards:
+        for key in (*_GUARDS, _HANDLE_ATTR):
+            obj.__dict__.pop(key, None)
+        obj.__dict__.update(saved)
+    handle._saved_guards.clear()
+
+
+def _refuse_copy(name: str, memo: Any = None):
+    raise CopyError(
+        f"copy.deepcopy of a {name} patched by accel is not supported: the copy would share accel's hooks with "
+        f"the original and run the original's weights. Copy it before patching, or accel.unpatch it, copy, and "
+        f"accel.patch each copy"
+    )
+
+
+def _refuse_pickle(name: str, protocol: Any = None):
+    raise CopyError(
+        f"pickling a {name} patched by accel (pickle, torch.save) is not supported: accel's hooks are bound to "
+        f"this instance. Save the weights instead (save_pretrained, or state_dict(); for 4-bit weights "
+        f"accel.quant.save_quantized), or accel.unpatch first, then patch again after loading"
+    )
 
 
 def _resolve(target: Any) -> tuple[nn.Module, Any | None]:
@@ -246,8 +320,8 @@ def _wrap_pipeline_call(pipeline: Any, handle: Handle) -> None:
     if wrapped is None:
 
         def __call__(self, *args, **kwargs):
-            patched = _HANDLES.get(self)
-            if patched is None:
+            patched = _handle_of(self)
+            if patched is None or patched.target is not self:
                 return original.__call__(self, *args, **kwargs)
             patched._begin_call()
             try:

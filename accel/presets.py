@@ -16,6 +16,7 @@ import importlib
 from dataclasses import replace
 
 from .caching import CacheConfig
+from .errors import ConfigError
 
 _PRESETS = {
     "lossless": {"cache": None},
@@ -37,10 +38,14 @@ _CONFIG_CLASSES = {
 
 def preset_configs(name: str) -> dict:
     if name not in _PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     return {key: (replace(cfg) if cfg is not None else None) for key, cfg in _PRESETS[name].items()}
 
 
-def default_config(name: str):
+def config_class_of(name: str) -> type:
     module, _, cls = _CONFIG_CLASSES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)()
+    return getattr(importlib.import_module(module), cls)
+
+
+def default_config(name: str):
+    return config_class_of(name)()
