@@ -212,3 +212,13 @@ def test_patch_warns_about_untested_dependency_versions(monkeypatch, patched):
     with pytest.warns(UserWarning, match="transformers 9.0.0 is newer"):
         handle = patched(tiny("sd3").obj)
     assert message in handle.report().warnings
+
+
+def test_dense_blocks_that_name_no_block_are_a_config_error_and_leave_nothing_installed():
+    from accel import AttentionConfig
+
+    model = tiny("wan")
+    with pytest.raises(ConfigError, match="dense_blocks"):
+        accel.patch(model.obj, attention=AttentionConfig("sdpa", dense_blocks=(100,)))
+    assert accel.get_handle(model.obj) is None
+    assert not hasattr(model.obj.transformer, "_diffusers_hook")

@@ -7,6 +7,7 @@ directly (`int8_attention`, with `int8_attention_reference` beside it).
 from __future__ import annotations
 
 from .._unit import NotApplicable, PatchContext, Unit
+from ..errors import ConfigError
 from ..report import Report
 from .config import AttentionConfig
 from .int8 import int8_attention, int8_attention_reference
@@ -59,7 +60,11 @@ def install(ctx: PatchContext, config) -> AttentionUnit:
         ctx.warn("attention: dense_first_steps/dense_last_steps need a patched pipeline; a bare model has no step count")
     router = route.get_or_install(ctx)
     num_blocks = 1 + max(site.block for site in router.sites if site.role != "vision")
-    dense = DenseAttention(config, ctx.warn_now, num_blocks)
+    try:
+        dense = DenseAttention(config, ctx.warn_now, num_blocks)
+    except ConfigError:
+        route.release(router)
+        raise
     router.dense, router.kernel = dense, config.kernel
     return AttentionUnit(router, dense)
 

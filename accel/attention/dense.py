@@ -13,6 +13,7 @@ from collections import Counter
 
 import torch
 
+from ..errors import ConfigError
 from . import int8
 from .config import AttentionConfig
 from .route import AttentionCall
@@ -29,7 +30,13 @@ class DenseAttention:
         self.config = config
         self.warn = warn  # PatchContext.warn_now: into the report, shown once
         self.num_blocks = num_blocks
-        self.dense_blocks = {b % num_blocks for b in config.dense_blocks if -num_blocks <= b < num_blocks}
+        outside = [b for b in config.dense_blocks if not -num_blocks <= b < num_blocks]
+        if outside:
+            raise ConfigError(
+                f"AttentionConfig.dense_blocks={config.dense_blocks}: {outside} name no block of this model, which "
+                f"has {num_blocks} (use indices {-num_blocks}..{num_blocks - 1})"
+            )
+        self.dense_blocks = {b % num_blocks for b in config.dense_blocks}
         self.counts: Counter[str] = Counter()
         self._mask: torch.Tensor | None = None  # the last attention mask seen, and what it was found to be
         self._mask_version = -1
