@@ -32,6 +32,19 @@ DEMO_REPEATS = 1
 DEMO_WARMUP = 1
 VLM_NEW_TOKENS = 8
 
+
+class UsageError(SystemExit):
+    """A mistake on the command line or in the user's --pipeline/--runner function: `main` prints
+    `accel: error: <message>` on one line and exits with status 2 (argparse's convention), no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(2)
+        self.message = " ".join(message.splitlines())
+
+    def __str__(self) -> str:
+        return f"accel: error: {self.message}"
+
+
 _COLUMNS = (
     ("family", 15), ("variant", 9), ("time", 8), ("speedup", 7), ("comp/reuse", 10), ("fidelity vs baseline", 26)
 )
@@ -192,7 +205,40 @@ def _check_names(kind: str, names: list[str], allowed) -> None:
     unknown = [n for n in names if n not in allowed]
     if unknown:
         names = ", ".join(map(repr, unknown))
-        raise SystemExit(f"accel: error: unknown {kind} {names}; choose from: {', '.join(allowed)}")
+        raise UsageError(f"unknown {kind} {names}; choose from: {', '.join(allowed)}")
+
+
+def _check_output(option: str, path: str | None) -> None:
+    """Fail now, not after the run, if `path` cannot be written."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a folder; give a file name, e.g. {os.path.join(path, 'results.json')}")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{option} {path!r}: the folder {folder!r} does not exist; create it first")
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"{option} {path!r}: no permission to write there")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {device!r} is not a torch device; e.g. cpu, cuda, cuda:1") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {device}: no CUDA GPU is visible here; use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"--device {device}: only {count} CUDA GPU(s) are visible (cuda:0..cuda:{count - 1})")
+
+
+def _check_positive(option: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{option} must be >= 1, got {value}")
 
 
 def _cmd_demo(args) -> int:
@@ -205,6 +251,7 @@ def _cmd_demo(args) -> int:
     presets = _split(args.presets)
     _check_names("family", families, zoo.FAMILIES)
     _check_names("preset", presets, PRESET_NAMES)
+    _check_output("--json", args.json)
     _out(TINY_WARNING)
     _out(f"baseline vs {', '.join(presets)} on {len(families)} tiny families, CPU, "
          f"{args.repeats} timed run(s) after {args.warmup} warm-up run(s) each\n")
@@ -223,20 +270,65 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def _load_user_function(spec: str) -> Callable[[], Any]:
+def _load_user_function(option: str, spec: str) -> Callable:
+    """FUNCTION of `option MODULE:FUNCTION` (or path/to/file.py:FUNCTION). Errors raised by the user's module
+    itself keep their traceback; a missing module, file or function is a usage error."""
     module_name, sep, func_name = spec.rpartition(":")
     if not sep or not module_name or not func_name:
-        raise SystemExit(f"accel: error: --pipeline takes MODULE:FUNCTION or path/to/file.py:FUNCTION, got {spec!r}")
-    if module_name.endswith(".py"):
-        file_spec = importlib.util.spec_from_file_location("accel_user_pipeline", module_name)
-        if file_spec is None or not os.path.isfile(module_name):
-            raise SystemExit(f"accel: error: no such file {module_name!r}")
-        module = importlib.util.module_from_spec(file_spec)
-        file_spec.loader.exec_module(module)
-    else:
-        sys.path.insert(0, os.getcwd())
-        module = importlib.import_module(module_name)
-    return getattr(module, func_name)
+        raise UsageError(f"{option} takes MODULE:FUNCTION or path/to/file.py:FUNCTION, got {spec!r}")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise UsageError(f"{option} {spec}: no such file {module_name!r}")
+            file_spec = importlib.util.spec_from_file_location("accel_user_pipeline", module_name)
+            module = importlib.util.module_from_spec(file_spec)
+            file_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise UsageError(f"{option} {spec}: no module named {err.name!r} (run accel from the folder that "
+                             "holds it, or give path/to/file.py:FUNCTION)") from None
+        raise UsageError(f"{option} {spec}: importing {module_name!r} failed: {err}") from None
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise UsageError(f"{option} {spec}: {module_name!r} has no {func_name!r}")
+    if not callable(func):
+        raise UsageError(f"{option} {spec}: {func_name!r} is a {type(func).__name__}, not a function")
+    return func
+
+
+def _load_pipeline(spec: str) -> tuple[Any, Callable[[int], Any]]:
+    """(obj, run_fn) from the user's --pipeline function, both checked; run_fn's first output is checked too."""
+    from accel.api import _resolve
+    from accel.bench.harness import output_kind
+    from accel.errors import UnsupportedModelError
+
+    result = _load_user_function("--pipeline", spec)()
+    if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
+        got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
+        raise UsageError(f"--pipeline {spec}: the function must return (obj, run_fn) with run_fn(seed) callable, "
+                         f"got {got}")
+    obj, run_fn = result
+    try:
+        _resolve(obj)
+    except UnsupportedModelError as err:
+        raise UsageError(f"--pipeline {spec}: {err}") from None
+    checked = []
+
+    def run_checked(seed: int) -> Any:
+        output = run_fn(seed)
+        if not checked:  # the baseline's first call: fail before minutes of timing an unusable output
+            try:
+                output_kind(output)
+            except TypeError as err:
+                raise UsageError(f"--pipeline {spec}: {err}") from None
+            checked.append(True)
+        return output
+
+    return obj, run_checked
 
 
 def _cmd_bench(args) -> int:
@@ -249,18 +341,22 @@ def _cmd_bench(args) -> int:
     _check_names("preset", presets, PRESET_NAMES)
     _check_names("attention route", _split(args.attention), KERNELS)
     if bool(args.family) == bool(args.pipeline):
-        raise SystemExit("accel: error: give exactly one of --family F or --pipeline MODULE:FUNCTION")
+        raise UsageError("give exactly one of --family F or --pipeline MODULE:FUNCTION")
+    _check_output("--json", args.json)
+    _check_device(args.device)
     start = time.perf_counter()
     if args.keep:
         return _bench_pruning(args, start)
     if args.family:
         _check_names("family", [args.family], zoo.FAMILIES)
         if args.device != "cpu":
-            raise SystemExit("accel: error: tiny families run on CPU; bench a GPU pipeline with --pipeline")
+            raise UsageError("tiny families run on CPU; bench a GPU pipeline with --pipeline")
         _out(TINY_WARNING)
         result = _bench_tiny(args.family, presets, args, progress=not args.quiet, attention=_split(args.attention))
     else:
-        obj, run_fn = _load_user_function(args.pipeline)()
+        if args.steps is not None:
+            raise UsageError("--steps sets the steps of a tiny --family; with --pipeline, your run_fn decides them")
+        obj, run_fn = _load_pipeline(args.pipeline)
         rows = compare(obj, run_fn, _variants(presets, _split(args.attention)), repeats=args.repeats, warmup=args.warmup,
                        device=args.device, seed=args.seed, progress=not args.quiet, desc=args.pipeline)
         result = {"family": args.pipeline, "model": type(obj).__name__, "kind": None,
@@ -289,22 +385,36 @@ def _cmd_eval(args) -> int:
     tasks = _split(args.tasks)
     keep = _int_list("--keep", args.keep)
     if not tasks:
-        raise SystemExit("accel: error: --tasks names no task")
+        raise UsageError("--tasks names no task")
+    _check_positive("--limit", args.limit)
+    _check_positive("--max-new-tokens", args.max_new_tokens)
+    _check_output("--json", args.json)
+    _check_output("--markdown", args.markdown)
+    if args.include_path is not None and not os.path.isdir(args.include_path):
+        raise UsageError(f"--include-path {args.include_path!r} is not a folder")
     if args.runner:
-        runner = _load_user_function(args.runner)
+        runner = _checked_runner(args.runner, _load_user_function("--runner", args.runner))
     else:
         try:
             evaluate._require_lmms_eval()
         except ImportError as err:
-            raise SystemExit(f"accel: error: {err}") from None
+            raise UsageError(str(err)) from None
 
         def runner(model, processor, tasks, limit):
             return evaluate.run_lmms_eval(model, processor, tasks, limit, max_new_tokens=args.max_new_tokens,
                                           include_path=args.include_path)
 
+    _check_device(args.device)
+    import torch
+
+    if not isinstance(getattr(torch, args.dtype, None), torch.dtype):
+        raise UsageError(f"--dtype {args.dtype!r} is not a torch dtype; e.g. bfloat16, float16, float32")
     _out(f"loading {args.model} ({args.dtype}, {args.attn}) on {args.device}")
-    model, processor = evaluate.load_model(args.model, device=args.device, dtype=args.dtype,
-                                           attn_implementation=args.attn)
+    try:
+        model, processor = evaluate.load_model(args.model, device=args.device, dtype=args.dtype,
+                                               attn_implementation=args.attn)
+    except (OSError, ValueError) as err:  # no such model or folder, not a VLM, unknown --attn
+        raise UsageError(f"cannot load --model {args.model!r}: {str(err).strip().splitlines()[0]}") from None
     start = time.perf_counter()
     result = evaluate.evaluate_pruning(model, processor, runner, tasks, keep=keep,
                                        prune_options={"where": args.prune_where}, limit=args.limit, log=_out)
@@ -322,6 +432,25 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _checked_runner(spec: str, runner: Callable) -> Callable:
+    """`runner`, with each result checked: {task: {metric: number}} for every task asked."""
+
+    def run(model, processor, tasks, limit):
+        scores = runner(model, processor, tasks, limit)
+        if not isinstance(scores, dict):
+            raise UsageError(f"--runner {spec} must return {{task: {{metric: value}}}}, got {type(scores).__name__}")
+        for task in tasks:
+            metrics = scores.get(task)
+            if not isinstance(metrics, dict) or not metrics:
+                raise UsageError(f"--runner {spec} returned no metrics for task {task!r} (got {metrics!r})")
+            bad = {k: v for k, v in metrics.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+            if bad:
+                raise UsageError(f"--runner {spec}: metrics of task {task!r} must be numbers, got {bad!r}")
+        return scores
+
+    return run
+
+
 # ---- accel bench --family VLM --keep ...: visual token pruning
 
 
@@ -335,9 +464,9 @@ def _int_list(option: str, value: str) -> list[int]:
     try:
         values = [int(v) for v in _split(value)]
     except ValueError:
-        raise SystemExit(f"accel: error: {option} takes comma-separated integers, e.g. 64,128, got {value!r}") from None
+        raise UsageError(f"{option} takes comma-separated integers, e.g. 64,128, got {value!r}") from None
     if not values or min(values) < 1:
-        raise SystemExit(f"accel: error: {option} takes positive integers, got {value!r}")
+        raise UsageError(f"{option} takes positive integers, got {value!r}")
     return values
 
 
@@ -349,14 +478,14 @@ def _bench_pruning(args, start: float) -> int:
 
     keep = _int_list("--keep", args.keep)
     if not args.family:
-        raise SystemExit("accel: error: --keep works with --family; for your own VLM call "
+        raise UsageError("--keep works with --family; for your own VLM call "
                          "accel.bench.vlm.compare_pruning(model, inputs, ...) or see benchmarks/pruning.py")
     _check_names("family", [args.family], zoo.FAMILIES)
     if args.family not in vlm.BUILDERS:
-        raise SystemExit(f"accel: error: --keep (visual token pruning) needs a VLM family ({', '.join(vlm.BUILDERS)}), "
+        raise UsageError(f"--keep (visual token pruning) needs a VLM family ({', '.join(vlm.BUILDERS)}), "
                          f"not {args.family!r}")
     if args.device != "cpu":
-        raise SystemExit("accel: error: tiny families run on CPU; for a GPU see benchmarks/pruning.py")
+        raise UsageError("tiny families run on CPU; for a GPU see benchmarks/pruning.py")
     tiny = zoo.build(args.family, seed=args.seed)
     _out(TINY_WARNING)
     inputs = vlm.make_inputs(tiny.obj, seed=args.seed, video=args.video)
@@ -525,14 +654,20 @@ patched model.""",
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        raise SystemExit("accel: error: --repeats must be >= 1 and --warmup >= 0")
-    warnings.filterwarnings("ignore", message=".*Nothing was patched")  # the row says "nothing applied"
-    # transformers' notices (e.g. image processors without torchvision) would break up the table.
-    from transformers.utils import logging as transformers_logging
+    try:
+        _check_positive("--repeats", args.repeats)
+        if args.warmup < 0:
+            raise UsageError(f"--warmup must be >= 0, got {args.warmup}")
+        _check_positive("--steps", getattr(args, "steps", None))
+        warnings.filterwarnings("ignore", message=".*Nothing was patched")  # the row says "nothing applied"
+        # transformers' notices (e.g. image processors without torchvision) would break up the table.
+        from transformers.utils import logging as transformers_logging
 
-    transformers_logging.set_verbosity_error()
-    return args.func(args)
+        transformers_logging.set_verbosity_error()
+        return args.func(args)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        raise
 
 
 if __name__ == "__main__":

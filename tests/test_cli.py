@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import accel
 from accel import zoo
@@ -15,6 +16,16 @@ from accel.bench.harness import Variant, compare
 from accel.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def usage_error(capsys, argv: list[str]) -> str:
+    """The one `accel: error: ...` line that main(argv) prints on stderr before exiting with status 2."""
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("accel: error: "), lines
+    return lines[0]
 
 
 def test_demo_flux_llava(tmp_path, capsys):
@@ -57,9 +68,8 @@ def test_bench_one_family(tmp_path, capsys):
 
 
 def test_unknown_family_errors_clearly(capsys):
-    with pytest.raises(SystemExit) as err:
-        main(["demo", "--families", "flux,bogus", "--quiet"])
-    assert err.value.code != 0 and "bogus" in str(err.value.code) and "qwen2_5_vl" in str(err.value.code)
+    line = usage_error(capsys, ["demo", "--families", "flux,bogus", "--quiet"])
+    assert "bogus" in line and "qwen2_5_vl" in line
     with pytest.raises(ValueError, match="choose one of: flux, sd3"):
         zoo.build("bogus")
 
@@ -73,7 +83,7 @@ def test_python_dash_m_accel_exits_nonzero_on_unknown_family():
         env=env,
         timeout=120,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "unknown family 'nope'" in proc.stderr and "flux" in proc.stderr and "llava" in proc.stderr
 
 
@@ -134,3 +144,121 @@ def test_bench_attention_routes(tmp_path, capsys):
     assert rows["attn-int8"]["psnr"] != "inf" and rows["attn-int8"]["psnr"] > 50
     with pytest.raises(SystemExit, match="attention route"):
         main(["bench", "--family", "wan", "--attention", "int4"])
+
+
+# ---- user mistakes: one line on stderr, exit status 2, no traceback, before any work
+
+USER_PIPELINES = """
+import torch
+
+def returns_a_number():
+    return 5
+
+def returns_three():
+    return 1, 2, 3
+
+def returns_an_unpatchable_object():
+    return object(), lambda seed: torch.zeros(1, 3, 4, 4)
+
+def run_returns_text():
+    return torch.nn.Linear(2, 2), lambda seed: "an image"
+"""
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["demo", "--steps", "0"], "--steps must be >= 1, got 0"),
+        (["bench", "--family", "sd3", "--steps", "-3"], "--steps must be >= 1, got -3"),
+        (["bench", "--family", "sd3", "--repeats", "0"], "--repeats must be >= 1"),
+        (["bench", "--family", "sd3", "--warmup", "-1"], "--warmup must be >= 0"),
+        (["demo", "--json", "{tmp}/no/such/folder/demo.json"], "folder '{tmp}/no/such/folder' does not exist"),
+        (["bench", "--family", "sd3", "--json", "{tmp}"], "is a folder; give a file name"),
+        (["bench", "--pipeline", "accel_no_such_module:make"], "no module named 'accel_no_such_module'"),
+        (["bench", "--pipeline", "json:no_such_function"], "'json' has no 'no_such_function'"),
+        (["bench", "--pipeline", "json:__name__"], "'__name__' is a str, not a function"),
+        (["bench", "--pipeline", "make"], "takes MODULE:FUNCTION or path/to/file.py:FUNCTION"),
+        (["bench", "--pipeline", "{tmp}/missing.py:make"], "no such file"),
+        (["bench", "--pipeline", "{tmp}/needs_dep.py:make"], "importing '{tmp}/needs_dep.py' failed: No module named"),
+        (["bench", "--pipeline", "{tmp}/pipes.py:returns_a_number"], "must return (obj, run_fn) with run_fn(seed) "
+                                                                      "callable, got int"),
+        (["bench", "--pipeline", "{tmp}/pipes.py:returns_three"], "got a tuple of 3"),
+        (["bench", "--pipeline", "{tmp}/pipes.py:returns_an_unpatchable_object"], "accel.patch takes a diffusers"),
+        (["bench", "--pipeline", "{tmp}/pipes.py:run_returns_text"], "cannot compare outputs of type str"),
+        (["bench", "--pipeline", "{tmp}/pipes.py:returns_three", "--steps", "4"], "with --pipeline, your run_fn"),
+        (["bench", "--pipeline", "{tmp}/pipes.py:run_returns_text", "--device", "cdua"], "not a torch device"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(tmp_path, capsys, argv, message):
+    (tmp_path / "pipes.py").write_text(USER_PIPELINES)
+    (tmp_path / "needs_dep.py").write_text("import accel_no_such_dependency\n")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv] + ["--quiet"]
+    assert message.replace("{tmp}", str(tmp_path)) in usage_error(capsys, argv)
+    assert capsys.readouterr().out == ""  # nothing ran
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_refused_before_the_users_function_runs(capsys):
+    line = usage_error(capsys, ["bench", "--pipeline", "json:dumps", "--device", "cuda"])
+    assert "no CUDA GPU is visible here" in line
+
+
+def test_demo_json_folder_is_checked_before_the_run(tmp_path, capsys, monkeypatch):
+    def never(*args, **kwargs):
+        raise AssertionError("ran before checking --json")
+
+    monkeypatch.setattr("accel.cli._bench_tiny", never)
+    line = usage_error(capsys, ["demo", "--families", "sd3", "--json", str(tmp_path / "gone" / "demo.json")])
+    assert "does not exist; create it first" in line
+
+
+RUNNERS = """
+def number(model, processor, tasks, limit):
+    return 5
+
+def missing_task(model, processor, tasks, limit):
+    return {"a": {"score": 1.0}}
+
+def text_metric(model, processor, tasks, limit):
+    return {t: {"score": "high"} for t in tasks}
+"""
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--limit", "0"], "--limit must be >= 1"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--json", "{tmp}/no/eval.json"], "does not exist"),
+        (["--markdown", "{tmp}/no/eval.md"], "does not exist"),
+        (["--include-path", "{tmp}/no_tasks"], "--include-path '{tmp}/no_tasks' is not a folder"),
+        (["--runner", "accel_no_such_module:run"], "no module named 'accel_no_such_module'"),
+        (["--dtype", "float33"], "--dtype 'float33' is not a torch dtype"),
+        (["--device", "cdua"], "not a torch device"),
+        (["--model", "{tmp}"], "cannot load --model '{tmp}'"),
+    ],
+)
+def test_eval_mistakes_are_one_line_errors(tmp_path, capsys, extra, message):
+    argv = ["eval", "--model", str(tmp_path), "--tasks", "a,b", "--keep", "4", "--device", "cpu", "--runner",
+            "json:dumps", "--json", str(tmp_path / "eval.json")]
+    argv += [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    assert message.replace("{tmp}", str(tmp_path)) in usage_error(capsys, argv)
+
+
+@pytest.mark.parametrize(
+    "runner,message",
+    [
+        ("number", "must return {task: {metric: value}}, got int"),
+        ("missing_task", "returned no metrics for task 'b' (got None)"),
+        ("text_metric", "metrics of task 'a' must be numbers, got {'score': 'high'}"),
+    ],
+)
+def test_eval_runner_returning_the_wrong_shape_is_a_usage_error(tmp_path, capsys, monkeypatch, runner, message):
+    from accel.bench import evaluate
+
+    monkeypatch.setattr(evaluate, "load_model", lambda *args, **kwargs: (torch.nn.Linear(1, 1), None))
+    (tmp_path / "runners.py").write_text(RUNNERS)
+    argv = ["eval", "--model", "m", "--tasks", "a,b", "--keep", "4", "--device", "cpu", "--runner",
+            f"{tmp_path / 'runners.py'}:{runner}", "--json", str(tmp_path / "eval.json")]
+    assert message in usage_error(capsys, argv)
+    assert not (tmp_path / "eval.json").exists()
