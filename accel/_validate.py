@@ -163,19 +163,7 @@ def check_str_tuple(config: Any, name: str, *, choices: tuple | None = None, opt
     return _set(config, name, items)
 
 
-def resolve_indices(config: Any, name: str, length: int, what: str) -> set[int]:
-    """`config.<name>` (a tuple of indices, negative ones counting from the end) as a set of indices into
-    `length` items, called once the model's `length` is known; an index out of range raises, since it would
-    select nothing. `what` names the items: "blocks"."""
-    indices = getattr(config, name)
-    outside = [i for i in indices if not -length <= i < length]
-    if outside:
-        fail(config, name, indices, f"{', '.join(map(str, outside))} out of range: this model has {length} {what} "
-              f"(indices {-length}..{length - 1})")
-    return {i % length for i in indices}
-
-
 __all__ = [
     "check_bool", "check_callable", "check_choice", "check_float", "check_int", "check_int_tuple",
-    "check_str_tuple", "fail", "is_int", "is_real", "resolve_indices",
+    "check_str_tuple", "fail", "is_int", "is_real",
 ]

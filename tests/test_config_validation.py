@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 
-from accel._validate import resolve_indices
 from accel.attention.config import AttentionConfig
 from accel.attention.sparse import SparseConfig
 from accel.caching.config import CacheConfig
@@ -181,10 +180,3 @@ def test_cross_field_rules_still_hold():
     with pytest.raises(ConfigError, match="group_size >= 32"):
         QuantConfig(activations="int8", group_size=16)
 
-
-def test_dense_block_indices_outside_the_model_are_refused():
-    config = AttentionConfig(dense_blocks=(0, -1, 3))
-    assert resolve_indices(config, "dense_blocks", 4, "blocks") == {0, 3}
-    with pytest.raises(ConfigError, match=r"AttentionConfig.dense_blocks=\(100, -5\): 100, -5 out of range: "
-                                          r"this model has 4 blocks \(indices -4..3\)"):
-        resolve_indices(AttentionConfig(dense_blocks=(100, -5)), "dense_blocks", 4, "blocks")
