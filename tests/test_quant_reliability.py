@@ -3,10 +3,28 @@ checked, dtype/device moves survive unpatch, and accel imports under a meta defa
 
 from __future__ import annotations
 
+import gc
+import json
+import os
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file, save_model
+from torch import nn
+
+import accel
+from accel.errors import AccelError, QuantFileError, QuantSaveError
+from accel.quant import QuantConfig, load_quantized, quantize, save_quantized
+from accel.quant.io import _digest
+from accel.zoo import build
+
+from conftest import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,25 +54,11 @@ def test_import_under_meta_device_then_normal_use():
         """
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "TRITON_INTERPRET": "1"})
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 # ---- save_pretrained of a 4-bit model ----------------------------------------------------------------------
-
-import gc
-import weakref
-
-import pytest
-import torch
-from torch import nn
-
-import accel
-from accel.errors import AccelError, QuantSaveError
-from accel.quant import QuantConfig, quantize
-from accel.zoo import build
-
-from conftest import tiny
 
 TINY = QuantConfig(group_size=16, min_features=0)
 
@@ -159,15 +163,6 @@ def test_restore_after_device_move_puts_originals_on_the_new_device():
 
 
 # ---- load_quantized: checked, all or nothing ---------------------------------------------------------------
-
-import json
-
-from safetensors import safe_open
-from safetensors.torch import save_file, save_model
-
-from accel.errors import QuantFileError
-from accel.quant import load_quantized, save_quantized
-from accel.quant.io import _digest
 
 
 @pytest.fixture(scope="module")
