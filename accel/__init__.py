@@ -4,7 +4,15 @@ from .api import Handle, get_handle, patch, unpatch
 from .attention import AttentionConfig
 from .attention.sparse import SparseConfig
 from .caching import CacheConfig
-from .errors import AccelError, AlreadyPatchedError, NotPatchedError, UnsupportedModelError
+from .errors import (
+    AccelError,
+    AlreadyPatchedError,
+    ConfigError,
+    ConfigTypeError,
+    CopyError,
+    NotPatchedError,
+    UnsupportedModelError,
+)
 from .presets import PRESET_NAMES
 from .pruning import PruneConfig
 from .quant import QuantConfig
@@ -16,6 +24,9 @@ __all__ = [
     "AlreadyPatchedError",
     "AttentionConfig",
     "CacheConfig",
+    "ConfigError",
+    "ConfigTypeError",
+    "CopyError",
     "Handle",
     "NotPatchedError",
     "PRESET_NAMES",
