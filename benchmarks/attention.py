@@ -35,6 +35,7 @@ Usage::
     python benchmarks/attention.py                               # all shapes, on cuda:0
     python benchmarks/attention.py --shapes wan,flux --repeats 20
     python benchmarks/attention.py --e2e                          # plus the Wan transformer step
+    python benchmarks/attention.py --shapes none --e2e            # the Wan transformer step alone
     python benchmarks/attention.py --tiny                         # tiny shapes on CPU (Triton interpreter): checks the script
 
 Results: a table on stdout and JSON at ``--json`` (default ``benchmarks/results/attention-<gpu>.json``).
@@ -300,7 +301,7 @@ def environment(device) -> dict[str, Any]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="all", help="comma list of wan,hunyuan,flux,vlm, or all")
+    p.add_argument("--shapes", default="all", help="comma list of wan,hunyuan,flux,vlm; all; or none (with --e2e)")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
@@ -313,10 +314,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     table = TINY_SHAPES if args.tiny else SHAPES
-    args.shape_names = list(table) if args.shapes == "all" else [s.strip() for s in args.shapes.split(",") if s.strip()]
+    if args.shapes == "none":
+        args.shape_names = []
+    else:
+        args.shape_names = list(table) if args.shapes == "all" else [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = set(args.shape_names) - set(table)
     if unknown:
-        p.error(f"unknown shapes {sorted(unknown)}; choose from {list(table)}")
+        p.error(f"unknown shapes {sorted(unknown)}; choose from {list(table)}, all or none")
+    if not args.shape_names and not args.e2e:
+        p.error("nothing to run: --shapes none needs --e2e")
     return args
 
 
@@ -339,13 +345,13 @@ def main(argv=None) -> int:
                                date=_dt.datetime.now(_dt.timezone.utc).isoformat(), shapes={})
     print(f"# {env['gpu'] or 'CPU (Triton interpreter)'}  torch {env['torch']}  triton {env['triton']}  {args.dtype}")
     failed = False
+    path.parent.mkdir(parents=True, exist_ok=True)
     for name in args.shape_names:
         heads, n, causal = table[name]
         print(f"## {name}: B=1 H={heads} N={n} d={HEAD_DIM}{' causal' if causal else ''}  "
               f"({flops(heads, n, causal) / 1e12:.2f} TFLOP per call)")
         doc["shapes"][name] = bench_shape(name, heads, n, causal, args, device, dtype)
         failed |= any("error" in r for r in doc["shapes"][name]["rows"])
-        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc, indent=1))
     if args.e2e:
         doc["e2e_wan"] = wan_transformer_step(args, device, dtype)

@@ -21,6 +21,8 @@ Usage::
 
     python benchmarks/quant.py                          # everything, on cuda:0
     python benchmarks/quant.py --part gemm --repeats 20
+    python benchmarks/quant.py --part gemm --gemm-shapes results   # only the rows of the RESULTS.md table
+    python benchmarks/quant.py --part model --models wan          # one model's forward
     python benchmarks/quant.py --tiny                   # tiny shapes on CPU (Triton interpreter): checks the script
 
 --tiny measures nothing: it runs every code path at toy sizes so tests can check the script (the model part's
@@ -59,6 +61,10 @@ DIFFUSION_KN = ((3072, 3072), (3072, 12288), (12288, 3072), (1536, 1536), (1536,
 DECODE_M = (1, 4, 16)
 DECODE_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
 TINY_SHAPES = [(1, 64, 96), (33, 128, 64)]  # (M, K, N)
+# The rows of the GEMM table in benchmarks/RESULTS.md (--gemm-shapes results): a short run that fills it.
+RESULTS_SHAPES = [(1, 4096, 4096), (1, 4096, 11008), (16, 11008, 4096), (4096, 3072, 3072), (4096, 3072, 12288),
+                  (16384, 3072, 3072), (32768, 1536, 1536), (32768, 5120, 5120)]
+MODELS = ("flux", "wan")
 
 
 def _timer(device: torch.device, repeats: int, warmup: int) -> Callable[[Callable[[], Any]], list[float]]:
@@ -80,9 +86,7 @@ def _torchao_int4(linear: nn.Linear, group: int) -> tuple[nn.Module | None, str]
 
 @torch.no_grad()
 def bench_gemm(args, device, dtype) -> list[dict]:
-    shapes = TINY_SHAPES if args.tiny else [(m, k, n) for m in DECODE_M for k, n in DECODE_KN] + [
-        (m, k, n) for m in DIFFUSION_M for k, n in DIFFUSION_KN
-    ]
+    shapes = args.gemm_shapes
     time_it = _timer(device, args.repeats, args.warmup)
     # (label, QuantConfig.kernel, QuantConfig.activations); --tiny: the interpreter runs the Triton kernels on CPU
     variants = [("auto", "auto", "16bit"), ("triton", "triton", "16bit"), ("dequant", "dequant", "16bit"),
@@ -146,7 +150,8 @@ def _wan_forward(scenario, model, inputs):
 def bench_models(args, device, dtype) -> dict:
     results = {}
     time_it = _timer(device, args.repeats, args.warmup)
-    for key, cls, forward in (("flux", FluxScenario, _flux_forward), ("wan", WanScenario, _wan_forward)):
+    models = (("flux", FluxScenario, _flux_forward), ("wan", WanScenario, _wan_forward))
+    for key, cls, forward in (m for m in models if m[0] in args.models):
         scenario = cls(args.tiny, device, dtype, args.seed)
         model = scenario.build()
         inputs = scenario.make_inputs()
@@ -195,6 +200,24 @@ def bench_models(args, device, dtype) -> dict:
     return results
 
 
+def _gemm_shapes(p: argparse.ArgumentParser, text: str, tiny: bool) -> list[tuple[int, int, int]]:
+    if text in ("all", "results"):
+        if tiny:
+            return TINY_SHAPES
+        if text == "results":
+            return RESULTS_SHAPES
+        return [(m, k, n) for m in DECODE_M for k, n in DECODE_KN] + [(m, k, n) for m in DIFFUSION_M for k, n in DIFFUSION_KN]
+    shapes = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        parts = item.lower().split("x")
+        if len(parts) != 3 or not all(x.isdigit() and int(x) > 0 for x in parts):
+            p.error(f"--gemm-shapes: {item!r} is not MxKxN with positive integers (e.g. 4096x3072x3072)")
+        shapes.append(tuple(int(x) for x in parts))
+    if not shapes:
+        p.error("--gemm-shapes: no shape given; use all, results or MxKxN,...")
+    return shapes
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["gemm", "model", "all"], default="all")
@@ -202,9 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--gemm-shapes", default="all",
+                   help="all (decode and diffusion sets), results (the RESULTS.md table rows), or MxKxN,... "
+                        "(--tiny: its toy shapes unless MxKxN are given)")
+    p.add_argument("--models", default=",".join(MODELS), help=f"--part model: comma list of {', '.join(MODELS)}")
     p.add_argument("--tiny", action="store_true", help="toy sizes on CPU (Triton interpreter): checks the script")
     p.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/quant-<gpu>.json")
     args = p.parse_args(argv)
+    args.gemm_shapes = _gemm_shapes(p, args.gemm_shapes, args.tiny)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not args.models or set(args.models) - set(MODELS):
+        p.error(f"--models {','.join(args.models) or '(empty)'}: choose from {', '.join(MODELS)}")
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
         args.group_size = 32  # divides every tiny layer, and W4A8 needs groups of 32+
