@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -191,15 +193,22 @@ def repeat_first_frame(model, inputs):
 def test_static_video_is_merged_over_time(family, patched):
     model = model_of(family)
     inputs = repeat_first_frame(model, vlm.make_inputs(model, seed=6, video=True))
-    handle = patched(model, prune=PruneConfig(keep_ratio=1.0))
+    handle = patched(model, prune=PruneConfig(keep=1000))  # a budget above every count: only merging drops
     generate(model, inputs, new=2)
     last = handle.unit("prune").last
     frames_after_first = last.visual_in[0] - last.visual_kept[0]
     assert last.temporal_merged == frames_after_first > 0  # every later frame folded into the first
     accel.unpatch(model)
-    patched(model, prune=PruneConfig(keep_ratio=1.0, temporal_threshold=None))
+    patched(model, prune=PruneConfig(keep=1000, temporal_threshold=None))
     generate(model, inputs, new=2)
     assert accel.get_handle(model).unit("prune").last.temporal_merged == 0
+    accel.unpatch(model)
+    ref = generate(model, inputs, new=2)
+    patched(model, prune=PruneConfig(keep_ratio=1.0))  # keep-all is the identity: no merging over time either
+    out = generate(model, inputs, new=2)
+    last = accel.get_handle(model).unit("prune").last
+    assert last.temporal_merged == 0 and last.visual_kept == last.visual_in
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(out.first_logits, ref.first_logits)
 
 
 def test_llava_uses_the_cls_row_and_the_tower_keeps_sdpa(patched):
@@ -303,3 +312,20 @@ def test_in_lm_keeps_the_visual_tokens_the_last_prompt_token_attends_to(patched)
     expected = visual[weights[visual].topk(2).indices].sort().values
     kept = unit.last.kept_index[0]
     assert torch.equal(kept[vlm_mask(model, inputs["input_ids"][0, kept])], expected)
+
+
+def test_cache_argument_is_read_by_the_name_the_forward_declares():
+    from transformers import DynamicCache
+
+    from accel._transformers_compat import CACHE_NAMES, cache_kwarg_name, get_cache
+    from accel.pipelines import find_adapter
+
+    lm = find_adapter(model_of("llava")).language_model()
+    name = cache_kwarg_name(lm)
+    params = list(inspect.signature(type(lm).forward).parameters)[1:]
+    assert name in params
+    cache = DynamicCache()
+    for alias in CACHE_NAMES:  # the current name and the deprecated ones a caller may still pass
+        assert get_cache(lm, (), {alias: cache}) is cache
+    assert get_cache(lm, (None,) * params.index(name) + (cache,), {}) is cache
+    assert get_cache(lm, (), {}) is None

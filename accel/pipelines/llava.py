@@ -52,6 +52,16 @@ def _has_layers(module: nn.Module) -> bool:
     return isinstance(getattr(module, "layers", None), nn.ModuleList)
 
 
+_PIXEL_INPUTS = {"image": "pixel_values", "video": "pixel_values_videos"}
+
+
+def visual_inputs(call: dict) -> set[str]:
+    """Modalities ("image", "video") one call of the multimodal model carries: pixels, or the features
+    generate() encoded before the prefill (`mm_encoder_outputs`, transformers >= 5)."""
+    encoded = call.get("mm_encoder_outputs") or {}
+    return {kind for kind, key in _PIXEL_INPUTS.items() if call.get(key) is not None or encoded.get(kind) is not None}
+
+
 class LlavaAdapter(VLMAdapter):
     """LLaVA / LLaVA-1.5: CLIP vision tower (CLS token), MLP projector, Llama decoder."""
 
@@ -123,6 +133,13 @@ class LlavaAdapter(VLMAdapter):
 
     def image_segment_length(self) -> int | None:
         return self.tokens_per_image()
+
+    def visual_inputs(self, call: dict) -> set[str]:
+        return visual_inputs(call)
+
+    def mask_positions(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """The [B, S] positions the language model reads padding-free packed sequences from (no mask given)."""
+        return position_ids if position_ids is not None and position_ids.ndim == 2 else None
 
     def cls_attention_module(self) -> nn.Module | None:
         """Self-attention of the vision layer whose output LLaVA feeds the projector (`vision_feature_layer`)."""

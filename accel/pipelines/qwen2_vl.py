@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from accel.pipelines.base import VLMAdapter
-from accel.pipelines.llava import _has_layers, _lookup
+from accel.pipelines.llava import _has_layers, _lookup, visual_inputs
 
 
 class Qwen2VLAdapter(VLMAdapter):
@@ -97,6 +97,16 @@ class Qwen2VLAdapter(VLMAdapter):
             return None
         temporal = positions[-3]
         return int((temporal == temporal[0]).sum())
+
+    def visual_inputs(self, call: dict) -> set[str]:
+        return visual_inputs(call)
+
+    def mask_positions(self, position_ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Text positions, row 0 of `[4, B, S]` position ids: the text model reads packed sequences from them
+        (3-row M-RoPE positions alone never mark packing)."""
+        if position_ids is not None and position_ids.ndim == 3 and position_ids.shape[0] == 4:
+            return position_ids[0]
+        return None
 
     def rope_model(self) -> nn.Module:
         """The module owning `get_rope_index` and the cached `rope_deltas` (`model.model` in 5.x)."""

@@ -25,10 +25,14 @@ class Segment:
         return slice(self.start, self.start + self.length)
 
 
-def find_segments(adapter, input_ids: torch.Tensor, positions: torch.Tensor) -> list[Segment]:
+def find_segments(
+    adapter, input_ids: torch.Tensor, positions: torch.Tensor, images: bool = True, videos: bool = True
+) -> list[Segment]:
     """Segments of a batch, in row-major order (the order the model consumes images and videos).
-    `positions`: the language model's position ids `[..., B, S]` (frame lengths of videos come from them)."""
-    image_id, video_id = adapter.image_token_id(), adapter.video_token_id()
+    `positions`: the language model's position ids `[..., B, S]` (frame lengths of videos come from them).
+    `images` / `videos`: whether the call carries that modality; placeholder ids of the other are text."""
+    image_id = adapter.image_token_id() if images else None
+    video_id = adapter.video_token_id() if videos else None
     per_image = adapter.image_segment_length()
     segments: list[Segment] = []
     ids = input_ids.tolist()
@@ -36,7 +40,7 @@ def find_segments(adapter, input_ids: torch.Tensor, positions: torch.Tensor) -> 
         pos = 0
         while pos < len(tokens):
             token = tokens[pos]
-            if token != image_id and (video_id is None or token != video_id):
+            if token not in (image_id, video_id):
                 pos += 1
                 continue
             end = pos

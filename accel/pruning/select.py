@@ -65,6 +65,11 @@ def temporal_merge(
     return survivors, sums, counts
 
 
+def keeps_all(config: PruneConfig) -> bool:
+    """`keep_ratio=1.0`: every token stays as it is, not merged over time either (the identity)."""
+    return config.keep_ratio is not None and config.keep_ratio >= 1.0
+
+
 def select_segment(
     x: torch.Tensor,
     scores: torch.Tensor,
@@ -77,7 +82,7 @@ def select_segment(
 
     x: [n, D] features, scores: [n] (higher = more important). `structural` marks tokens that are always
     kept unchanged and do not count towards the budget (LLaVA-OneVision's newline tokens). With
-    `frame_len`, videos are first merged over time (`config.temporal_threshold`).
+    `frame_len`, videos are first merged over time (`config.temporal_threshold`), except at `keep_ratio=1.0`.
     """
     n = x.shape[0]
     device = x.device
@@ -87,10 +92,11 @@ def select_segment(
     cx, cscores = x[content], scores[content]
     sums, counts = None, None
     merged = 0
-    if frame_len and config.temporal_threshold is not None and config.temporal_threshold < 1.0:
+    threshold = config.temporal_threshold
+    if frame_len and threshold is not None and threshold < 1.0 and not keeps_all(config):
         if cx.shape[0] % frame_len:
             raise ValueError(f"video segment of {cx.shape[0]} tokens is not a whole number of {frame_len}-token frames")
-        survivors, sums, counts = temporal_merge(cx, frame_len, config.temporal_threshold)
+        survivors, sums, counts = temporal_merge(cx, frame_len, threshold)
         merged = cx.shape[0] - survivors.numel()
         content, cscores = content[survivors], cscores[survivors]
         cx = x[content]

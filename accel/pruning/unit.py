@@ -2,47 +2,90 @@
 
 Hooks, per instance:
 
-1. `adapter.multimodal_model()` (e.g. `LlavaModel`): a forward pre-hook remembers the call's inputs
-   (`input_ids`, grids, ...) and a forward hook forgets them; the language model receives only embeddings.
-2. With a [CLS] score: a pre-hook on the vision self-attention whose output LLaVA uses computes the CLS
-   query's attention row (one row, the tower keeps SDPA).
-3. The language model (`adapter.language_model()`), a forward pre-hook that rewrites its keyword
+1. The top-level model: a forward pre-hook takes `labels` out of the call and a forward hook computes the
+   loss on the labels of the tokens the language model kept (the logits are as short as its sequence).
+2. `adapter.multimodal_model()` (e.g. `LlavaModel`): a forward pre-hook remembers the call's inputs
+   (`input_ids`, pixel values, grids, ...) and a forward hook forgets them; the language model receives
+   only embeddings.
+3. With a [CLS] score: a pre-hook on the vision self-attention whose output LLaVA uses computes the CLS
+   query's attention row (one row, the tower keeps SDPA), and a hook on the projector pairs those rows
+   with the image features they score. A prompt's images are matched to them by value, so generate()
+   may repeat images (beams, several sequences per prompt) or re-run the prompt (`use_cache=False`).
+4. The language model (`adapter.language_model()`), a forward pre-hook that rewrites its keyword
    arguments:
    - prefill: drop visual tokens from `inputs_embeds`, `attention_mask` and `position_ids` (gathered, so
      kept tokens keep their original positions, M-RoPE included), left-pad rows to a common length;
    - decode: generate() keeps the full-length attention mask and original positions; the hook swaps the
-     prefill part of the mask for the shortened one so the mask matches the shorter KV cache. Positions
+     prefill part of the mask for the shortened one so the mask matches the shorter KV cache (one record
+     per live cache, so interleaved generations, e.g. assisted decoding, each keep theirs). Positions
      generate() computes from the full mask are the original ones, so Qwen's `rope_deltas` stays right.
    With `where="in_lm"` the language model runs unchanged up to `config.layer` and `accel.pruning.inlm`
    does the dropping there.
+
+A call that changes nothing (text only, or every visual token kept) is passed through untouched, so
+`keep_ratio=1.0` is the identity, `attention_mask=None` (padding-free packed sequences) included.
 """
 
 from __future__ import annotations
 
+import functools
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from .._transformers_compat import cache_length, get_cache
 from .._unit import Unit
+from ..errors import AccelError
 from ..report import Report
 from .config import PruneConfig
 from .segments import Segment, find_segments, left_pad
-from .select import Selection, sampled_attention, select_segment
+from .select import Selection, keeps_all, sampled_attention, select_segment
+
+_MAX_PENDING_ROWS = 16  # vision-tower runs whose [CLS] rows wait for the projector
+_IGNORE_INDEX = -100  # transformers' label of positions without a loss
 
 
-_MAX_PENDING_ROWS = 16  # vision-tower runs whose [CLS] rows wait for a prefill
-
-
-class PruneError(RuntimeError):
+class PruneError(AccelError, RuntimeError):
     """The inputs of a call cannot be pruned consistently (the message says why and what to do)."""
+
+
+_COMPILE_MESSAGE = (
+    "visual token pruning cannot run inside torch.compile: it chooses tokens by value and changes the sequence "
+    "length. Compile an unpatched model (accel.unpatch first) or patch with prune=False"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _compile_refusal():
+    """A function that raises `PruneError` in a way torch.compile's tracer passes on unchanged.
+
+    Dynamo calls a function marked `assume_constant_result` for real while it traces, and re-raises its own
+    `UserError` as is; an ordinary exception would come out as a dynamo error (or a graph break)."""
+    try:
+        from torch._dynamo import assume_constant_result
+        from torch._dynamo.exc import UserError, UserErrorType
+    except ImportError:  # an older torch: the PruneError reaches the user wrapped in the tracer's error
+        def refuse():
+            raise PruneError(_COMPILE_MESSAGE)
+
+        return refuse
+
+    class PruneCompileError(PruneError, UserError):
+        def __init__(self, message: str):
+            UserError.__init__(self, UserErrorType.ANTI_PATTERN, message)
+
+    @assume_constant_result
+    def refuse():
+        raise PruneCompileError(_COMPILE_MESSAGE)
+
+    return refuse
 
 
 @dataclass
 class Compressed:
-    """What decode steps need to know about the last pruned prefill."""
+    """What decode steps need to know about a pruned prefill (one per KV cache)."""
 
-    cache: object  # the KV cache object the prefill filled
     full_length: int  # prompt length generate() sees
     mask: torch.Tensor  # [B, L] the shortened prompt's attention mask
 
@@ -66,9 +109,14 @@ class PruneUnit(Unit):
         self.score = score  # "cls" | "sampled" (resolved from config.score)
         self._handles: list = []
         self._call: dict | None = None
-        self._cls_rows: list[torch.Tensor] = []
-        self._state: Compressed | None = None
+        self._cls_pending: list[torch.Tensor] = []  # [CLS] rows of tower runs not yet paired with features
+        self._cls_images: tuple[torch.Tensor, torch.Tensor] | None = None  # features [N, T, D], scores [N, T]
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> Compressed
         self._lm_inputs: tuple | None = None  # (attention_mask, position_ids) the language model got, for in_lm
+        self._labels: dict | None = None  # labels taken out of the current top-level call
+        self._changed: tuple[list[torch.Tensor], int] | None = None  # (kept per row, length) of a pruned call
+        self.answer_tokens = 0  # tokens of the current call after its prompt (assisted generation's drafts)
+        self._refuse_compile = _compile_refusal()
         self.last: CallStats | None = None
         self.calls = 0
         self.visual_in_total = 0
@@ -77,12 +125,16 @@ class PruneUnit(Unit):
     # ---- install / remove ----------------------------------------------------------------------------------
 
     def install(self) -> None:
+        top = self.adapter.model
+        self._handles.append(top.register_forward_pre_hook(self._top_pre, with_kwargs=True))
+        self._handles.append(top.register_forward_hook(self._top_post, with_kwargs=True, always_call=True))
         mm = self.adapter.multimodal_model()
         self._handles.append(mm.register_forward_pre_hook(self._remember_call, with_kwargs=True))
         self._handles.append(mm.register_forward_hook(self._forget_call, always_call=True))
         if self.score == "cls" and self.config.where == "before_lm":
             attn = self.adapter.cls_attention_module()
             self._handles.append(attn.register_forward_pre_hook(self._cls_row, with_kwargs=True))
+            self._handles.append(self.adapter.projector().register_forward_hook(self._cls_features))
         lm = self.adapter.language_model()
         self._handles.append(lm.register_forward_pre_hook(self._language_model_pre, with_kwargs=True))
 
@@ -90,8 +142,9 @@ class PruneUnit(Unit):
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._call = self._state = self._lm_inputs = None
-        self._cls_rows.clear()
+        self._call = self._lm_inputs = self._cls_images = self._labels = self._changed = None
+        self._states = weakref.WeakKeyDictionary()
+        self._cls_pending.clear()
 
     def describe(self) -> str:
         return self.config.describe()
@@ -112,7 +165,43 @@ class PruneUnit(Unit):
 
     # ---- hooks ---------------------------------------------------------------------------------------------
 
+    def check_not_compiling(self) -> None:
+        if torch.compiler.is_compiling():
+            self._refuse_compile()
+
+    def _top_pre(self, module, args, kwargs):
+        self.check_not_compiling()
+        self._changed = self._labels = None
+        # Assisted generation prefills the prompt with the draft tokens after it and asks for the logits of
+        # the last `logits_to_keep` positions: the prompt ends where those start (in_lm scores with its end).
+        keep_logits = kwargs.get("logits_to_keep")
+        self.answer_tokens = keep_logits - 1 if isinstance(keep_logits, int) and keep_logits > 0 else 0
+        labels = {k: kwargs[k] for k in ("labels", "shift_labels") if kwargs.get(k) is not None}
+        if not labels:
+            return None
+        # The model's own loss would compare full-length labels with shortened logits: it is computed after.
+        self._labels = labels
+        return args, {k: v for k, v in kwargs.items() if k not in labels}
+
+    def _top_post(self, module, args, kwargs, output):
+        labels, self._labels = self._labels, None
+        changed, self._changed = self._changed, None
+        self.answer_tokens = 0
+        if labels is None or output is None:
+            return None
+        if changed is not None:
+            labels = {k: _gather_rows(v, *changed, fill=_IGNORE_INDEX) for k, v in labels.items()}
+        logits = output["logits"] if isinstance(output, dict) else output[0]
+        extra = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+        if "shift_labels" in labels:
+            extra["shift_labels"] = labels["shift_labels"]
+        loss = module.loss_function(logits=logits, labels=labels.get("labels"), vocab_size=logits.shape[-1], **extra)
+        if isinstance(output, dict):  # a ModelOutput: rebuilt so that loss comes first, as the model returns it
+            return type(output)(loss=loss, **{k: v for k, v in output.items() if k != "loss"})
+        return (loss, *output)
+
     def _remember_call(self, module, args, kwargs):
+        self.check_not_compiling()
         call = dict(kwargs)
         if args:
             call.setdefault("input_ids", args[0])
@@ -123,13 +212,27 @@ class PruneUnit(Unit):
 
     @torch.no_grad()
     def _cls_row(self, module, args, kwargs):
-        # generate() encodes images before the prefill call, so rows are kept until a prefill takes them.
-        if len(self._cls_rows) >= _MAX_PENDING_ROWS:
-            self._cls_rows.pop(0)
+        self.check_not_compiling()
+        if len(self._cls_pending) >= _MAX_PENDING_ROWS:
+            self._cls_pending.pop(0)
         hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self._cls_rows.append(self.adapter.cls_attention_row(module, hidden))
+        self._cls_pending.append(self.adapter.cls_attention_row(module, hidden))
+
+    def _cls_features(self, module, args, output):
+        """The projector's output: the image features the pending [CLS] rows score, in the same order."""
+        if not self._cls_pending:
+            return
+        scores = self.adapter.cls_feature_scores(torch.cat(self._cls_pending))
+        self._cls_pending.clear()
+        n, t = scores.shape
+        if not isinstance(output, torch.Tensor) or output.numel() != n * t * output.shape[-1]:
+            self._cls_images = None
+            return
+        # Kept until the next image batch: generate() reuses these features for every step and copy of a prompt.
+        self._cls_images = (output.detach().reshape(n, t, -1), scores)
 
     def _language_model_pre(self, module, args, kwargs):
+        self.check_not_compiling()
         if self.config.where == "in_lm":
             self._lm_inputs = (kwargs.get("attention_mask"), kwargs.get("position_ids"))
             return None
@@ -137,33 +240,69 @@ class PruneUnit(Unit):
         past = cache_length(cache)
         if past > 0:
             return self._decode_step(args, kwargs, cache, past)
-        self._state = None
-        if self.config.where != "before_lm":
-            return None
         call = self._call
         embeds = kwargs.get("inputs_embeds")
         ids = None if call is None else call.get("input_ids")
         if embeds is None or ids is None or ids.shape != embeds.shape[:2]:
             return None  # not a multimodal call we can map (e.g. inputs_embeds given by the user)
-        if not bool(self.adapter.visual_token_mask(ids).any()):
+        segments = self.segments(ids, kwargs.get("position_ids"), call)
+        if not segments:
             return None
         with torch.no_grad():
-            return args, self._prefill(kwargs, ids, call, cache)
+            new = self._prefill(kwargs, ids, segments)
+        if new is None:
+            return None
+        self.check_rebuild(module, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        if cache is not None:
+            self._states[cache] = Compressed(full_length=ids.shape[1], mask=new["attention_mask"])
+        kwargs = dict(kwargs)
+        kwargs.update(new)
+        return args, kwargs
 
     # ---- prefill -------------------------------------------------------------------------------------------
 
-    def _prefill(self, kwargs: dict, ids: torch.Tensor, call: dict, cache) -> dict:
+    def segments(self, ids: torch.Tensor, positions, call: dict) -> list[Segment]:
+        """The image and video segments of a prefill whose call carries images / videos (a text-only call whose
+        ids happen to hold a placeholder id has none)."""
+        kinds = self.adapter.visual_inputs(call)
+        if not kinds:
+            return []
+        if positions is None:
+            positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape)
+        return find_segments(self.adapter, ids, positions, images="image" in kinds, videos="video" in kinds)
+
+    def check_rebuild(self, module, mask, positions) -> None:
+        """Refuse what a shortened sequence cannot serve; called once a prefill does drop tokens."""
+        if module.training and torch.is_grad_enabled():
+            raise PruneError(
+                "visual token pruning rebuilds the language model's inputs without gradients, so training would "
+                "silently lose them; call model.eval() or run under torch.no_grad(), or patch with prune=False "
+                "for training"
+            )
+        text_positions = self.adapter.mask_positions(positions) if mask is None else None
+        if text_positions is not None and bool((text_positions.diff(dim=-1) != 1).any()):
+            raise PruneError(
+                "padding-free packed sequences (position_ids restarting, no attention mask) cannot be pruned: a "
+                "shortened sequence has gaps in its positions that would read as new sequences. Pass an attention "
+                "mask per sequence (one row each), or use PruneConfig(keep_ratio=1.0)"
+            )
+
+    def _prefill(self, kwargs: dict, ids: torch.Tensor, segments: list[Segment]) -> dict | None:
+        """The shortened inputs, or None when every visual token is kept unchanged."""
         embeds = kwargs["inputs_embeds"]
         batch, length = ids.shape
-        mask = attention_mask_2d(kwargs.get("attention_mask"), batch, length, embeds.device)
+        stats = self._new_stats(batch, length)
+        keep = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
+        if keeps_all(self.config):  # nothing to score
+            for segment in segments:
+                stats.visual_in[segment.row] += segment.length
+                stats.visual_kept[segment.row] += segment.length
+            self._finish_stats(stats, [row.nonzero().squeeze(1) for row in keep], length)
+            return None
         positions = kwargs.get("position_ids")
         if positions is None:
             positions = torch.arange(length, device=embeds.device).expand(batch, length)
-        segments = find_segments(self.adapter, ids, positions)
         scores = self._segment_scores(embeds, segments)
-
-        stats = self._new_stats(batch, length)
-        keep = torch.ones(batch, length, dtype=torch.bool, device=embeds.device)
         embeds = embeds.clone()
         for segment, score in zip(segments, scores):
             x = embeds[segment.row, segment.positions]
@@ -178,18 +317,16 @@ class PruneUnit(Unit):
 
         kept = [keep[b].nonzero().squeeze(1) for b in range(batch)]
         out_length = max(k.numel() for k in kept)
-        new_embeds = embeds.new_zeros(batch, out_length, embeds.shape[-1])
-        for b, k in enumerate(kept):
-            new_embeds[b, out_length - k.numel() :] = embeds[b, k]
-        new_mask = left_pad([mask[b, k] for b, k in enumerate(kept)], out_length)
-        new_positions = left_pad([positions[..., b, k] for b, k in enumerate(kept)], out_length)
-
         self._finish_stats(stats, kept, out_length)
-        if cache is not None:
-            self._state = Compressed(cache=cache, full_length=length, mask=new_mask)
-        kwargs = dict(kwargs)
-        kwargs.update(inputs_embeds=new_embeds, attention_mask=new_mask, position_ids=new_positions)
-        return kwargs
+        if bool(keep.all()):
+            return None  # all kept: the features are the originals too (merging only happens when tokens go)
+        mask = attention_mask_2d(kwargs.get("attention_mask"), batch, length, embeds.device)
+        self._changed = (kept, out_length)
+        return {
+            "inputs_embeds": _gather_rows(embeds, kept, out_length),
+            "attention_mask": _gather_rows(mask, kept, out_length),
+            "position_ids": left_pad([positions[..., b, k] for b, k in enumerate(kept)], out_length),
+        }
 
     def _new_stats(self, batch: int, length: int) -> CallStats:
         return CallStats(visual_in=[0] * batch, visual_kept=[0] * batch, sequence_in=length)
@@ -204,15 +341,7 @@ class PruneUnit(Unit):
 
     def _segment_scores(self, embeds: torch.Tensor, segments: list[Segment]) -> list[torch.Tensor]:
         if self.score == "cls":
-            images = [s for s in segments if not s.video]
-            rows = self._take_cls_rows(len(images))
-            if rows is None or rows.shape[0] != len(images) or any(s.length != rows.shape[1] for s in images):
-                raise PruneError(
-                    f"got [CLS] scores for {0 if rows is None else rows.shape[0]} images but the prompt has "
-                    f"{len(images)} image segments; pass pixel_values with the prompt (precomputed "
-                    "mm_encoder_outputs cannot be pruned with score='cls'), or use PruneConfig(score='sampled')"
-                )
-            return list(rows.to(embeds.device))
+            return self._cls_scores(embeds, segments)
         scores = []
         for segment in segments:
             x = embeds[segment.row : segment.row + 1, segment.positions]
@@ -220,16 +349,24 @@ class PruneUnit(Unit):
             scores.append(sampled_attention(q[0], k[0], self.config.sampled_queries, scale))
         return scores
 
-    def _take_cls_rows(self, images: int) -> torch.Tensor | None:
-        """[CLS] scores of the `images` most recently encoded images (then forget all pending rows)."""
-        rows, count = [], 0
-        while self._cls_rows and count < images:
-            rows.insert(0, self._cls_rows.pop())
-            count += rows[0].shape[0]
-        self._cls_rows.clear()
-        if count != images:
-            return None
-        return self.adapter.cls_feature_scores(torch.cat(rows))
+    def _cls_scores(self, embeds: torch.Tensor, segments: list[Segment]) -> list[torch.Tensor]:
+        """[CLS] scores of each image segment: those of the encoded image whose features it holds."""
+        features, rows = self._cls_images if self._cls_images is not None else (embeds.new_empty(0, 0, 0), None)
+        features = features.to(embeds.device, embeds.dtype)  # as the model casts them before scattering
+        scores = []
+        for k, segment in enumerate(s for s in segments if not s.video):
+            x = embeds[segment.row, segment.positions]
+            n = features.shape[0]
+            order = [k, *range(n)] if k < n else range(n)  # without repeats, image k is encoded image k
+            match = next((i for i in order if features.shape[1:] == x.shape and torch.equal(features[i], x)), None)
+            if match is None:
+                raise PruneError(
+                    f"image {k} of the batch (row {segment.row}) is none of the {n} images the vision tower encoded "
+                    "last, so it has no [CLS] score: pass pixel_values with the prompt (image features computed "
+                    "before accel.patch, or with another model, cannot be scored), or use PruneConfig(score='sampled')"
+                )
+            scores.append(rows[match].to(embeds.device))
+        return scores
 
     def _select(self, segment: Segment, x: torch.Tensor, score: torch.Tensor, config: PruneConfig | None = None) -> Selection:
         structural = self.adapter.structural_token_mask(x)
@@ -239,8 +376,8 @@ class PruneUnit(Unit):
     # ---- decode --------------------------------------------------------------------------------------------
 
     def _decode_step(self, args, kwargs, cache, past: int):
-        state = self._state
-        if state is None or state.cache is not cache:
+        state = self._states.get(cache)
+        if state is None:
             return None
         mask = kwargs.get("attention_mask")
         if isinstance(mask, dict) or (mask is not None and mask.ndim != 2):
@@ -264,6 +401,14 @@ class PruneUnit(Unit):
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = torch.cat([state.mask, tail], dim=1)
         return args, kwargs
+
+
+def _gather_rows(t: torch.Tensor, kept: list[torch.Tensor], length: int, fill=0) -> torch.Tensor:
+    """[B, S, ...] -> [B, length, ...]: row b's `kept[b]` positions, left padded with `fill` (as generation pads)."""
+    out = t.new_full((t.shape[0], length, *t.shape[2:]), fill)
+    for b, k in enumerate(kept):
+        out[b, length - k.numel() :] = t[b, k]
+    return out
 
 
 def attention_mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
