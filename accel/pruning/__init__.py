@@ -7,7 +7,7 @@ See `PruneConfig` for the knobs and `accel.pruning.unit` for how it hooks into t
 from __future__ import annotations
 
 from .._unit import NotApplicable, PatchContext
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, ConfigTypeError, UnsupportedModelError
 from .config import PruneConfig
 from .unit import PruneError, PruneUnit, resolve_score
 
@@ -17,10 +17,10 @@ def install(ctx: PatchContext, config: PruneConfig) -> PruneUnit:
     if adapter.kind != "vlm":
         reason = f"visual token pruning applies to vision-language models, not to {adapter.display_name}"
         if "prune" in ctx.explicit:
-            raise ValueError(f"{reason}; remove prune= from accel.patch")
+            raise ConfigError(f"{reason}; remove prune= from accel.patch")
         raise NotApplicable(reason)
     if not isinstance(config, PruneConfig):
-        raise TypeError(f"prune= takes a PruneConfig, True or False, got {type(config).__name__}")
+        raise ConfigTypeError(f"prune= takes a PruneConfig, True or False, got {type(config).__name__}")
     _check_seams(adapter)
     unit = PruneUnit(adapter, config, resolve_score(adapter, config))
     if config.where == "in_lm":

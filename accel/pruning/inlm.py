@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from .._transformers_compat import create_causal_mask, get_cache, supports_mask_layer
-from ..errors import UnsupportedModelError
+from ..errors import ConfigError, UnsupportedModelError
 from .select import keeps_all
 from .unit import PruneError, PruneUnit, _gather_rows, attention_mask_2d
 
@@ -30,13 +30,13 @@ def install_in_lm(unit: PruneUnit) -> None:
     layers = unit.adapter.language_layers()
     k = unit.config.layer
     if k >= len(layers):
-        raise ValueError(
+        raise ConfigError(
             f"PruneConfig(where='in_lm', layer={k}): the language model has only {len(layers)} layers; "
             f"use a layer below {len(layers)}"
         )
     lm_config = unit.adapter.language_model().config
     if any(t != "full_attention" for t in getattr(lm_config, "layer_types", None) or ()):
-        raise ValueError("PruneConfig(where='in_lm') supports full-attention language models only (no sliding window)")
+        raise ConfigError("PruneConfig(where='in_lm') supports full-attention language models only (no sliding window)")
     if not supports_mask_layer():
         import transformers
 

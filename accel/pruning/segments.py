@@ -49,7 +49,9 @@ def find_segments(
             if token == image_id:
                 step = per_image or end - pos
                 if (end - pos) % step:
-                    raise ValueError(
+                    from .unit import PruneError  # unit imports this module
+
+                    raise PruneError(
                         f"row {row}: a run of {end - pos} image placeholders is not a whole number of "
                         f"{step}-token images; the prompt does not match the model's image size"
                     )

@@ -95,7 +95,12 @@ def select_segment(
     threshold = config.temporal_threshold
     if frame_len and threshold is not None and threshold < 1.0 and not keeps_all(config):
         if cx.shape[0] % frame_len:
-            raise ValueError(f"video segment of {cx.shape[0]} tokens is not a whole number of {frame_len}-token frames")
+            from .unit import PruneError  # unit imports this module
+
+            raise PruneError(
+                f"video segment of {cx.shape[0]} tokens is not a whole number of {frame_len}-token frames; the "
+                "prompt's video placeholders do not match the video's frames"
+            )
         survivors, sums, counts = temporal_merge(cx, frame_len, threshold)
         merged = cx.shape[0] - survivors.numel()
         content, cscores = content[survivors], cscores[survivors]

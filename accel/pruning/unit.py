@@ -36,7 +36,7 @@ import torch
 
 from .._transformers_compat import cache_length, get_cache
 from .._unit import Unit
-from ..errors import AccelError
+from ..errors import AccelError, ConfigError
 from ..report import Report
 from .config import PruneConfig
 from .segments import Segment, find_segments, left_pad
@@ -425,7 +425,7 @@ def attention_mask_2d(mask, batch: int, length: int, device) -> torch.Tensor:
 def resolve_score(adapter, config: PruneConfig) -> str:
     has_cls = adapter.cls_attention_module() is not None
     if config.score == "cls" and not has_cls:
-        raise ValueError(
+        raise ConfigError(
             f"PruneConfig(score='cls'): {adapter.display_name}'s vision tower has no [CLS] token at the feature "
             "layer; use score='sampled' (or 'auto')"
         )
