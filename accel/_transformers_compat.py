@@ -55,6 +55,24 @@ def get_cache(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
     return args[position] if position < len(args) else None
 
 
+def output_cache(output: Any) -> Any:
+    """The KV cache a model output carries (`cache` / `past_key_values` field), or None."""
+    for name in CACHE_NAMES[:2]:
+        cache = getattr(output, name, None)
+        if cache is not None:
+            return cache
+    return None
+
+
+def crop_cache(cache: Any, length: int) -> None:
+    """Drop what `cache` holds after its first `length` tokens. Older `crop` takes the length to keep, newer
+    ones the number of tokens to remove, as a negative count."""
+    current = cache_length(cache)
+    if current <= length:
+        return
+    cache.crop(length if accepts(type(cache).crop, "max_length") else length - current)
+
+
 def cache_length(cache: Any, layer_idx: int | None = None) -> int:
     """Tokens already in `cache` (0 for None), of one layer when `layer_idx` is given."""
     if cache is None:
@@ -98,6 +116,6 @@ def supports_mask_layer() -> bool:
 
 
 __all__ = [
-    "CACHE_NAMES", "accepts", "cache_kwarg_name", "cache_length", "create_causal_mask", "get_cache",
+    "CACHE_NAMES", "accepts", "cache_kwarg_name", "cache_length", "create_causal_mask", "crop_cache", "get_cache", "output_cache",
     "supports_mask_layer",
 ]

@@ -13,8 +13,9 @@ from accel.pruning import PruneConfig, PruneError
 from accel.zoo import vlm
 from conftest import tiny
 
-# Random weights may emit a placeholder id; re-reading it (use_cache=False) fails unpatched as well.
-SUPPRESS = [vlm.IMAGE_TOKEN_ID, vlm.VIDEO_TOKEN_ID, vlm.VISION_START_ID, vlm.VISION_END_ID]
+# Random weights may emit a placeholder id; re-reading it (use_cache=False) fails unpatched as well. No eos
+# either, so every run has NEW tokens (min_new_tokens does not combine with assisted decoding everywhere).
+SUPPRESS = [vlm.IMAGE_TOKEN_ID, vlm.VIDEO_TOKEN_ID, vlm.VISION_START_ID, vlm.VISION_END_ID, vlm.EOS_ID]
 NEW = 5
 
 # LLaVA scores with the vision tower's [CLS] row, OneVision with sampled attention (newline tokens kept),
@@ -30,7 +31,7 @@ CASES = {
 def gen(model, inputs, new=NEW, **kwargs):
     kwargs = {"do_sample": False, **kwargs}
     return model.generate(
-        **inputs, max_new_tokens=new, min_new_tokens=new, suppress_tokens=SUPPRESS, output_logits=True,
+        **inputs, max_new_tokens=new, suppress_tokens=SUPPRESS, output_logits=True,
         return_dict_in_generate=True, **kwargs,
     )
 

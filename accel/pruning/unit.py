@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .._transformers_compat import cache_length, get_cache
+from .._transformers_compat import cache_length, crop_cache, get_cache, output_cache
 from .._unit import Unit
 from ..errors import AccelError, ConfigError
 from ..report import Report
@@ -112,6 +112,7 @@ class PruneUnit(Unit):
         self._cls_pending: list[torch.Tensor] = []  # [CLS] rows of tower runs not yet paired with features
         self._cls_images: tuple[torch.Tensor, torch.Tensor] | None = None  # features [N, T, D], scores [N, T]
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # KV cache -> Compressed
+        self._new_cache_state: Compressed | None = None  # for the cache a pruned prefill's model creates
         self._lm_inputs: tuple | None = None  # (attention_mask, position_ids) the language model got, for in_lm
         self._labels: dict | None = None  # labels taken out of the current top-level call
         self._changed: tuple[list[torch.Tensor], int] | None = None  # (kept per row, length) of a pruned call
@@ -137,12 +138,13 @@ class PruneUnit(Unit):
             self._handles.append(self.adapter.projector().register_forward_hook(self._cls_features))
         lm = self.adapter.language_model()
         self._handles.append(lm.register_forward_pre_hook(self._language_model_pre, with_kwargs=True))
+        self._handles.append(lm.register_forward_hook(self._language_model_post, always_call=True))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._call = self._lm_inputs = self._cls_images = self._labels = self._changed = None
+        self._call = self._lm_inputs = self._cls_images = self._labels = self._changed = self._new_cache_state = None
         self._states = weakref.WeakKeyDictionary()
         self._cls_pending.clear()
 
@@ -233,6 +235,7 @@ class PruneUnit(Unit):
 
     def _language_model_pre(self, module, args, kwargs):
         self.check_not_compiling()
+        self._new_cache_state = None
         if self.config.where == "in_lm":
             self._lm_inputs = (kwargs.get("attention_mask"), kwargs.get("position_ids"))
             return None
@@ -253,11 +256,21 @@ class PruneUnit(Unit):
         if new is None:
             return None
         self.check_rebuild(module, kwargs.get("attention_mask"), kwargs.get("position_ids"))
+        state = Compressed(full_length=ids.shape[1], mask=new["attention_mask"])
         if cache is not None:
-            self._states[cache] = Compressed(full_length=ids.shape[1], mask=new["attention_mask"])
+            self._states[cache] = state
+        else:  # the language model may create its cache itself (older transformers): taken from its output
+            self._new_cache_state = state
         kwargs = dict(kwargs)
         kwargs.update(new)
+        _renumber_cache_position(kwargs, 0, new["inputs_embeds"].shape[1])
         return args, kwargs
+
+    def _language_model_post(self, module, args, output):
+        state, self._new_cache_state = self._new_cache_state, None
+        cache = output_cache(output) if state is not None else None
+        if cache is not None:
+            self._states[cache] = state
 
     # ---- prefill -------------------------------------------------------------------------------------------
 
@@ -393,6 +406,10 @@ class PruneUnit(Unit):
                               device=state.mask.device)
         else:
             tail = mask[:, state.full_length :].to(state.mask.dtype)
+            expected = state.mask.shape[1] + tail.shape[1] - new_tokens
+            if past > expected:  # drafts assisted decoding rejected, cropped by an unpruned length (older transformers)
+                crop_cache(cache, expected)
+                past = cache_length(cache)
             if tail.shape[1] != past - state.mask.shape[1] + new_tokens:
                 raise PruneError(
                     f"attention mask of length {mask.shape[1]} does not continue the pruned prompt of "
@@ -400,7 +417,16 @@ class PruneUnit(Unit):
                 )
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = torch.cat([state.mask, tail], dim=1)
+        _renumber_cache_position(kwargs, past, new_tokens)
         return args, kwargs
+
+
+def _renumber_cache_position(kwargs: dict, past: int, new_tokens: int) -> None:
+    """transformers < 5.x-something passes `cache_position` (where the new tokens go in the KV cache, also
+    used for the mask): in the pruned cache they go right after what it holds."""
+    position = kwargs.get("cache_position")
+    if position is not None:
+        kwargs["cache_position"] = torch.arange(past, past + new_tokens, device=position.device)
 
 
 def _gather_rows(t: torch.Tensor, kept: list[torch.Tensor], length: int, fill=0) -> torch.Tensor:
