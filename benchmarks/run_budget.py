@@ -204,17 +204,17 @@ PLAN: list[Item] = [
     _item("pruning-e2e", 2, "LLaVA-1.5-7B prefill, TTFT and decode, baseline vs 64 kept visual tokens",
           "pruning.py",
           ["--scenario", "llava", "--keep", "64", "--repeats", "2", "--warmup", "1", "--new-tokens", "16"],
-          ["--scenario", "llava", "--repeats", "1"], 75, 25, _pruning),
+          ["--scenario", "llava", "--repeats", "1"], 60, 25, _pruning),
     _item("caching-flux", 3, "FLUX.1-dev 1024px, 14 steps: baseline, diffusers FBC 0.1, accel balanced, accel fast",
           "caching.py", ["--scenario", "flux", "--steps", "14", "--repeats", "1", "--warmup", "1",
                          "--variants", "diffusers FBC 0.1,accel balanced,accel fast"],
           ["--scenario", "flux", "--steps", "14", "--repeats", "1", "--warmup", "1",
-           "--variants", "diffusers FBC 0.1,accel balanced,accel fast"], 80, 25, _caching),
+           "--variants", "diffusers FBC 0.1,accel balanced,accel fast"], 70, 25, _caching),
     _item("caching-wan", 3, "Wan2.1-1.3B 480p 81 frames, 8 steps with CFG: baseline, diffusers FBC 0.1, accel balanced",
           "caching.py", ["--scenario", "wan", "--steps", "8", "--repeats", "1", "--warmup", "1",
                          "--variants", "diffusers FBC 0.1,accel balanced", "--no-rerun"],
           ["--scenario", "wan", "--steps", "8", "--repeats", "1", "--warmup", "1",
-           "--variants", "diffusers FBC 0.1,accel balanced", "--no-rerun"], 100, 20, _caching),
+           "--variants", "diffusers FBC 0.1,accel balanced", "--no-rerun"], 90, 20, _caching),
     _item("attention-tuning", 4, "INT8 attention tile sweep (fastest of 6 configurations per variant), Wan shape",
           "attention.py", ["--shapes", "wan", "--repeats", "10", "--warmup", "3"],
           ["--shapes", "vlm", "--repeats", "1", "--warmup", "0"], 90, 15, _attention),
@@ -293,11 +293,8 @@ def run_item(item: Item, out: Path, tiny: bool, python: str, timeout_s: float) -
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out, code = True, None
-        except BaseException:  # Ctrl-C: leave nothing running behind
+        finally:  # also on Ctrl-C, and for children the script left behind
             _kill_group(proc)
-            raise
-        finally:
-            _kill_group(proc)  # also children the script left behind
     record["elapsed_s"] = round(time.monotonic() - t0, 1)
     record["exit_code"] = code
     if timed_out:
@@ -488,4 +485,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Items run in their own sessions, out of reach of a signal to ours: turn SIGTERM (e.g. from `timeout`)
+    # into an exception, so that the running item's group is ended on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

@@ -143,3 +143,41 @@ def test_plan_is_in_priority_order_and_lists_commands(capsys: pytest.CaptureFixt
     text = capsys.readouterr().out
     assert "benchmarks/quant.py --part gemm --gemm-shapes results" in text and "caching.py --scenario wan" in text
     assert "attention.py" not in text
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                if not _gone(int(proc.name)):
+                    pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_sigterm_to_the_driver_ends_the_running_item(tmp_path: Path) -> None:
+    """run_all.sh under `timeout` or a killed session: the item (its own session) must not outlive the driver."""
+    import os
+    import signal
+    import subprocess
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable)
+    driver = subprocess.Popen(["bash", str(REPO / "benchmarks" / "run_all.sh"), "--budget", "300", "--tiny",
+                               "--out", str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _processes_mentioning(str(out)) or not (out / "attention-int8.log").exists():
+            assert time.monotonic() < deadline and driver.poll() is None, "the first item never started"
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGTERM)  # run_all.sh execs the driver: this is its pid
+        assert driver.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(str(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _processes_mentioning(str(out)), "the item outlived the driver"
