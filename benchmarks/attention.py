@@ -66,7 +66,7 @@ SHAPES = {
     "flux": (24, 4608, False),
     "vlm": (32, 4096, True),
 }
-TINY_SHAPES = {"wan": (2, 70, False), "hunyuan": (2, 90, False), "flux": (2, 48, False), "vlm": (2, 48, True)}
+TINY_SHAPES = {"wan": (2, 70, False), "hunyuan": (2, 56, False), "flux": (2, 48, False), "vlm": (2, 48, True)}
 HEAD_DIM = 128
 # (block_q, block_k, num_warps, num_stages): the sweep for each accel variant; the first is the default.
 TUNE_CONFIGS = [(128, 64, 8, None), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 2)]
