@@ -329,3 +329,40 @@ def test_cache_argument_is_read_by_the_name_the_forward_declares():
         assert get_cache(lm, (), {alias: cache}) is cache
     assert get_cache(lm, (None,) * params.index(name) + (cache,), {}) is cache
     assert get_cache(lm, (), {}) is None
+
+
+def test_compat_cache_helpers_work_on_the_installed_transformers():
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    from accel._transformers_compat import (
+        cache_length, create_causal_mask, crop_cache, output_cache, supports_mask_layer,
+    )
+
+    model = model_of("llava")
+    lm_config = model.config.text_config
+    cache = DynamicCache(config=lm_config)
+    heads, dim = lm_config.num_key_value_heads, lm_config.hidden_size // lm_config.num_attention_heads
+    for layer in range(lm_config.num_hidden_layers):
+        cache.update(torch.randn(1, heads, 7, dim), torch.randn(1, heads, 7, dim), layer)
+    output = BaseModelOutputWithPast(last_hidden_state=torch.zeros(1, 1, 1), **{cache_name(): cache})
+    assert output_cache(output) is cache
+    crop_cache(cache, 9)  # longer than held: nothing to drop
+    assert cache_length(cache) == 7
+    crop_cache(cache, 5)
+    assert cache_length(cache) == 5 and cache_length(cache, 1) == 5
+    # a 2-D mask over 5 cached + 2 new tokens, the first cached one padded: causal, no padded key
+    mask2d = torch.tensor([[0, 1, 1, 1, 1, 1, 1]])
+    embeds = torch.zeros(1, 2, lm_config.hidden_size)
+    layer = 1 if supports_mask_layer() else None
+    mask = create_causal_mask(lm_config, embeds, mask2d, cache, torch.tensor([[4, 5]]), layer_idx=layer)
+    expected = torch.tensor([[0, 1, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask[0, 0], expected)
+
+
+def cache_name() -> str:
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    from accel._transformers_compat import CACHE_NAMES
+
+    return next(n for n in CACHE_NAMES if n in BaseModelOutputWithPast.__dataclass_fields__)
