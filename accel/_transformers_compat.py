@@ -16,6 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .errors import UnsupportedModelError
+
 # Newest first: the name a forward declares wins, the others are deprecated aliases callers may still pass.
 CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
 
@@ -40,7 +42,10 @@ def cache_kwarg_name(module: nn.Module) -> str:
     for name in CACHE_NAMES:
         if name in params:
             return name
-    raise TypeError(f"{type(module).__name__}.forward takes no KV cache argument (none of {CACHE_NAMES})")
+    raise UnsupportedModelError(
+        f"{type(module).__name__}.forward takes no KV cache argument (none of {CACHE_NAMES}): an unknown transformers "
+        "layout; use a supported transformers version"
+    )
 
 
 def get_cache(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -103,7 +108,7 @@ def create_causal_mask(
         kwargs["cache_position"] = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)
     if layer_idx is not None:
         if not supports_mask_layer():
-            raise TypeError("this transformers' create_causal_mask cannot size a mask for one cache layer")
+            raise UnsupportedModelError("this transformers' create_causal_mask cannot size a mask for one cache layer")
         kwargs["layer_idx"] = layer_idx
     return create(**kwargs)
 
@@ -116,6 +121,6 @@ def supports_mask_layer() -> bool:
 
 
 __all__ = [
-    "CACHE_NAMES", "accepts", "cache_kwarg_name", "cache_length", "create_causal_mask", "crop_cache", "get_cache", "output_cache",
-    "supports_mask_layer",
+    "CACHE_NAMES", "accepts", "cache_kwarg_name", "cache_length", "create_causal_mask", "crop_cache", "get_cache",
+    "output_cache", "supports_mask_layer",
 ]

@@ -422,8 +422,8 @@ class PruneUnit(Unit):
 
 
 def _renumber_cache_position(kwargs: dict, past: int, new_tokens: int) -> None:
-    """transformers < 5.x-something passes `cache_position` (where the new tokens go in the KV cache, also
-    used for the mask): in the pruned cache they go right after what it holds."""
+    """Older transformers (5.0 among them) pass `cache_position`, where the new tokens go in the KV cache (the
+    mask is built from it too): in the pruned cache they go right after what it holds."""
     position = kwargs.get("cache_position")
     if position is not None:
         kwargs["cache_position"] = torch.arange(past, past + new_tokens, device=position.device)
