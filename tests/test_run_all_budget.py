@@ -181,3 +181,25 @@ def test_sigterm_to_the_driver_ends_the_running_item(tmp_path: Path) -> None:
     while _processes_mentioning(str(out)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _processes_mentioning(str(out)), "the item outlived the driver"
+
+
+def test_every_gpu_command_passes_its_scripts_argument_parsing(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """CI never runs the GPU arguments (the tiny run uses `tiny_args`): each item's GPU command must get as far
+    as its script's GPU check, so a renamed flag cannot first show up on a lent GPU."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    scripts = {}
+    for item in rb.PLAN:
+        if item.script not in scripts:
+            spec = importlib.util.spec_from_file_location(f"bench_{Path(item.script).stem}", REPO / item.script)
+            scripts[item.script] = module = importlib.util.module_from_spec(spec)
+            monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+            spec.loader.exec_module(module)
+        try:
+            code = scripts[item.script].main([*item.args, "--json", "unused.json"])
+        except SystemExit as exit_info:
+            code = exit_info.code
+        message = f"{code} {capsys.readouterr().err}"
+        assert "needs a CUDA GPU" in message and "unrecognized arguments" not in message, (item.name, message)
