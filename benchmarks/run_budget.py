@@ -24,7 +24,7 @@ PLAN). ``--tiny`` runs the same plan on CPU at tiny shapes (Triton interpreter):
 nothing.
 
 Exit status: 0 when every item that ran succeeded (skipped and budget-stopped items included), 1 when an item
-failed, 2 when the environment lacks a package (the message says what to install).
+failed, 2 when a required package (the message says what to install) or the GPU is missing.
 """
 
 from __future__ import annotations
@@ -122,7 +122,8 @@ def _quant(doc: dict) -> str:
                 values = [r["variants"][label]["vs_bf16"] for r in rows if "vs_bf16" in r["variants"].get(label, {})]
                 if values:
                     parts.append(f"{label.removeprefix('accel ')} {kind} {_span(values)}")
-        parts[-1] += " vs bf16"
+        if parts:
+            parts[-1] += " vs bf16"
     for key, e in doc.get("models", {}).items():
         parts.append(f"{key}: W4 {_x(e['speedup'])}, W4A8 {_x(e['speedup_w4a8'])} vs bf16, "
                      f"{e['memory_ratio']:.2f}x smaller, rel err {e['w4']['rel_err_vs_bf16']:.3f}")
@@ -167,7 +168,7 @@ class Item:
     tiny_args: tuple[str, ...]  # with --tiny (tiny shapes on CPU); "--tiny" is added
     estimate_s: float  # on one H100/H200-class GPU, process start included: a guess until measured
     tiny_estimate_s: float  # with --tiny on 2 CPU cores
-    headline: Callable[[dict], str] | None = None
+    headline: Callable[[dict], str]  # one line from the script's JSON for the summary
 
     def command(self, python: str, tiny: bool, json_path: Path) -> list[str]:
         args = ("--tiny", *self.tiny_args) if tiny else self.args
@@ -317,7 +318,7 @@ def run_item(item: Item, out: Path, tiny: bool, python: str, timeout_s: float) -
         record["status"], record["note"] = "failed", "exit status 0 but the script wrote no JSON"
     if record["status"] != "ok":
         record["log_tail"] = _tail(log)
-    if result is not None and item.headline is not None:
+    if result is not None:
         try:
             record["headline"] = item.headline(result)
         except Exception as err:  # a partial or failed result lacks fields; the JSON has what there is
