@@ -41,7 +41,7 @@ class PruneConfig:
 
     `temporal_threshold`: videos only. A token whose cosine similarity to the token at the same place in
     the previous frame is above it is merged into that earlier token before spatial selection. 1.0 or
-    None turns temporal merging off.
+    None turns temporal merging off; it is not applied at `keep_ratio=1.0` (keep-all changes nothing).
     """
 
     keep: int | None = None
