@@ -206,7 +206,8 @@ def _gemm_shapes(p: argparse.ArgumentParser, text: str, tiny: bool) -> list[tupl
             return TINY_SHAPES
         if text == "results":
             return RESULTS_SHAPES
-        return [(m, k, n) for m in DECODE_M for k, n in DECODE_KN] + [(m, k, n) for m in DIFFUSION_M for k, n in DIFFUSION_KN]
+        decode = [(m, k, n) for m in DECODE_M for k, n in DECODE_KN]
+        return decode + [(m, k, n) for m in DIFFUSION_M for k, n in DIFFUSION_KN]
     shapes = []
     for item in (x.strip() for x in text.split(",") if x.strip()):
         parts = item.lower().split("x")
