@@ -24,6 +24,7 @@ def test_adapter_found_for_each_denoiser(family):
     assert adapter.family == expected
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family", DIT_FAMILIES)
 def test_block_io_and_latent_grid_match_the_real_forward(family):
     model = tiny(family)
@@ -75,6 +76,7 @@ def test_video_grids_have_frames():
         assert grids[0].frames > 1, family
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family", ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"])
 def test_vlm_adapters_expose_real_parts(family):
     model = tiny(family)

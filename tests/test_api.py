@@ -81,6 +81,7 @@ def test_diffusers_cache_already_enabled_is_a_clear_error():
         model.obj.transformer.disable_cache()
 
 
+@pytest.mark.compat
 def test_report_lists_applied_modules_and_per_branch_stats(patched):
     model = tiny("flux")
     handle = patched(model.obj, preset="fast")
@@ -93,6 +94,7 @@ def test_report_lists_applied_modules_and_per_branch_stats(patched):
     assert set(data["calls"][-1]["branches"]) == {"cond", "uncond"}
 
 
+@pytest.mark.compat
 def test_two_patched_pipelines_do_not_share_state():
     a, b = build("flux", seed=0), build("flux", seed=1)
     config = CacheConfig(threshold=0.5)
@@ -130,6 +132,7 @@ def test_bare_transformer_finds_call_boundaries_from_the_timestep():
     assert "bare model" in " ".join(handle.report().warnings)
 
 
+@pytest.mark.compat
 def test_composes_with_peft_lora(patched):
     peft = pytest.importorskip("peft")
     model = build("flux")
@@ -146,6 +149,7 @@ def test_composes_with_peft_lora(patched):
     assert torch.equal(model.run(0), lora_baseline)
 
 
+@pytest.mark.compat
 def test_composes_with_diffusers_group_offloading(patched):
     # Group offloading installs its own hooks on the same blocks; on CPU both devices are the CPU.
     model = build("wan")

@@ -27,6 +27,7 @@ def _quiet_patch(patched, obj, **kwargs):
         return patched(obj, "lossless", **kwargs)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family", DIT_AND_UNET + VLMS)
 def test_sdpa_route_is_exact(family, patched):
     """Rerouting through accel with attention="sdpa" must compute exactly what the model computed."""
@@ -107,6 +108,7 @@ def test_composes_with_step_cache(patched):
     assert psnr(out, base) > 30
 
 
+@pytest.mark.compat
 def test_transformers_attention_implementation_is_switched_and_restored():
     model = tiny("qwen2_vl")
     before = {id(m.config): m.config._attn_implementation for m in model.obj.modules() if hasattr(m, "config")}

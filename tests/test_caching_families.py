@@ -11,6 +11,7 @@ from conftest import DIFFUSION_FAMILIES, TWO_CALL_CFG, baseline, tiny
 
 pytestmark = pytest.mark.parametrize("family", DIFFUSION_FAMILIES)
 
+@pytest.mark.compat
 def test_patch_run_unpatch_is_bit_exact(family):
     model = tiny(family)
     base = baseline(family)
@@ -35,6 +36,7 @@ def test_lossless_preset_changes_no_bit(family, patched):
     assert not handle.report().applied
 
 
+@pytest.mark.compat
 def test_threshold_zero_reproduces_baseline(family, patched):
     model = tiny(family)
     handle = patched(model.obj, cache=CacheConfig(threshold=0.0))

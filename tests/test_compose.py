@@ -44,6 +44,7 @@ def test_video_dit_with_quant_int8_sparse_and_cache(family):
     assert torch.equal(_run(model), base)
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_vlm_with_quant_int8_attention_and_pruning(family):
     model = build(family)

@@ -70,6 +70,7 @@ def scheduler_swap():
         model.obj.scheduler = original
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("variant,kwargs", LOSSLESS, ids=LOSSLESS_IDS)
 @pytest.mark.parametrize("family,scheduler,extra,call", SCHEDULERS, ids=[f"{f}-{s}" for f, s, _, _ in SCHEDULERS])
 def test_seeded_output_is_unchanged_with_every_scheduler(family, scheduler, extra, call, variant, kwargs,
@@ -80,6 +81,7 @@ def test_seeded_output_is_unchanged_with_every_scheduler(family, scheduler, extr
     assert torch.equal(out, reference)
 
 
+@pytest.mark.compat
 def test_the_scheduler_step_keeps_its_signature_while_patched(patched):
     import inspect
 

@@ -64,6 +64,7 @@ def single_row(inputs: dict, i: int) -> dict:
 # ---- correctness on every family ---------------------------------------------------------------------------
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("where", ["before_lm", "in_lm"])
 @pytest.mark.parametrize("family,video", CASES, ids=IDS)
 def test_keep_all_is_bit_identical(family, video, where, patched):
@@ -145,6 +146,7 @@ MODES = {
 }
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("family,video", CASES, ids=IDS)
 def test_generate_twenty_tokens_in_every_mode(family, video, mode, patched):
@@ -280,6 +282,7 @@ def test_unpatch_removes_every_hook(patched):
     assert count() == before
 
 
+@pytest.mark.compat
 def test_in_lm_keeps_the_visual_tokens_the_last_prompt_token_attends_to(patched):
     model = model_of("qwen2_vl")
     inputs = vlm.make_inputs(model, seed=9)
@@ -314,6 +317,7 @@ def test_in_lm_keeps_the_visual_tokens_the_last_prompt_token_attends_to(patched)
     assert torch.equal(kept[vlm_mask(model, inputs["input_ids"][0, kept])], expected)
 
 
+@pytest.mark.compat
 def test_cache_argument_is_read_by_the_name_the_forward_declares():
     from transformers import DynamicCache
 
@@ -331,6 +335,7 @@ def test_cache_argument_is_read_by_the_name_the_forward_declares():
     assert get_cache(lm, (), {}) is None
 
 
+@pytest.mark.compat
 def test_compat_cache_helpers_work_on_the_installed_transformers():
     from transformers import DynamicCache
     from transformers.modeling_outputs import BaseModelOutputWithPast

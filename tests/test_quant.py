@@ -205,6 +205,7 @@ def _close(family, out, base):
     return 10 * math.log10(1.0 / max(mse, 1e-20)) > 30  # PSNR vs the unquantized run
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("family", ["flux", "wan", "llava"])
 def test_patch_runs_end_to_end_and_unpatch_restores_exactly(family, patched):
     model = tiny(family)
@@ -286,6 +287,7 @@ def test_one_way_quantization_refuses_unpatch_and_changes_nothing():
 # ---- save / load -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.compat
 def test_save_load_round_trip_is_bit_exact(tmp_path):
     source = build("flux", seed=0)
     quantize(source.obj.transformer, QuantConfig(group_size=16, min_features=0, rank=2))

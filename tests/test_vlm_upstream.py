@@ -122,6 +122,7 @@ def unpatched(family):
     return _UNPATCHED[family]
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("where", ["before_lm", "in_lm"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_keep_all_returns_exactly_what_the_unpatched_model_returns(family, where, patched):
