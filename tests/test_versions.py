@@ -1,5 +1,8 @@
 """The tested dependency range: pyproject's lower bounds, and the warning accel.patch gives outside the range."""
 
+import re
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -42,6 +45,16 @@ def test_lowest_tested_versions_are_pyprojects_lower_bounds():
     }
     for low, new in _versions.TESTED.values():
         assert Version(low) <= Version(new)
+
+
+def test_lower_bound_job_installs_the_lowest_tested_versions():
+    pytest.importorskip("tomllib")  # .ci/lower_bounds.py reads pyproject.toml with it
+    script = Path(__file__).parents[1] / ".ci" / "lower_bounds.py"
+    constraints = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True).stdout
+    pins = dict(re.findall(r"^([A-Za-z0-9._-]+)==([^;\s]+)", constraints, re.M))
+    assert {package: pins.get(package) for package in _versions.TESTED} == {
+        package: low for package, (low, _) in _versions.TESTED.items()
+    }
 
 
 @pytest.mark.parametrize(
