@@ -56,7 +56,9 @@ def feature_counts(model, inputs: dict) -> tuple[int, int]:
         if "pixel_values_videos" in inputs:
             if isinstance(model, transformers.LlavaOnevisionForConditionalGeneration):
                 feats = inner.get_video_features(inputs["pixel_values_videos"]).pooler_output
-                n_video = feats.shape[0] * feats.shape[1]
+                # transformers < 5.18 appends the video's newline token in forward, not in get_video_features
+                newline = torch.equal(feats[:, -1], inner.image_newline.expand_as(feats[:, -1]))
+                n_video = feats.shape[0] * (feats.shape[1] + (0 if newline else 1))
             else:
                 out = inner.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
                 n_video = sum(f.shape[0] for f in out.pooler_output)
