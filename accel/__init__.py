@@ -10,6 +10,7 @@ from .errors import (
     ConfigError,
     ConfigTypeError,
     CopyError,
+    NotApplicableError,
     NotPatchedError,
     UnsupportedModelError,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "ConfigTypeError",
     "CopyError",
     "Handle",
+    "NotApplicableError",
     "NotPatchedError",
     "PRESET_NAMES",
     "PruneConfig",

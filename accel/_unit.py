@@ -1,10 +1,11 @@
-"""The contract between `accel.patch` and each accelerator.
+"""The contract between `accel.patch` and each accelerator, and the registry of accelerators.
 
-Every accelerator package exposes `install(ctx: PatchContext, config) -> Unit`. `patch` calls them in a
-fixed order (weights first, then attention, then caching, then pruning), and `unpatch` calls
-`Unit.remove()` in reverse order. An accelerator that does not apply to the model raises
-`NotApplicable(reason)`; the report lists it as skipped. Any other exception undoes the units already
-installed and propagates.
+An accelerator is one registration: `@register("keyword", ConfigClass, order=N)` on its
+`install(ctx: PatchContext, config) -> Unit`. `patch` installs the registered units in `order` (weights
+first, then attention, then caching, then pruning), and `unpatch` calls `Unit.remove()` in reverse order.
+An installer that cannot serve this model raises `NotApplicable(reason)`: `patch` lists it as skipped when a
+preset asked for it, and raises `NotApplicableError` when the user asked for it by keyword. Any other
+exception undoes the units already installed and propagates.
 """
 
 from __future__ import annotations
@@ -16,13 +17,66 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
+from .errors import AccelError
+
 if TYPE_CHECKING:
     from .pipelines.base import Adapter
     from .report import Report
 
 
-class NotApplicable(Exception):
-    """This accelerator does not apply to this model (the message says why); not an error."""
+class NotApplicable(AccelError):
+    """This accelerator does not apply to this model (the message says why); `patch` decides whether that
+    is a skip or an error."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One accelerator as `patch` sees it."""
+
+    keyword: str  # accel.patch(keyword=...), and the unit's name in reports
+    config_class: type
+    install: Callable[[PatchContext, Any], Unit]
+    order: int  # install order; unpatch removes in reverse
+    parse: Callable[[Any], Any] | None = None  # other values the keyword takes (e.g. a kernel name) -> config
+    accepts: str = ""  # those other values, for error messages
+
+
+_REGISTRY: dict[str, Registration] = {}
+
+
+def register(keyword: str, config_class: type, *, order: int, parse: Callable[[Any], Any] | None = None,
+             accepts: str = ""):
+    """Decorator for an accelerator's `install(ctx, config) -> Unit`: makes `accel.patch(keyword=config)` work."""
+
+    def decorator(install: Callable[[PatchContext, Any], Unit]):
+        for other in _REGISTRY.values():
+            if other.keyword != keyword and (other.config_class is config_class or other.order == order):
+                raise AccelError(f"accelerator {keyword!r} clashes with {other.keyword!r} (same config class or order)")
+        _REGISTRY[keyword] = Registration(keyword, config_class, install, order, parse, accepts)
+        return install
+
+    return decorator
+
+
+def registrations() -> list[Registration]:
+    """Every registered accelerator, in install order."""
+    return sorted(_REGISTRY.values(), key=lambda r: r.order)
+
+
+def registration(keyword: str) -> Registration:
+    try:
+        return _REGISTRY[keyword]
+    except KeyError:
+        from .errors import ConfigTypeError
+
+        raise ConfigTypeError(
+            f"accel.patch got an unknown accelerator keyword {keyword!r}; known: {', '.join(_REGISTRY)}"
+        ) from None
+
+
+def unregister(keyword: str) -> None:
+    """Remove a registration (for accelerators added at run time, e.g. in tests)."""
+    _REGISTRY.pop(keyword, None)
 
 
 class StepClock:
@@ -87,7 +141,6 @@ class PatchContext:
     report: Report
     clock: StepClock
     steps_hint: Callable[[], int | None]
-    explicit: set[str]  # the accelerators the user asked for by keyword (not only through the preset)
     shared: dict[str, Any] = field(default_factory=dict)  # objects units share (e.g. the attention router)
 
     def warn(self, message: str) -> None:
@@ -105,7 +158,7 @@ class PatchContext:
 class Unit:
     """One installed accelerator. Subclasses override what they need."""
 
-    name: str = "unit"
+    name: str = "unit"  # set by `patch` to the registration's keyword
 
     def describe(self) -> str:
         """One line for the report's `applied` list."""

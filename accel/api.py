@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import warnings
 from typing import Any
 
 from torch import nn
 
-from ._unit import NotApplicable, PatchContext, StepClock, Unit
+from ._unit import NotApplicable, PatchContext, StepClock, Unit, registration, registrations
 from ._versions import check_versions
-from .errors import AlreadyPatchedError, ConfigTypeError, CopyError, NotPatchedError, UnsupportedModelError
+from .errors import (
+    AlreadyPatchedError,
+    ConfigTypeError,
+    CopyError,
+    NotApplicableError,
+    NotPatchedError,
+    UnsupportedModelError,
+)
 from .pipelines import find_adapter
-from .presets import config_class_of, default_config, preset_configs
+from .presets import preset_configs
 from .report import Applied, Report, Skipped
 
 # The handle lives on the patched objects themselves (the user's pipeline or model, and the denoiser inside
@@ -24,17 +30,6 @@ _HANDLE_ATTR = "_accel_handle"
 _GUARDS = ("__deepcopy__", "__reduce_ex__")
 
 _DENOISER_COMPONENTS = ("transformer", "unet")
-
-
-# Accelerators in the order they are installed (unpatch removes them in reverse): weights first, then
-# attention kernels, then step caching (which skips whole blocks), then visual token pruning.
-_UNITS = (
-    ("quant", "accel.quant"),
-    ("attention", "accel.attention"),
-    ("sparse", "accel.attention.sparse"),
-    ("cache", "accel.caching"),
-    ("prune", "accel.pruning"),
-)
 
 
 class Handle:
@@ -92,28 +87,29 @@ def patch(
     sparse: Any = None,
     prune: Any = None,
     quant: Any = None,
+    **accelerators: Any,
 ) -> Handle:
     """Accelerate a diffusers pipeline, a diffusers denoiser, or a transformers VLM (model or pipeline).
 
     `preset` picks defaults ("lossless", "balanced", "fast"); each keyword overrides one accelerator:
     `cache=CacheConfig(...)`, `attention="int8"|"sdpa"|"flash"|"xformers"|AttentionConfig(...)`,
-    `sparse=SparseConfig(...)`, `prune=PruneConfig(...)`, `quant=QuantConfig(...)`; `False` turns one
-    off, `True` asks for its defaults. Patching something already patched raises AlreadyPatchedError:
+    `sparse=SparseConfig(...)`, `prune=PruneConfig(...)`, `quant=QuantConfig(...)`, and any accelerator
+    registered with `accel._unit.register`; `False` turns one off, `True` asks for its defaults. An
+    accelerator asked for by keyword that cannot serve this model raises NotApplicableError; one the
+    preset asked for is skipped, with the reason in the report. Patching something already patched raises AlreadyPatchedError:
     call `accel.unpatch` first. Unsupported models raise UnsupportedModelError, or with `strict=False`
     warn and stay unchanged (an accelerator that does not support this model's layout: that one is
     skipped with a warning).
     """
     configs = preset_configs(preset)
     overrides = {"cache": cache, "attention": attention, "sparse": sparse, "prune": prune, "quant": quant}
+    overrides.update(accelerators)
     explicit = set()
     for name, value in overrides.items():
         if value is None:
             continue
-        check_keyword(name, value)
         explicit.add(name)
-        if value is True:
-            value = configs.get(name) or default_config(name)
-        configs[name] = value or None
+        configs[name] = keyword_config(name, value, configs.get(name))
 
     existing = _handle_of(target)
     if existing is not None and existing.target is target:
@@ -144,18 +140,21 @@ def patch(
     report.family = adapter.family
     steps_hint = _steps_hint(pipeline)
     handle.clock = StepClock(pipeline, steps_hint)
-    ctx = PatchContext(adapter, model, pipeline, report, handle.clock, steps_hint, explicit)
+    ctx = PatchContext(adapter, model, pipeline, report, handle.clock, steps_hint)
 
     try:
-        for name, module_path in _UNITS:
+        for registered in registrations():
+            name = registered.keyword
             config = configs.get(name)
             if config is None:
                 why = f"{name}=False" if name in explicit else f"off in preset {preset!r}"
                 report.skipped.append(Skipped(name, why))
                 continue
             try:
-                unit = importlib.import_module(module_path).install(ctx, config)
+                unit = registered.install(ctx, config)
             except NotApplicable as reason:
+                if name in explicit:
+                    raise NotApplicableError(f"accel.patch({name}=...) cannot apply to {type(model).__name__}: {reason}") from None
                 report.skipped.append(Skipped(name, str(reason)))
                 continue
             except UnsupportedModelError as err:  # e.g. a model layout this accelerator does not know
@@ -164,6 +163,7 @@ def patch(
                 report.warnings.append(f"{name}: {err}")
                 report.skipped.append(Skipped(name, f"unsupported: {err}"))
                 continue
+            unit.name = name
             handle.units.append(unit)
             report.applied.append(Applied(name, type(model).__name__, unit.describe()))
     except BaseException:
@@ -205,17 +205,22 @@ def get_handle(target: Any) -> Handle | None:
     return _handle_of(target)
 
 
-def check_keyword(name: str, value: Any) -> None:
-    """`accel.patch(name=value)` takes None, a bool, or the accelerator's config (attention: also a kernel name)."""
-    if value is None or isinstance(value, bool):
-        return
-    config_class = config_class_of(name)
-    if isinstance(value, config_class) or (name == "attention" and isinstance(value, str)):
-        return
-    also = " or a kernel name" if name == "attention" else ""
+def keyword_config(name: str, value: Any, preset_config: Any = None) -> Any:
+    """The config `accel.patch(name=value)` asks for (None: off). Takes True (the preset's config, else the
+    defaults), False, the accelerator's config, or what its registration parses (attention: a kernel name)."""
+    registered = registration(name)
+    if value is False:
+        return None
+    if value is True:
+        return preset_config or registered.config_class()
+    if registered.parse is not None:
+        value = registered.parse(value)
+    if isinstance(value, registered.config_class):
+        return value
+    also = f" or {registered.accepts}" if registered.accepts else ""
     raise ConfigTypeError(
-        f"accel.patch({name}=...) takes a {config_class.__name__}{also}, True (its defaults) or False (off); "
-        f"got {type(value).__name__} {value!r}"
+        f"accel.patch({name}=...) takes a {registered.config_class.__name__}{also}, True (its defaults) or False "
+        f"(off); got {type(value).__name__} {value!r}"
     )
 
 

@@ -38,3 +38,8 @@ class QuantSaveError(AccelError, RuntimeError):
 class QuantFileError(AccelError, ValueError):
     """A file given to `accel.quant.load_quantized` is damaged, tampered with or does not fit the model;
     the message names the tensor or metadata field. The model is left as it was."""
+
+
+class NotApplicableError(AccelError, ValueError):
+    """An accelerator asked for by keyword cannot serve this model (the message says why); a preset would
+    have skipped it."""

@@ -12,7 +12,6 @@ accelerator asked for by keyword is an error instead.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import replace
 
 from .caching import CacheConfig
@@ -26,26 +25,7 @@ _PRESETS = {
 
 PRESET_NAMES = tuple(_PRESETS)
 
-# The config class behind each keyword of accel.patch, for `keyword=True`.
-_CONFIG_CLASSES = {
-    "cache": "accel.caching:CacheConfig",
-    "attention": "accel.attention:AttentionConfig",
-    "sparse": "accel.attention.sparse:SparseConfig",
-    "prune": "accel.pruning:PruneConfig",
-    "quant": "accel.quant:QuantConfig",
-}
-
-
 def preset_configs(name: str) -> dict:
     if name not in _PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     return {key: (replace(cfg) if cfg is not None else None) for key, cfg in _PRESETS[name].items()}
-
-
-def config_class_of(name: str) -> type:
-    module, _, cls = _CONFIG_CLASSES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def default_config(name: str):
-    return config_class_of(name)()

@@ -6,16 +6,14 @@ directly (`int8_attention`, with `int8_attention_reference` beside it).
 
 from __future__ import annotations
 
-from .._unit import NotApplicable, PatchContext, Unit
+from .._unit import NotApplicable, PatchContext, Unit, register
 from ..errors import ConfigError
 from ..report import Report
-from .config import AttentionConfig
+from .config import KERNELS, AttentionConfig
 from .int8 import int8_attention, int8_attention_reference
 
 
 class AttentionUnit(Unit):
-    name = "attention"
-
     def __init__(self, router, dense):
         self.router, self.dense = router, dense
 
@@ -43,18 +41,18 @@ class AttentionUnit(Unit):
         report.stats["attention"] = self.dense.stats()
 
 
-def install(ctx: PatchContext, config) -> AttentionUnit:
+def _kernel_name(value):
+    # accel.patch(attention="int8") is AttentionConfig(kernel="int8")
+    return AttentionConfig(kernel=value) if isinstance(value, str) else value
+
+
+@register("attention", AttentionConfig, order=20, parse=_kernel_name, accepts="a kernel name: " + ", ".join(KERNELS))
+def install(ctx: PatchContext, config: AttentionConfig) -> AttentionUnit:
     from . import route
     from .dense import DenseAttention, check_available
 
-    if isinstance(config, str):
-        config = AttentionConfig(kernel=config)
-    if not isinstance(config, AttentionConfig):
-        raise TypeError(f"attention= takes a kernel name or an AttentionConfig, got {type(config).__name__}")
     problem = check_available(config.kernel)
     if problem is not None:
-        if "attention" in ctx.explicit:
-            raise RuntimeError(problem)
         raise NotApplicable(problem)
     if (config.dense_first_steps or config.dense_last_steps) and not ctx.clock.available:
         ctx.warn("attention: dense_first_steps/dense_last_steps need a patched pipeline; a bare model has no step count")

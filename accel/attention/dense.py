@@ -13,13 +13,13 @@ from collections import Counter
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import AccelError, ConfigError
 from . import int8
 from .config import AttentionConfig
 from .route import AttentionCall
 
 
-class Decline(Exception):
+class Decline(AccelError):
     """This route cannot compute this call; the message is the reason shown in the report."""
 
 

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .._unit import NotApplicable, PatchContext, Unit
+from .._unit import NotApplicable, PatchContext, Unit, register
 from .._validate import check_bool, check_choice, check_float, check_int, fail
 from ..report import Report
 from . import route
@@ -111,9 +111,7 @@ class _Pattern:
     calls: int  # calls of this module and branch since the search (bare models count calls, not steps)
 
 
-class SparseAttention(Unit):
-    name = "sparse"
-
+class SparseUnit(Unit):
     def __init__(self, ctx: PatchContext, config: SparseConfig):
         self.ctx = ctx
         self.config = config
@@ -364,17 +362,13 @@ def apply_orders(orders, order, query, key, value, key_valid):
     return query, key, value, key_valid, lambda out: gather_tokens(out, inverse)
 
 
-def install(ctx: PatchContext, config: SparseConfig) -> SparseAttention:
-    if not isinstance(config, SparseConfig):
-        raise TypeError(f"sparse= takes a SparseConfig (or True/False), got {type(config).__name__}")
+@register("sparse", SparseConfig, order=30)
+def install(ctx: PatchContext, config: SparseConfig) -> SparseUnit:
     if ctx.adapter.kind != "dit":
-        reason = f"sparse video attention applies to diffusion transformers, not to {ctx.adapter.display_name}"
-        if "sparse" in ctx.explicit:
-            raise ValueError(f"{reason}; drop sparse= for this model")
-        raise NotApplicable(reason)
+        raise NotApplicable(f"sparse video attention applies to diffusion transformers, not to {ctx.adapter.display_name}")
     if ctx.pipeline is None and config.dense_fraction > 0:
         ctx.warn(
             "sparse: bare model, so denoising steps are unknown: no step stays dense, and patterns are searched "
             f"again every {config.search_interval} calls of each attention module; patch the pipeline instead"
         )
-    return SparseAttention(ctx, config)
+    return SparseUnit(ctx, config)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .._unit import NotApplicable, PatchContext, Unit
-from ..errors import AlreadyPatchedError, ConfigError
+from .._unit import NotApplicable, PatchContext, Unit, register
+from ..errors import AlreadyPatchedError
 from ..pipelines.base import Adapter
 from ..report import Report
 from .config import CacheConfig
@@ -23,8 +23,6 @@ def build_cache(adapter: Adapter, config: CacheConfig, steps_hint) -> DiTCache |
 
 
 class CacheUnit(Unit):
-    name = "cache"
-
     def __init__(self, cache: DiTCache | UNetCache, guard: _EnableCacheGuard):
         self.cache = cache
         self.guard = guard
@@ -48,6 +46,7 @@ class CacheUnit(Unit):
         report.calls = list(self.cache.controller.calls)
 
 
+@register("cache", CacheConfig, order=40)
 def install(ctx: PatchContext, config: CacheConfig) -> CacheUnit:
     if ctx.adapter.kind not in ("dit", "unet"):
         raise NotApplicable(f"step caching applies to diffusion denoisers, not to {ctx.adapter.display_name}")
@@ -59,8 +58,6 @@ def install(ctx: PatchContext, config: CacheConfig) -> CacheUnit:
     try:
         cache = build_cache(ctx.adapter, config, ctx.steps_hint)
     except CannotCache as problem:
-        if "cache" in ctx.explicit:
-            raise ConfigError(f"cache={config}: {problem}") from None
         raise NotApplicable(str(problem)) from None
     cache.hooks.install()
     guard = _EnableCacheGuard(ctx.model)

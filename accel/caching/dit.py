@@ -17,6 +17,7 @@ from diffusers.hooks.hooks import StateManager
 from torch import nn
 
 from .. import _hooks
+from ..errors import AccelError
 from ..pipelines.base import BlockIO, DiTAdapter
 from .config import CacheConfig
 from .controller import CacheController
@@ -24,7 +25,7 @@ from .controller import CacheController
 HOOK = "accel_cache"
 
 
-class CannotCache(ValueError):
+class CannotCache(AccelError, ValueError):
     """This denoiser has too few blocks for the cache as configured (the message says why)."""
 
 

@@ -6,21 +6,17 @@ See `PruneConfig` for the knobs and `accel.pruning.unit` for how it hooks into t
 
 from __future__ import annotations
 
-from .._unit import NotApplicable, PatchContext
-from ..errors import ConfigError, ConfigTypeError, UnsupportedModelError
+from .._unit import NotApplicable, PatchContext, register
+from ..errors import UnsupportedModelError
 from .config import PruneConfig
 from .unit import PruneError, PruneUnit, resolve_score
 
 
+@register("prune", PruneConfig, order=50)
 def install(ctx: PatchContext, config: PruneConfig) -> PruneUnit:
     adapter = ctx.adapter
     if adapter.kind != "vlm":
-        reason = f"visual token pruning applies to vision-language models, not to {adapter.display_name}"
-        if "prune" in ctx.explicit:
-            raise ConfigError(f"{reason}; remove prune= from accel.patch")
-        raise NotApplicable(reason)
-    if not isinstance(config, PruneConfig):
-        raise ConfigTypeError(f"prune= takes a PruneConfig, True or False, got {type(config).__name__}")
+        raise NotApplicable(f"visual token pruning applies to vision-language models, not to {adapter.display_name}")
     _check_seams(adapter)
     unit = PruneUnit(adapter, config, resolve_score(adapter, config))
     if config.where == "in_lm":

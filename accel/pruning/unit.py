@@ -101,8 +101,6 @@ class CallStats:
 
 
 class PruneUnit(Unit):
-    name = "prune"
-
     def __init__(self, adapter, config: PruneConfig, score: str):
         self.adapter = adapter
         self.config = config

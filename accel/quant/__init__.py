@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._unit import NotApplicable, PatchContext, Unit
+from .._unit import NotApplicable, PatchContext, Unit, register
 from ..errors import UnsupportedModelError
 from ..report import Report
 from .apply import NothingToQuantize, QuantResult, quantize_model
@@ -42,8 +42,6 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> QuantResult
 
 
 class QuantUnit(Unit):
-    name = "quant"
-
     def __init__(self, result: QuantResult):
         self.result = result
 
@@ -67,14 +65,11 @@ class QuantUnit(Unit):
         report.stats["quant"] = self.result.stats()
 
 
+@register("quant", QuantConfig, order=10)
 def install(ctx: PatchContext, config: QuantConfig) -> QuantUnit:
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"quant= takes QuantConfig(...), True or False, got {type(config).__name__}")
     try:
         result = quantize_model(ctx.model, config, ctx.adapter.quant_exclude, warn=ctx.warn)
     except NothingToQuantize as err:
-        if "quant" in ctx.explicit:
-            raise
         raise NotApplicable(str(err)) from None
     if ctx.pipeline is not None:
         result.guard_saving(ctx.pipeline)  # refuse before the pipeline writes any component

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import QuantSaveError
+from ..errors import AccelError, QuantSaveError
 from . import kernels
 from .calibrate import calibrate
 from .config import QuantConfig
@@ -21,7 +21,7 @@ from .recipe import quantize_weight
 _ALWAYS_EXCLUDED = ("*.lora_A.*", "*.lora_B.*", "*.lora_A", "*.lora_B")
 
 
-class NothingToQuantize(ValueError):
+class NothingToQuantize(AccelError, ValueError):
     """Every linear layer of the model is excluded or too small."""
 
 
