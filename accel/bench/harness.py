@@ -15,25 +15,49 @@ a variant is recorded in its row (`row.error`) and the comparison goes on; an er
 
 from __future__ import annotations
 
-import math
 import traceback
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 import accel
 from accel.bench import measure, metrics
+from accel.bench.host import to_json
 
 BASELINE = "baseline"
 
 
 @dataclass
 class Variant:
-    """A named set of `accel.patch` keyword arguments, e.g. `Variant("t0.1", {"cache": CacheConfig(threshold=0.1)})`."""
+    """A named way to run the target: `accel.patch(target, **patch_kwargs)`, e.g.
+    `Variant("t0.1", {"cache": CacheConfig(threshold=0.1)})`. A reference that is not accel (e.g. diffusers' own
+    cache) gives `install(target, **patch_kwargs)`, a context manager, and names its `kind`; kind "baseline"
+    runs the target as it is."""
 
     name: str
     patch_kwargs: dict = field(default_factory=dict)
+    kind: str = "accel"
+    install: Callable[..., AbstractContextManager] | None = None
+
+
+@contextmanager
+def applied(target: Any, variant: Variant) -> Iterator[Any]:
+    """`variant` installed on `target` for the block (always removed again); yields accel's handle or None."""
+    if variant.install is not None:
+        with variant.install(target, **variant.patch_kwargs):
+            yield None
+        return
+    if variant.kind != "accel":
+        yield None
+        return
+    handle = accel.patch(target, **variant.patch_kwargs)
+    try:
+        yield handle
+    finally:
+        if accel.get_handle(target) is handle:  # run_fn may have unpatched it itself
+            accel.unpatch(target)
 
 
 @dataclass
@@ -58,17 +82,7 @@ class Row:
 
     def to_dict(self) -> dict:
         """JSON-safe dict (inf/nan floats become the strings "inf"/"nan")."""
-        return _json_safe(asdict(self))
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+        return to_json(self)
 
 
 def as_variant(spec: str | Variant | tuple[str, dict]) -> Variant:
@@ -141,25 +155,22 @@ def run_variant(
 ) -> Row:
     """Patch `target` with `variant`, time `run_fn`, unpatch (always), and compare with `reference`."""
     row = Row(variant.name, [], None, None, None, "")
-    handle = None
     try:
-        handle = accel.patch(target, **variant.patch_kwargs)
-        times, output, mem = _timed(run_fn, seed, repeats, warmup, device)
-        report = handle.report()
+        with applied(target, variant) as handle:
+            times, output, mem = _timed(run_fn, seed, repeats, warmup, device)
+            report = handle.report() if handle is not None else None
         row.times_s, row.median_s = times, measure.median(times)
         row.peak_memory_bytes, row.memory_kind = mem.peak_bytes, mem.device_kind
-        if report.calls:
-            row.computed, row.reused = report.calls[-1].computed, report.calls[-1].reused
-        row.applied, row.skipped = _summaries(report)
-        row.report = report.to_dict()
+        if report is not None:
+            if report.calls:
+                row.computed, row.reused = report.calls[-1].computed, report.calls[-1].reused
+            row.applied, row.skipped = _summaries(report)
+            row.report = report.to_dict()
         for key, value in fidelity(output, reference).items():
             setattr(row, key, value)
     except Exception as err:  # noqa: BLE001  (recorded in the row, the other variants still run)
         row.error = f"{type(err).__name__}: {err}"
         row.report = {"traceback": traceback.format_exc()}
-    finally:
-        if handle is not None and accel.get_handle(target) is handle:
-            accel.unpatch(target)
     return row
 
 
@@ -211,4 +222,4 @@ def compare(
     return rows
 
 
-__all__ = ["BASELINE", "Row", "Variant", "as_variant", "compare", "fidelity", "output_kind", "run_variant"]
+__all__ = ["BASELINE", "Row", "Variant", "applied", "as_variant", "compare", "fidelity", "output_kind", "run_variant"]

@@ -23,6 +23,7 @@ __all__ = [
     "psnr",
     "ssim",
     "relative_l1",
+    "latent_fidelity",
     "lpips_or_none",
     "first_token_kl",
     "token_agreement",
@@ -47,6 +48,26 @@ def psnr(pred: torch.Tensor, ref: torch.Tensor, data_range: float = 1.0) -> floa
     if mse == 0.0:
         return float("inf")
     return 10.0 * math.log10(data_range**2 / mse)
+
+
+def latent_fidelity(x: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
+    """Closeness of a final latent (any shape) to the baseline's: PSNR in dB with both mapped to [0, 1] by
+    `ref`'s min/max (None when identical or not finite), `relative_l1`, max |x - ref|, whether they are
+    identical and whether `x` is finite; float64 on CPU."""
+    if x.shape != ref.shape:
+        raise ValueError(f"x and ref shapes differ: {tuple(x.shape)} vs {tuple(ref.shape)}")
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    finite = bool(torch.isfinite(x).all())
+    identical = bool(torch.equal(x, ref))
+    lo, span = ref.min(), (ref.max() - ref.min()).clamp_min(1e-12)
+    mse = float((((x - lo) / span - (ref - lo) / span) ** 2).mean())
+    return dict(
+        psnr_db=None if identical or not finite or mse == 0 else 10 * math.log10(1 / mse),
+        rel_l1=relative_l1(x, ref) if finite else None,
+        max_abs_diff=float((x - ref).abs().max()) if finite else None,
+        identical=identical,
+        finite=finite,
+    )
 
 
 def _gaussian_1d(size: int, sigma: float) -> torch.Tensor:
