@@ -36,7 +36,7 @@ Usage::
     python benchmarks/attention.py --shapes wan,flux --repeats 20
     python benchmarks/attention.py --e2e                          # plus the Wan transformer step
     python benchmarks/attention.py --shapes none --e2e            # the Wan transformer step alone
-    python benchmarks/attention.py --tiny                         # tiny shapes on CPU (Triton interpreter): checks the script
+    python benchmarks/attention.py --tiny                         # tiny shapes, CPU (Triton interpreter): a check
 
 Results: a table on stdout and JSON at ``--json`` (default ``benchmarks/results/attention-<gpu>.json``).
 """
@@ -45,40 +45,26 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
-import platform
-import re
 import statistics
 import sys
 import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing accel
-    sys.path.insert(0, str(REPO))
-
-# name: (heads, tokens, causal); B = 1, head dim 128
-SHAPES = {
-    "wan": (12, 32760, False),
-    "hunyuan": (24, 119056, False),
-    "flux": (24, 4608, False),
-    "vlm": (32, 4096, True),
-}
+# Tiny stand-ins for --tiny (Triton interpreter on CPU): few heads and tokens, head dim 128 as on a GPU.
 TINY_SHAPES = {"wan": (2, 70, False), "hunyuan": (2, 56, False), "flux": (2, 48, False), "vlm": (2, 48, True)}
-HEAD_DIM = 128
-# (block_q, block_k, num_warps, num_stages): the sweep for each accel variant; the first is the default.
-TUNE_CONFIGS = [(128, 64, 8, None), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 2)]
 TINY_TUNE_CONFIGS = [(16, 16, 4, None), (32, 16, 4, None)]
-# Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json (as in benchmarks/caching.py).
-WAN21_T2V_1_3B_TRANSFORMER = dict(
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-    eps=1e-6, image_dim=None, added_kv_proj_dim=None, rope_max_seq_len=1024,
-)
-TINY_WAN = dict(WAN21_T2V_1_3B_TRANSFORMER, num_attention_heads=2, attention_head_dim=64, text_dim=32, freq_dim=32,
-                ffn_dim=64, num_layers=2)
+HEAD_DIM = 128
+
+
+def shape_table(tiny: bool) -> dict[str, tuple[int, int, bool]]:
+    """name -> (heads, tokens, causal)."""
+    if tiny:
+        return TINY_SHAPES
+    from accel.bench.scenarios import ATTENTION_SHAPES
+
+    return {name: (s.heads, s.tokens, s.causal) for name, s in ATTENTION_SHAPES.items()}
 
 
 def flops(heads: int, n: int, causal: bool, batch: int = 1) -> float:
@@ -112,10 +98,10 @@ def accuracy(out, q, k, v, causal: bool, n_rows: int) -> dict[str, float]:
     return dict(cos=F.cosine_similarity(o, gold, dim=0).item(), rel_l1=((o - gold).abs().sum() / gold.abs().sum()).item())
 
 
-def timer(fn: Callable[[], Any], warmup: int, repeats: int, cuda: bool) -> list[float]:
+def timer(fn: Callable[[], Any], warmup: int, repeats: int, device) -> list[float]:
     from accel.bench.measure import time_calls
 
-    return time_calls(fn, repeats, warmup, "cuda" if cuda else "cpu")
+    return time_calls(fn, repeats, warmup, device)
 
 
 def baselines(cuda: bool) -> dict[str, Callable]:
@@ -156,16 +142,17 @@ def accel_variants(device) -> dict[str, dict[str, Any]]:
     return out
 
 
-def tune(kwargs, q, k, v, causal, configs, cuda) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def tune(kwargs, q, k, v, causal, configs, device) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Time each (block_q, block_k, num_warps, num_stages) briefly (3 calls on a GPU); return the fastest and all."""
     from accel.attention import int8_attention
 
+    cuda = device.type == "cuda"
     tried = []
     for bq, bk, warps, stages in configs:
         cfg = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
         try:
             fn = lambda: int8_attention(q, k, v, causal=causal, **kwargs, **cfg)  # noqa: E731
-            t = statistics.median(timer(fn, 1, 3, cuda) if cuda else timer(fn, 0, 1, cuda))
+            t = statistics.median(timer(fn, 1, 3, device) if cuda else timer(fn, 0, 1, device))
             tried.append(dict(cfg, median_s=t))
         except Exception as exc:  # e.g. out of shared memory for a large tile with many stages
             tried.append(dict(cfg, error=f"{type(exc).__name__}: {exc}"[:300]))
@@ -180,8 +167,8 @@ def bench_shape(name, heads, n, causal, args, device, dtype) -> dict[str, Any]:
     import torch
 
     from accel.attention import int8_attention
+    from accel.bench.scenarios import INT8_TILE_SWEEP
 
-    cuda = device.type == "cuda"
     q, k, v = make_inputs(heads, n, dtype, device, args.seed)
     work = flops(heads, n, causal)
     rows: list[dict[str, Any]] = []
@@ -189,23 +176,23 @@ def bench_shape(name, heads, n, causal, args, device, dtype) -> dict[str, Any]:
     def record(variant, fn, **extra):
         row: dict[str, Any] = dict(variant=variant, **extra)
         try:
-            times = timer(fn, args.warmup, args.repeats, cuda)
+            times = timer(fn, args.warmup, args.repeats, device)
             row.update(median_s=statistics.median(times), times_s=times, tflops=work / statistics.median(times) / 1e12)
             row.update(accuracy(fn(), q, k, v, causal, args.acc_queries))
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
             traceback.print_exc()
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.empty_cache()
         rows.append(row)
         print(format_row(name, row), flush=True)
 
-    for variant, fn in baselines(cuda).items():
+    for variant, fn in baselines(device.type == "cuda").items():
         record(variant, lambda fn=fn: fn(q, k, v, causal))
-    configs = TINY_TUNE_CONFIGS if args.tiny else TUNE_CONFIGS
+    configs = TINY_TUNE_CONFIGS if args.tiny else INT8_TILE_SWEEP
     for variant, kwargs in accel_variants(device).items():
         try:
-            cfg, tried = tune(kwargs, q, k, v, causal, configs if not args.no_tune else configs[:1], cuda)
+            cfg, tried = tune(kwargs, q, k, v, causal, configs if not args.no_tune else configs[:1], device)
         except Exception as exc:
             rows.append(dict(variant=variant, kwargs=kwargs, error=f"{type(exc).__name__}: {exc}"[:500]))
             print(format_row(name, rows[-1]), flush=True)
@@ -229,43 +216,34 @@ def format_row(shape: str, r: dict[str, Any]) -> str:
             f"cos {r['cos']:.6f}  relL1 {r['rel_l1']:.4f}{cfg_s}")
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# End to end: one Wan2.1-1.3B-shaped transformer forward. WIRED BY THE MODEL INTEGRATION: needs
-# `accel.patch(transformer, attention="int8")`; until that route exists the row records the error.
-
-
 def wan_transformer_step(args, device, dtype) -> dict[str, Any]:
+    """One Wan2.1-1.3B-shaped transformer forward (`accel.bench.scenarios.WanScenario`), SDPA vs
+    `accel.patch(transformer, attention="int8")`; a failing int8 route is recorded, not raised."""
     import torch
-    from diffusers import WanTransformer3DModel
 
     import accel
+    from accel.bench.scenarios import WAN21_T2V_1_3B_TRANSFORMER, WanScenario
 
-    cuda = device.type == "cuda"
-    config = TINY_WAN if args.tiny else WAN21_T2V_1_3B_TRANSFORMER
-    frames, height, width, text = (5, 16, 16, 8) if args.tiny else (21, 60, 104, 512)  # latent: 832x480, 81 frames
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        model = WanTransformer3DModel(**config).to(dtype).eval()
-    g = torch.Generator(device=device).manual_seed(args.seed)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, frames, height, width, generator=g, device=device, dtype=dtype),
-        timestep=torch.tensor([500], device=device),
-        encoder_hidden_states=torch.randn(1, text, config["text_dim"], generator=g, device=device, dtype=dtype),
-        return_dict=False,
-    )
-    result: dict[str, Any] = dict(config=config, latent=[1, 16, frames, height, width])
+    tiny = {}
+    if args.tiny:  # head dim 64: int8_attention takes 64, 80, 96 or 128 (the zoo's tiny Wan has 16)
+        config = dict(WAN21_T2V_1_3B_TRANSFORMER, num_attention_heads=2, attention_head_dim=64, text_dim=32,
+                      freq_dim=32, ffn_dim=64, num_layers=2)
+        tiny = dict(config=config, frames=17, height=128, width=128, text_len=8)
+    scenario = WanScenario(args.tiny, device, dtype, args.seed, **tiny)
+    model, inputs = scenario.build(), scenario.make_inputs()
+    result: dict[str, Any] = dict(config=scenario.config, latent=scenario.latent_shape)
+    repeats = max(1, args.repeats // 4)
 
-    @torch.no_grad()
     def step():
-        return model(**inputs)[0]
+        return scenario.forward(model, inputs)
 
-    base_times = timer(step, args.warmup, max(1, args.repeats // 4), cuda)
+    base_times = timer(step, args.warmup, repeats, device)
     base = step().float()
     result["sdpa"] = dict(median_s=statistics.median(base_times), times_s=base_times)
     try:
         handle = accel.patch(model, attention="int8", cache=False)
         try:
-            times = timer(step, args.warmup, max(1, args.repeats // 4), cuda)
+            times = timer(step, args.warmup, repeats, device)
             out = step().float()
             result["int8"] = dict(median_s=statistics.median(times), times_s=times,
                                   speedup=result["sdpa"]["median_s"] / statistics.median(times),
@@ -278,25 +256,23 @@ def wan_transformer_step(args, device, dtype) -> dict[str, Any]:
     return result
 
 
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def environment(device) -> dict[str, Any]:
-    import torch
-    import triton
-
-    cuda = device.type == "cuda"
-    return dict(
-        device=str(device),
-        gpu=torch.cuda.get_device_name(device) if cuda else None,
-        capability=".".join(map(str, torch.cuda.get_device_capability(device))) if cuda else None,
-        cuda=torch.version.cuda if cuda else None,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        python=platform.python_version(),
-        platform=platform.platform(),
-        triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
-    )
+def headline(doc: dict[str, Any]) -> str:
+    """One line for the budgeted run's summary: each accel variant's speed-up and cosine, and the Wan step."""
+    parts = []
+    for shape, sc in doc["shapes"].items():
+        cells = []
+        for r in sc["rows"]:
+            if "error" in r:
+                cells.append(f"{r['variant']} ERROR")
+            elif not r["variant"].startswith("sdpa") and "speedup_vs_flash" in r:
+                cells.append(f"{r['variant']} {r['speedup_vs_flash']:.2f}x (cos {r['cos']:.4f})")
+        parts.append(f"{shape}: " + ", ".join(cells))
+    if "e2e_wan" in doc:
+        sdpa, int8 = doc["e2e_wan"]["sdpa"], doc["e2e_wan"]["int8"]
+        tail = (f"int8 {int8['median_s'] * 1e3:.1f} ms ({int8['speedup']:.2f}x, cos {int8['cos']:.4f})"
+                if "median_s" in int8 else f"int8 ERROR {int8['error'][:80]}")
+        parts.append(f"Wan step: SDPA {sdpa['median_s'] * 1e3:.1f} ms, {tail}")
+    return "; ".join(parts) + ((" (vs SDPA)" if doc["tiny"] else " (vs SDPA flash)") if doc["shapes"] else "")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -313,14 +289,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    table = TINY_SHAPES if args.tiny else SHAPES
+    names = list(TINY_SHAPES)  # the same names at both sizes
     if args.shapes == "none":
         args.shape_names = []
     else:
-        args.shape_names = list(table) if args.shapes == "all" else [s.strip() for s in args.shapes.split(",") if s.strip()]
-    unknown = set(args.shape_names) - set(table)
+        args.shape_names = names if args.shapes == "all" else [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = set(args.shape_names) - set(names)
     if unknown:
-        p.error(f"unknown shapes {sorted(unknown)}; choose from {list(table)}, all or none")
+        p.error(f"unknown shapes {sorted(unknown)}; choose from {names}, all or none")
     if not args.shape_names and not args.e2e:
         p.error("nothing to run: --shapes none needs --e2e")
     return args
@@ -332,34 +308,34 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     import torch
 
+    from accel.bench.host import default_json_path, environment, write_json
+
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("needs a CUDA GPU; use --tiny to check the script on CPU", file=sys.stderr)
         return 2
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     env = environment(device)
-    table = TINY_SHAPES if args.tiny else SHAPES
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"] or "cpu").strip("-").lower()
-    path = Path(args.json or REPO / "benchmarks" / "results" / f"attention-{gpu}{'-tiny' if args.tiny else ''}.json")
-    doc: dict[str, Any] = dict(tiny=args.tiny, dtype=args.dtype, env=env, args={k: v for k, v in vars(args).items()},
+    table = shape_table(args.tiny)
+    path = Path(args.json or default_json_path(Path(__file__).parent / "results", "attention", env, args.tiny))
+    doc: dict[str, Any] = dict(tiny=args.tiny, dtype=args.dtype, env=env, args=vars(args),
                                date=_dt.datetime.now(_dt.timezone.utc).isoformat(), shapes={})
     print(f"# {env['gpu'] or 'CPU (Triton interpreter)'}  torch {env['torch']}  triton {env['triton']}  {args.dtype}")
     failed = False
-    path.parent.mkdir(parents=True, exist_ok=True)
     for name in args.shape_names:
         heads, n, causal = table[name]
         print(f"## {name}: B=1 H={heads} N={n} d={HEAD_DIM}{' causal' if causal else ''}  "
               f"({flops(heads, n, causal) / 1e12:.2f} TFLOP per call)")
         doc["shapes"][name] = bench_shape(name, heads, n, causal, args, device, dtype)
         failed |= any("error" in r for r in doc["shapes"][name]["rows"])
-        path.write_text(json.dumps(doc, indent=1))
+        write_json(path, doc, indent=1)
     if args.e2e:
-        doc["e2e_wan"] = wan_transformer_step(args, device, dtype)
-        e = doc["e2e_wan"]
+        doc["e2e_wan"] = e = wan_transformer_step(args, device, dtype)
         print(f"## Wan transformer step: sdpa {e['sdpa']['median_s'] * 1e3:.1f} ms; int8 "
               + (f"{e['int8']['median_s'] * 1e3:.1f} ms ({e['int8']['speedup']:.2f}x, cos {e['int8']['cos']:.5f})"
                  if "median_s" in e["int8"] else f"ERROR {e['int8']['error'][:200]}"))
-        path.write_text(json.dumps(doc, indent=1))
+    doc["headline"] = headline(doc)
+    write_json(path, doc, indent=1)
     print(f"# JSON: {path}")
     return 1 if failed else 0
 

@@ -32,13 +32,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, do not interpret
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
 from accel import _triton_aot as aot  # noqa: E402
+from accel.bench.scenarios import INT8_TILE_SWEEP  # noqa: E402
 
 B, H, N, D = 1, 12, 32760, 128  # Wan2.1-1.3B 480p self-attention
 M_DECODE, M_PREFILL, NK = 64, 4096, 3072  # W4 GEMMs: tokens per call (fused <= 64; W4A8 >= 1024), 3072x3072
@@ -47,7 +45,7 @@ ALL_TARGETS = (80, 89, 90)
 
 
 @dataclass
-class Variant:
+class KernelVariant:
     name: str
     kernel: Callable[[], Any]  # returns the JITFunction (imported lazily, after TRITON_INTERPRET is unset)
     args: tuple
@@ -86,7 +84,7 @@ def int8_attention(name, *, per_token=False, bias=False, fp8=False, causal=False
         opts["num_stages"] = num_stages
     kwargs = dict(CAUSAL=causal, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PER_TOKEN=per_token,
                   HAS_BIAS=bias, PV_FP8=fp8, PV_FP32=False, EMULATE_FP8=False, **opts)
-    return Variant(name, lambda: int8._get_kernels()[0], args, (cdiv(N, block_q), B * H), kwargs,
+    return KernelVariant(name, lambda: int8._get_kernels()[0], args, (cdiv(N, block_q), B * H), kwargs,
                    ("s8", "e4m3" if fp8 else "bf16"), (89, 90) if fp8 else ALL_TARGETS, note)
 
 
@@ -98,7 +96,7 @@ def quant_int8(name, per_row):
     args = (torch.bfloat16, torch.float32, torch.int8, torch.float32, *strides(B, H, N, D), H, N, D,
             N if per_row else cdiv(N, tile), 1.0)
     kwargs = dict(HAS_MEAN=True, PER_ROW=per_row, BLOCK=tile, BLOCK_D=D, num_warps=4)
-    return Variant(name, lambda: int8._get_kernels()[1], args, (cdiv(N, tile), B * H), kwargs, ())
+    return KernelVariant(name, lambda: int8._get_kernels()[1], args, (cdiv(N, tile), B * H), kwargs, ())
 
 
 def block_sparse(name, *, int8=False, valid=False, dtype=torch.bfloat16, note=""):
@@ -114,7 +112,7 @@ def block_sparse(name, *, int8=False, valid=False, dtype=torch.bfloat16, note=""
     kwargs = dict(INT8=int8, HAS_VALID=valid, UPCAST=False, PRECISION="ieee" if dtype == torch.float32 else "tf32",
                   BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, num_warps=8)
     mma = ("s8", "bf16") if int8 else () if dtype == torch.float32 else ("bf16",)
-    return Variant(name, lambda: sparse_kernel._get_kernel(), args, (nbq, B * H), kwargs, mma, note=note)
+    return KernelVariant(name, lambda: sparse_kernel._get_kernel(), args, (nbq, B * H), kwargs, mma, note=note)
 
 
 def w4a16(name, m, ins=False, note=""):
@@ -126,7 +124,7 @@ def w4a16(name, m, ins=False, note=""):
     args = (bf, torch.uint8, bf, bf, bf, bf, bf, m, NK, NK, NK, 1, NK, 1)
     kwargs = dict(GROUP=GROUP, HAS_INS=ins, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWIZZLE=8,
                   DOT_FP32=False)
-    return Variant(name, lambda: kernels._kernels()[0], args, (cdiv(m, bm) * cdiv(NK, bn),), kwargs, ("bf16",), note=note)
+    return KernelVariant(name, lambda: kernels._kernels()[0], args, (cdiv(m, bm) * cdiv(NK, bn),), kwargs, ("bf16",), note=note)
 
 
 def dequant(name):
@@ -135,7 +133,7 @@ def dequant(name):
     bf = torch.bfloat16
     args = (torch.uint8, bf, bf, bf, bf, NK, NK)
     kwargs = dict(GROUP=GROUP, HAS_INS=True, BLOCK_N=32, BLOCK_K=128)
-    return Variant(name, lambda: kernels._kernels()[1], args, (cdiv(NK, 32), cdiv(NK, 128)), kwargs, ())
+    return KernelVariant(name, lambda: kernels._kernels()[1], args, (cdiv(NK, 32), cdiv(NK, 128)), kwargs, ())
 
 
 def quant_rows(name):
@@ -143,7 +141,7 @@ def quant_rows(name):
 
     args = (torch.bfloat16, torch.bfloat16, torch.int8, torch.float32, torch.float32, M_PREFILL, NK, NK, 1)
     kwargs = dict(HAS_INS=True, GROUP=GROUP, BLOCK_M=8, AMAX_MIN=kernels._AMAX_MIN)
-    return Variant(name, lambda: kernels._kernels()[2], args, (cdiv(M_PREFILL, 8),), kwargs, ())
+    return KernelVariant(name, lambda: kernels._kernels()[2], args, (cdiv(M_PREFILL, 8),), kwargs, ())
 
 
 def w4a8(name, m):
@@ -156,20 +154,10 @@ def w4a8(name, m):
     args = (torch.int8, torch.float32, torch.float32, torch.uint8, bf, bf, bf, bf, m, NK, NK, NK, 1)
     kwargs = dict(GROUP=GROUP, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=min(GROUP, kernels._W4A8_BLOCK_K_MAX),
                   SWIZZLE=8, num_warps=8, num_stages=3)
-    return Variant(name, lambda: kernels._kernels()[3], args, (cdiv(m, bm) * cdiv(NK, 128),), kwargs, ("s8",))
+    return KernelVariant(name, lambda: kernels._kernels()[3], args, (cdiv(m, bm) * cdiv(NK, 128),), kwargs, ("s8",))
 
 
-def tune_configs() -> list[tuple]:
-    """benchmarks/attention.py's sweep (block_q, block_k, num_warps, num_stages); the first is the default."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_attention_bench", REPO / "benchmarks" / "attention.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.TUNE_CONFIGS
-
-
-def variants() -> list[Variant]:
+def variants() -> list[KernelVariant]:
     out = [
         int8_attention("attn-int8", note="int8_attention defaults: per-tile scales, bf16 P.V, 128x64 tiles"),
         int8_attention("attn-int8-token", per_token=True, note='granularity="token"'),
@@ -191,13 +179,13 @@ def variants() -> list[Variant]:
         w4a8("w4a8-gemm", M_PREFILL),
         w4a8("w4a8-gemm-m32", 32),
     ]
-    for bq, bk, warps, stages in tune_configs()[1:]:  # [0] is attn-int8
+    for bq, bk, warps, stages in INT8_TILE_SWEEP[1:]:  # [0] is attn-int8
         out.append(int8_attention(f"tune-{bq}x{bk}-w{warps}-s{stages}", block_q=bq, block_k=bk, num_warps=warps,
                                   num_stages=stages, note="benchmarks/attention.py sweep"))
     return out
 
 
-def check(v: Variant, target: int) -> dict[str, Any]:
+def check(v: KernelVariant, target: int) -> dict[str, Any]:
     """Compile one variant for one target; the row for the table and JSON (problems listed in "problems")."""
     row: dict[str, Any] = dict(variant=v.name, cc=target, target=f"sm_{target}", expect_mma=list(v.mma), note=v.note)
     t0 = time.perf_counter()

@@ -28,97 +28,28 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 from pathlib import Path
 
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run from a checkout without installing accel
-    sys.path.insert(0, str(REPO))
-
-from accel.bench.measure import format_bytes  # noqa: E402
-from accel.bench.vlm import compare_pruning  # noqa: E402
-from accel.pruning import PruneConfig  # noqa: E402
-
-SCENARIOS = ("llava", "qwen2_vl_image", "qwen2_vl_video")
-IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID = 32000, 32001, 32002, 32003  # inside both vocabularies below
-
-
-def _llava(tiny: bool, attn: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    if tiny:
-        from accel.zoo import vlm
-
-        return vlm.tiny_llava().obj
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID, image_seq_length=576,
-                         vision_feature_select_strategy="default", vision_feature_layer=-2)
-    return LlavaForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
-
-
-def _qwen2_vl(tiny: bool, attn: str):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-
-    if tiny:
-        from accel.zoo import vlm
-
-        return vlm.tiny_qwen2_vl().obj
-    vision = dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-    config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
-                           vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID)
-    return Qwen2VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
-
-
-def _inputs(scenario: str, model, tiny: bool, device) -> dict:
-    """Prompt ids with expanded placeholders, as the processors build them, plus random pixels."""
-    if tiny:
-        from accel.zoo import vlm
-
-        return {k: v.to(device) for k, v in vlm.make_inputs(model, video=scenario.endswith("video")).items()}
-    gen = torch.Generator().manual_seed(0)
-    text = lambda n: torch.randint(100, 30000, (n,), generator=gen).tolist()  # noqa: E731
-    dtype = next(model.parameters()).dtype
-    if scenario == "llava":
-        ids = [1] + text(20) + [IMAGE_ID] * 576 + text(20)
-        pixels = torch.randn(1, 3, 336, 336, generator=gen)
-        return {"input_ids": torch.tensor([ids], device=device), "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
-                "pixel_values": pixels.to(device, dtype)}
-    vc = model.config.vision_config
-    patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-    grid = (1, 52, 92) if scenario == "qwen2_vl_image" else (16, 18, 32)
-    n = grid[0] * grid[1] * grid[2] // vc.spatial_merge_size**2
-    token, kind = (IMAGE_ID, 1) if scenario == "qwen2_vl_image" else (VIDEO_ID, 2)
-    ids = text(20) + [VSTART_ID] + [token] * n + [VEND_ID] + text(20)
-    types = [0] * 21 + [kind] * n + [0] * 21
-    pixels = torch.randn(grid[0] * grid[1] * grid[2], patch_dim, generator=gen).to(device, dtype)
-    inputs = {"input_ids": torch.tensor([ids], device=device), "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
-              "mm_token_type_ids": torch.tensor([types], device=device)}
-    key = "image" if kind == 1 else "video"
-    inputs["pixel_values" if kind == 1 else "pixel_values_videos"] = pixels
-    inputs[f"{key}_grid_thw"] = torch.tensor([grid], device=device)
-    return inputs
+SCENARIOS = ("llava", "qwen2_vl_image", "qwen2_vl_video")  # those of accel.bench.vlm_scenarios
 
 
 def run(args) -> dict:
+    import torch
+
+    from accel.bench.host import environment
+    from accel.bench.vlm import compare_pruning
+    from accel.bench.vlm_scenarios import build_vlm, make_vlm_inputs
+    from accel.pruning import PruneConfig
+
     device = "cpu" if args.tiny else "cuda"
     attn = "sdpa" if args.tiny else args.attn
     keeps = [3, 2] if args.tiny else args.keep
-    doc = {"tiny": args.tiny, "env": _env(device), "scenarios": {}}
+    doc = {"tiny": args.tiny, "env": environment(device), "scenarios": {}}
     for scenario in args.scenario:
-        model = (_llava if scenario == "llava" else _qwen2_vl)(args.tiny, attn).to(device).eval()
+        model = build_vlm(scenario, args.tiny, attn).to(device).eval()
         model.generation_config.pad_token_id = 0
-        inputs = _inputs(scenario, model, args.tiny, device)
+        inputs = make_vlm_inputs(scenario, model, args.tiny, device)
         variants = {f"keep {k}": PruneConfig(keep=k) for k in keeps}
         layer = 1 if args.tiny else 2
         variants[f"in_lm keep {min(keeps)} (layer {layer})"] = PruneConfig(keep=min(keeps), where="in_lm", layer=layer)
@@ -133,21 +64,28 @@ def run(args) -> dict:
 
 
 def _print(scenario: str, rows) -> None:
+    from accel.bench.measure import format_bytes
+
     print(f"\n{scenario}")
-    head = f"{'variant':<26}{'visual in->kept':>16}{'to LM':>7}{'prefill ms':>11}{'speedup':>8}{'TTFT ms':>9}{'decode tok/s':>13}{'peak mem':>11}{'KL':>9}{'agree':>7}"
+    head = (f"{'variant':<26}{'visual in->kept':>16}{'to LM':>7}{'prefill ms':>11}{'speedup':>8}{'TTFT ms':>9}"
+            f"{'decode tok/s':>13}{'peak mem':>11}{'KL':>9}{'agree':>7}")
     print(head + "\n" + "-" * len(head))
     for r in rows:
         vis = f"{r.visual_tokens_in}->{r.visual_tokens_kept}" if r.visual_tokens_in is not None else "all"
         dec = f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "-"
         print(f"{r.variant:<26}{vis:>16}{r.sequence_to_lm:>7}{r.prefill_s * 1e3:>11.2f}{r.prefill_speedup:>7.2f}x"
-              f"{r.ttft_s * 1e3:>9.2f}{dec:>13}{format_bytes(r.peak_memory_bytes):>11}{r.first_token_kl:>9.3g}{r.token_agreement:>7.0%}")
+              f"{r.ttft_s * 1e3:>9.2f}{dec:>13}{format_bytes(r.peak_memory_bytes):>11}{r.first_token_kl:>9.3g}"
+              f"{r.token_agreement:>7.0%}")
 
 
-def _env(device: str) -> dict:
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None}
+def headline(doc: dict) -> str:
+    """One line for the budgeted run's summary: the baseline's prefill and each variant's prefill speed-up."""
+    parts = []
+    for key, sc in doc["scenarios"].items():
+        base, *rest = sc["rows"]
+        cells = [f"{r['variant']} {r['prefill_speedup']:.2f}x" for r in rest]
+        parts.append(f"{key}: prefill {base['prefill_s'] * 1e3:.1f} ms; " + ", ".join(cells))
+    return "; ".join(parts)
 
 
 def main(argv=None) -> int:
@@ -161,15 +99,19 @@ def main(argv=None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny zoo models on CPU (checks the script, measures nothing)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
+    import torch
+
+    from accel.bench.host import default_json_path, write_json
+
     if not args.tiny and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --tiny)")
     if args.tiny:
         args.new_tokens = min(args.new_tokens, 4)
         torch.set_num_threads(1)  # tiny matmuls on 2 shared cores thrash
     doc = run(args)
-    path = args.json or REPO / "benchmarks" / "results" / f"pruning-{'tiny' if args.tiny else 'gpu'}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=str))
+    doc["headline"] = headline(doc)
+    path = write_json(args.json or default_json_path(Path(__file__).parent / "results", "pruning", doc["env"], args.tiny),
+                      doc)
     print(f"\nwrote {path}")
     return 0
 

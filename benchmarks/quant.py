@@ -32,29 +32,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
-
-if "--tiny" in sys.argv:
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-
-import torch
-from torch import nn
-
-REPO = Path(__file__).resolve().parents[1]
-for path in (REPO, REPO / "benchmarks"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from caching import FluxScenario, WanScenario, environment  # noqa: E402  (real configs, random init)
-
-from accel.bench.measure import time_calls  # noqa: E402
-from accel.quant import QuantConfig, W4Linear, quantize  # noqa: E402
 
 DIFFUSION_M = (4096, 16384, 32768)
 DIFFUSION_KN = ((3072, 3072), (3072, 12288), (12288, 3072), (1536, 1536), (1536, 8960), (5120, 5120))
@@ -65,18 +47,25 @@ TINY_SHAPES = [(1, 64, 96), (33, 128, 64)]  # (M, K, N)
 RESULTS_SHAPES = [(1, 4096, 4096), (1, 4096, 11008), (16, 11008, 4096), (4096, 3072, 3072), (4096, 3072, 12288),
                   (16384, 3072, 3072), (32768, 1536, 1536), (32768, 5120, 5120)]
 MODELS = ("flux", "wan")
+# (label, QuantConfig.kernel, QuantConfig.activations); --tiny: the interpreter runs the Triton kernels on CPU
+GEMM_VARIANTS = [("auto", "auto", "16bit"), ("triton", "triton", "16bit"), ("dequant", "dequant", "16bit"),
+                 ("w4a8", "w4a8", "int8"), ("auto int8", "auto", "int8")]
 
 
-def _timer(device: torch.device, repeats: int, warmup: int) -> Callable[[Callable[[], Any]], list[float]]:
-    return lambda fn: time_calls(fn, repeats, warmup, device)
+def _timer(device, repeats: int, warmup: int) -> Callable[[Callable[[], Any]], float]:
+    from accel.bench.measure import median, time_calls
+
+    return lambda fn: median(time_calls(fn, repeats, warmup, device))
 
 
-def _torchao_int4(linear: nn.Linear, group: int) -> tuple[nn.Module | None, str]:
+def _torchao_int4(k: int, n: int, group: int, device, dtype) -> tuple[Any, str]:
+    from torch import nn
+
     try:
         from torchao.quantization import Int4WeightOnlyConfig, quantize_
     except ImportError:
         return None, "torchao not installed"
-    model = nn.Sequential(linear)
+    model = nn.Sequential(nn.Linear(k, n, bias=False, device=device, dtype=dtype))
     try:
         quantize_(model, Int4WeightOnlyConfig(group_size=group))
     except Exception as err:  # report, do not hide: torchao's int4 needs CUDA and specific dtypes
@@ -84,120 +73,155 @@ def _torchao_int4(linear: nn.Linear, group: int) -> tuple[nn.Module | None, str]
     return model, ""
 
 
-@torch.no_grad()
-def bench_gemm(args, device, dtype) -> list[dict]:
-    shapes = args.gemm_shapes
+def gemm_row(m: int, k: int, n: int, args, device, dtype, variants) -> dict:
+    """bf16 matmul, then each W4Linear kernel and torchao's int4 on the same [m, k] x [k, n] product."""
+    import torch
+    from torch import nn
+
+    from accel.quant import QuantConfig, quantize
+
     time_it = _timer(device, args.repeats, args.warmup)
-    # (label, QuantConfig.kernel, QuantConfig.activations); --tiny: the interpreter runs the Triton kernels on CPU
-    variants = [("auto", "auto", "16bit"), ("triton", "triton", "16bit"), ("dequant", "dequant", "16bit"),
-                ("w4a8", "w4a8", "int8"), ("auto int8", "auto", "int8")]
+    torch.manual_seed(0)
+    linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    ref = linear(x)
+    base = time_it(lambda: torch.matmul(x, linear.weight.T))
+    row = {"M": m, "K": k, "N": n, "bf16_s": base, "variants": {}}
+    holder = nn.Sequential(nn.Linear(k, n, bias=False, device=device, dtype=dtype))
+    holder[0].weight.copy_(linear.weight)
+    quantize(holder, QuantConfig(group_size=args.group_size, min_features=0, search=False))
+    w4 = holder[0]
+    for label, kernel, activations in variants:
+        w4.kernel, w4.activations = kernel, activations
+        y = w4(x)
+        t = time_it(lambda: w4(x))
+        rel = float((y.float() - ref.float()).norm() / ref.float().norm())
+        row["variants"][f"accel {label}"] = {"s": t, "vs_bf16": base / t, "rel_err": rel}
+    ao, why = (None, "skipped in --tiny") if args.tiny else _torchao_int4(k, n, args.group_size, device, dtype)
+    if ao is not None:
+        t = time_it(lambda: ao(x))
+        row["variants"]["torchao int4wo"] = {"s": t, "vs_bf16": base / t}
+    else:
+        row["variants"]["torchao int4wo"] = {"note": why}
+    return row
+
+
+def bench_gemm(args, device, dtype) -> list[dict]:
+    import torch
+
+    variants = GEMM_VARIANTS
     if device.type != "cuda" and not args.tiny:
         variants = [("auto", "auto", "16bit"), ("reference", "reference", "16bit")]
     rows = []
-    for m, k, n in shapes:
-        torch.manual_seed(0)
-        linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
-        x = torch.randn(m, k, device=device, dtype=dtype)
-        ref = linear(x)
-        base = statistics.median(time_it(lambda: torch.matmul(x, linear.weight.T)))
-        row = {"M": m, "K": k, "N": n, "bf16_s": base, "variants": {}}
-        holder = nn.Sequential(nn.Linear(k, n, bias=False, device=device, dtype=dtype))
-        holder[0].weight.copy_(linear.weight)
-        quantize(holder, QuantConfig(group_size=args.group_size, min_features=0, search=False))
-        w4: W4Linear = holder[0]
-        for label, kernel, activations in variants:
-            w4.kernel, w4.activations = kernel, activations
-            y = w4(x)
-            t = statistics.median(time_it(lambda: w4(x)))
-            rel = float((y.float() - ref.float()).norm() / ref.float().norm())
-            row["variants"][f"accel {label}"] = {"s": t, "vs_bf16": base / t, "rel_err": rel}
-        ao, why = _torchao_int4(nn.Linear(k, n, bias=False, device=device, dtype=dtype), args.group_size) if not args.tiny else (None, "skipped in --tiny")
-        if ao is not None:
-            ao[0].weight  # noqa: B018  (quantized in place)
-            t = statistics.median(time_it(lambda: ao(x)))
-            row["variants"]["torchao int4wo"] = {"s": t, "vs_bf16": base / t}
-        else:
-            row["variants"]["torchao int4wo"] = {"note": why}
+    for m, k, n in args.gemm_shapes:
+        with torch.no_grad():
+            row = gemm_row(m, k, n, args, device, dtype, variants)
         rows.append(row)
         cells = "  ".join(
             f"{name} {v['vs_bf16']:.2f}x" if "s" in v else f"{name}: {v['note']}" for name, v in row["variants"].items()
         )
-        print(f"M={m:>6} K={k:>5} N={n:>5}  bf16 {base * 1e3:8.3f} ms  {cells}", flush=True)
+        print(f"M={m:>6} K={k:>5} N={n:>5}  bf16 {row['bf16_s'] * 1e3:8.3f} ms  {cells}", flush=True)
     return rows
 
 
-def _module_bytes(model: nn.Module) -> int:
+def _module_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def _flux_forward(scenario, model, inputs):
-    return model(
-        hidden_states=inputs["noise"], timestep=torch.full([1], 0.5, device=scenario.device, dtype=scenario.dtype),
-        guidance=inputs["guidance"], pooled_projections=inputs["pooled_prompt_embeds"],
-        encoder_hidden_states=inputs["prompt_embeds"], txt_ids=inputs["text_ids"], img_ids=inputs["img_ids"],
-        return_dict=False,
-    )[0]
+def _opt_in_w4a8(model, tiny: bool) -> None:
+    """The same 4-bit weights with int8 activations opted in."""
+    from accel.quant import W4Linear
+
+    for layer in model.modules():
+        if isinstance(layer, W4Linear):
+            layer.activations = "int8"
+            layer.kernel = "w4a8-reference" if tiny else "auto"
 
 
-def _wan_forward(scenario, model, inputs):
-    return model(
-        hidden_states=inputs["noise"].to(scenario.dtype), timestep=torch.full([1], 500.0, device=scenario.device),
-        encoder_hidden_states=inputs["prompt_embeds"], return_dict=False,
-    )[0]
+def _quantize(entry: dict, model, args, device) -> None:
+    import torch
+
+    from accel.quant import QuantConfig, quantize
+
+    t0 = time.perf_counter()
+    result = quantize(model, QuantConfig(group_size=args.group_size, min_features=0 if args.tiny else 256))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    entry["quantize_s"] = time.perf_counter() - t0
+    entry["quant_stats"] = {k: v for k, v in result.stats().items() if not k.startswith("per-layer")}
 
 
-@torch.no_grad()
-def bench_models(args, device, dtype) -> dict:
-    results = {}
+def bench_model(scenario, args, device) -> dict:
+    """One denoiser forward in bf16, with W4 weights, then with W4A8 (the same quantized model)."""
+    import torch
+
+    from accel.bench.measure import PeakMemory
+
     time_it = _timer(device, args.repeats, args.warmup)
-    models = (("flux", FluxScenario, _flux_forward), ("wan", WanScenario, _wan_forward))
-    for key, cls, forward in (m for m in models if m[0] in args.models):
-        scenario = cls(args.tiny, device, dtype, args.seed)
-        model = scenario.build()
-        inputs = scenario.make_inputs()
-        entry = {"config": scenario.describe()}
-        for variant in ("bf16", "w4", "w4a8"):
-            if variant == "w4a8":  # the same 4-bit weights, int8 activations opted in
-                for layer in model.modules():
-                    if isinstance(layer, W4Linear):
-                        layer.activations = "int8"
-                        layer.kernel = "w4a8-reference" if args.tiny else "auto"
-            if variant == "w4":
-                t0 = time.perf_counter()
-                config = QuantConfig(group_size=args.group_size, min_features=0 if args.tiny else 256)
-                result = quantize(model, config)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                entry["quantize_s"] = time.perf_counter() - t0
-                entry["quant_stats"] = {k: v for k, v in result.stats().items() if not k.startswith("per-layer")}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            out = forward(scenario, model, inputs).float()
-            times = time_it(lambda: forward(scenario, model, inputs))
-            entry[variant] = {
-                "median_s": statistics.median(times),
-                "module_bytes": _module_bytes(model),
-                "peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-            }
-            if variant == "bf16":
-                ref = out
-            else:
-                entry[variant]["rel_err_vs_bf16"] = float((out - ref).norm() / ref.norm())
-        entry["speedup"] = entry["bf16"]["median_s"] / entry["w4"]["median_s"]
-        entry["speedup_w4a8"] = entry["bf16"]["median_s"] / entry["w4a8"]["median_s"]
-        entry["memory_ratio"] = entry["bf16"]["module_bytes"] / entry["w4"]["module_bytes"]
-        results[key] = entry
+    model, inputs = scenario.build(), scenario.make_inputs()
+    entry: dict[str, Any] = {"config": scenario.describe()}
+    for variant in ("bf16", "w4", "w4a8"):
+        if variant == "w4":
+            _quantize(entry, model, args, device)
+        if variant == "w4a8":
+            _opt_in_w4a8(model, args.tiny)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        with PeakMemory(device) as mem:
+            out = scenario.forward(model, inputs).float()
+            median_s = time_it(lambda: scenario.forward(model, inputs))
+        entry[variant] = {"median_s": median_s, "module_bytes": _module_bytes(model),
+                          "peak_bytes": mem.peak_bytes if mem.device_kind == "cuda" else None}
+        if variant == "bf16":
+            ref = out
+        else:
+            entry[variant]["rel_err_vs_bf16"] = float((out - ref).norm() / ref.norm())
+    entry["speedup"] = entry["bf16"]["median_s"] / entry["w4"]["median_s"]
+    entry["speedup_w4a8"] = entry["bf16"]["median_s"] / entry["w4a8"]["median_s"]
+    entry["memory_ratio"] = entry["bf16"]["module_bytes"] / entry["w4"]["module_bytes"]
+    return entry
+
+
+def bench_models(args, device, dtype) -> dict:
+    import torch
+
+    from accel.bench.scenarios import SCENARIOS
+
+    results = {}
+    for key in (m for m in MODELS if m in args.models):
+        with torch.no_grad():
+            results[key] = e = bench_model(SCENARIOS[key](args.tiny, device, dtype, args.seed), args, device)
         print(
-            f"{key}: bf16 {entry['bf16']['median_s'] * 1e3:.1f} ms, w4 {entry['w4']['median_s'] * 1e3:.1f} ms "
-            f"({entry['speedup']:.2f}x), module {entry['memory_ratio']:.2f}x smaller, "
-            f"rel err {entry['w4']['rel_err_vs_bf16']:.4f}, quantized in {entry['quantize_s']:.1f} s; "
-            f"w4a8 {entry['w4a8']['median_s'] * 1e3:.1f} ms ({entry['speedup_w4a8']:.2f}x), "
-            f"rel err {entry['w4a8']['rel_err_vs_bf16']:.4f}",
+            f"{key}: bf16 {e['bf16']['median_s'] * 1e3:.1f} ms, w4 {e['w4']['median_s'] * 1e3:.1f} ms "
+            f"({e['speedup']:.2f}x), module {e['memory_ratio']:.2f}x smaller, "
+            f"rel err {e['w4']['rel_err_vs_bf16']:.4f}, quantized in {e['quantize_s']:.1f} s; "
+            f"w4a8 {e['w4a8']['median_s'] * 1e3:.1f} ms ({e['speedup_w4a8']:.2f}x), "
+            f"rel err {e['w4a8']['rel_err_vs_bf16']:.4f}",
             flush=True,
         )
-        del model
     return results
+
+
+def _span(values: list[float]) -> str:
+    return f"{min(values):.2f}x" if min(values) == max(values) else f"{min(values):.2f}-{max(values):.2f}x"
+
+
+def headline(doc: dict) -> str:
+    """One line for the budgeted run's summary: W4 and W4A8 GEMM speed-ups, decode and diffusion shapes, and
+    each model's speed-up, size and error."""
+    parts = []
+    for label in ("accel auto", "accel w4a8"):
+        for kind, rows in (("decode", [r for r in doc.get("gemm", []) if r["M"] <= 16]),
+                           ("diffusion", [r for r in doc.get("gemm", []) if r["M"] > 16])):
+            values = [r["variants"][label]["vs_bf16"] for r in rows if "vs_bf16" in r["variants"].get(label, {})]
+            if values:
+                parts.append(f"{label.removeprefix('accel ')} {kind} {_span(values)}")
+    if parts:
+        parts[-1] += " vs bf16"
+    for key, e in doc.get("models", {}).items():
+        parts.append(f"{key}: W4 {e['speedup']:.2f}x, W4A8 {e['speedup_w4a8']:.2f}x vs bf16, "
+                     f"{e['memory_ratio']:.2f}x smaller, rel err {e['w4']['rel_err_vs_bf16']:.3f}")
+    return "; ".join(parts)
 
 
 def _gemm_shapes(p: argparse.ArgumentParser, text: str, tiny: bool) -> list[tuple[int, int, int]]:
@@ -219,7 +243,7 @@ def _gemm_shapes(p: argparse.ArgumentParser, text: str, tiny: bool) -> list[tupl
     return shapes
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["gemm", "model", "all"], default="all")
     p.add_argument("--repeats", type=int, default=10)
@@ -237,6 +261,17 @@ def main(argv: list[str] | None = None) -> int:
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not args.models or set(args.models) - set(MODELS):
         p.error(f"--models {','.join(args.models) or '(empty)'}: choose from {', '.join(MODELS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.tiny:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    import torch
+
+    from accel.bench.host import default_json_path, environment, write_json
+
     if args.tiny:
         device, dtype = torch.device("cpu"), torch.float32
         args.group_size = 32  # divides every tiny layer, and W4A8 needs groups of 32+
@@ -250,9 +285,9 @@ def main(argv: list[str] | None = None) -> int:
         doc["gemm"] = bench_gemm(args, device, dtype)
     if args.part in ("model", "all"):
         doc["models"] = bench_models(args, device, dtype)
-    out = args.json or REPO / "benchmarks" / "results" / f"quant-{doc['env']['device_name'].replace(' ', '-')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2, default=str))
+    doc["headline"] = headline(doc)
+    out = write_json(args.json or default_json_path(Path(__file__).parent / "results", "quant", doc["env"], args.tiny),
+                     doc)
     print(f"wrote {out}")
     return 0
 

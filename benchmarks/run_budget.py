@@ -16,8 +16,8 @@ estimate fits in the time left, and runs under a hard timeout of the time left, 
 the budget plus a few seconds. A crash is recorded and the next item runs. As soon as an item ends,
 ``<out>/<item>.json`` is written atomically (status, time, command, the script's own JSON under ``result``;
 partial when the budget stopped it), its output is in ``<out>/<item>.log``, and ``summary.json`` /
-``summary.md`` are rewritten; a summary table is printed at the end. Items that no longer fit are skipped with
-a note.
+``summary.md`` are rewritten; a summary table is printed at the end, one line per item (the ``headline`` of the
+script's JSON). Items that no longer fit are skipped with a note.
 
 GPU estimates are guesses until a GPU run measures them (``summary.json`` has each item's time: copy them into
 PLAN). ``--tiny`` runs the same plan on CPU at tiny shapes (Triton interpreter): it checks the plan, it measures
@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PHASES = {1: "kernels", 2: "end-to-end step", 3: "caching", 4: "extras"}
@@ -66,95 +66,6 @@ RESERVE_S = 1.0  # kept back from each item's timeout for writing its JSON and t
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# One short line per item from its script's JSON (the full figures stay in <item>.json)
-
-
-def _x(v: float) -> str:
-    return f"{v:.2f}x"
-
-
-def _span(values: list[float]) -> str:
-    return _x(min(values)) if min(values) == max(values) else f"{min(values):.2f}-{max(values):.2f}x"
-
-
-def _attention(doc: dict) -> str:
-    parts = []
-    for shape, sc in doc.get("shapes", {}).items():
-        cells = []
-        for r in sc["rows"]:
-            if "error" in r:
-                cells.append(f"{r['variant']} ERROR")
-            elif not r["variant"].startswith("sdpa") and "speedup_vs_flash" in r:
-                cells.append(f"{r['variant']} {_x(r['speedup_vs_flash'])} (cos {r['cos']:.4f})")
-        parts.append(f"{shape}: " + ", ".join(cells))
-    e2e = doc.get("e2e_wan")
-    if e2e:
-        int8 = e2e["int8"]
-        tail = (f"int8 {int8['median_s'] * 1e3:.1f} ms ({_x(int8['speedup'])}, cos {int8['cos']:.4f})"
-                if "median_s" in int8 else f"int8 ERROR {int8['error'][:80]}")
-        parts.append(f"Wan step: SDPA {e2e['sdpa']['median_s'] * 1e3:.1f} ms, {tail}")
-    return "; ".join(parts) + ((" (vs SDPA)" if doc.get("tiny") else " (vs SDPA flash)") if doc.get("shapes") else "")
-
-
-def _sparse(doc: dict) -> str:
-    parts = []
-    for key, sc in doc["scenarios"].items():
-        if "search" in sc:
-            cells = [f"{r['name'].removeprefix('sparse ')} {_x(r['speedup_vs_sdpa'])}" for r in sc["rows"]
-                     if r["name"].startswith("sparse")]
-            main = next((s for s in sc["search"] if s["method"] == "antidiagonal"), None)
-            search = f"; search {main['amortised_share']:.1%} amortised" if main else ""
-            parts.append(f"{key}: " + ", ".join(cells) + " vs SDPA" + search)
-        else:
-            dense, *rest = sc["rows"]
-            cells = [f"target {r['target']}: {r['median_s'] * 1e3:.1f} ms ({_x(r['speedup'])}, "
-                     f"sparsity {r['mean_sparsity']:.0%})" for r in rest]
-            parts.append(f"{key}: dense {dense['median_s'] * 1e3:.1f} ms, " + ", ".join(cells))
-    return "; ".join(parts)
-
-
-def _quant(doc: dict) -> str:
-    parts = []
-    if doc.get("gemm"):
-        for label in ("accel auto", "accel w4a8"):
-            for kind, rows in (("decode", [r for r in doc["gemm"] if r["M"] <= 16]),
-                               ("diffusion", [r for r in doc["gemm"] if r["M"] > 16])):
-                values = [r["variants"][label]["vs_bf16"] for r in rows if "vs_bf16" in r["variants"].get(label, {})]
-                if values:
-                    parts.append(f"{label.removeprefix('accel ')} {kind} {_span(values)}")
-        if parts:
-            parts[-1] += " vs bf16"
-    for key, e in doc.get("models", {}).items():
-        parts.append(f"{key}: W4 {_x(e['speedup'])}, W4A8 {_x(e['speedup_w4a8'])} vs bf16, "
-                     f"{e['memory_ratio']:.2f}x smaller, rel err {e['w4']['rel_err_vs_bf16']:.3f}")
-    return "; ".join(parts)
-
-
-def _pruning(doc: dict) -> str:
-    parts = []
-    for key, sc in doc["scenarios"].items():
-        base, *rest = sc["rows"]
-        cells = [f"{r['variant']} {_x(r['prefill_speedup'])}" for r in rest]
-        parts.append(f"{key}: prefill {base['prefill_s'] * 1e3:.1f} ms; " + ", ".join(cells))
-    return "; ".join(parts)
-
-
-def _caching(doc: dict) -> str:
-    parts = []
-    for key, sc in doc["scenarios"].items():
-        cells = []
-        for r in sc["rows"][1:]:
-            if "error" in r:
-                cells.append(f"{r['name']} ERROR")
-            elif r["kind"] == "baseline-rerun":
-                cells.append("re-run " + ("identical" if r["identical"] else "DIFFERS"))
-            else:
-                cells.append(f"{r['name']} {_x(r['speedup'])} ({r['reused']}/{r['passes']} reused)")
-        parts.append(f"{key} {sc['steps']} steps: baseline {sc['rows'][0]['median_s']:.2f} s; " + ", ".join(cells))
-    return "; ".join(parts)
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # The plan
 
 
@@ -168,7 +79,6 @@ class Item:
     tiny_args: tuple[str, ...]  # with --tiny (tiny shapes on CPU); "--tiny" is added
     estimate_s: float  # on one H100/H200-class GPU, process start included: a guess until measured
     tiny_estimate_s: float  # with --tiny on 2 CPU cores
-    headline: Callable[[dict], str]  # one line from the script's JSON for the summary
 
     def command(self, python: str, tiny: bool, json_path: Path) -> list[str]:
         args = ("--tiny", *self.tiny_args) if tiny else self.args
@@ -178,60 +88,59 @@ class Item:
         return self.tiny_estimate_s if tiny else self.estimate_s
 
 
-def _item(name, phase, what, script, args, tiny_args, estimate_s, tiny_estimate_s, headline) -> Item:
-    return Item(name, phase, what, f"benchmarks/{script}", tuple(args), tuple(tiny_args), estimate_s,
-                tiny_estimate_s, headline)
+def _item(name, phase, what, script, args, tiny_args, estimate_s, tiny_estimate_s) -> Item:
+    return Item(name, phase, what, f"benchmarks/{script}", tuple(args), tuple(tiny_args), estimate_s, tiny_estimate_s)
 
 
 PLAN: list[Item] = [
     _item("attention-int8", 1, "INT8 attention vs SDPA flash/cuDNN (+ sageattention), Wan/FLUX/VLM shapes, default tiles",
           "attention.py", ["--shapes", "wan,flux,vlm", "--no-tune", "--repeats", "10", "--warmup", "3"],
-          ["--shapes", "vlm", "--no-tune", "--repeats", "1", "--warmup", "0"], 60, 30, _attention),
+          ["--shapes", "vlm", "--no-tune", "--repeats", "1", "--warmup", "0"], 60, 30),
     _item("sparse-attention", 1, "block-sparse attention at 50/75/90% vs SDPA and dense INT8, search cost, Wan 480p",
           "sparse_attention.py", ["--scenario", "wan", "--repeats", "5", "--warmup", "2"],
-          ["--scenario", "wan", "--repeats", "1"], 60, 30, _sparse),
+          ["--scenario", "wan", "--repeats", "1"], 60, 30),
     _item("w4-gemm", 1, "W4 GEMM (W4A16, W4A8) vs bf16 matmul, the RESULTS.md shapes",
           "quant.py", ["--part", "gemm", "--gemm-shapes", "results", "--repeats", "10", "--warmup", "3"],
-          ["--part", "gemm", "--repeats", "1", "--warmup", "0"], 60, 20, _quant),
+          ["--part", "gemm", "--repeats", "1", "--warmup", "0"], 60, 20),
     _item("attention-e2e", 2, "one Wan2.1-1.3B 480p transformer forward, SDPA vs INT8 attention",
           "attention.py", ["--shapes", "none", "--e2e", "--repeats", "4", "--warmup", "1"],
-          ["--shapes", "none", "--e2e", "--repeats", "1", "--warmup", "0"], 40, 15, _attention),
+          ["--shapes", "none", "--e2e", "--repeats", "1", "--warmup", "0"], 40, 15),
     _item("sparse-e2e", 2, "one Wan2.1-1.3B 480p transformer forward, dense vs sparse target 0.8",
           "sparse_attention.py", ["--scenario", "wan-step", "--targets", "0.8", "--repeats", "3", "--warmup", "1"],
-          ["--scenario", "wan-step", "--targets", "0.8", "--repeats", "1"], 50, 25, _sparse),
+          ["--scenario", "wan-step", "--targets", "0.8", "--repeats", "1"], 50, 25),
     _item("quant-e2e", 2, "one Wan2.1-1.3B 480p transformer forward, bf16 vs W4 and W4A8",
           "quant.py", ["--part", "model", "--models", "wan", "--repeats", "3", "--warmup", "1"],
-          ["--part", "model", "--models", "wan", "--repeats", "1", "--warmup", "0"], 60, 20, _quant),
+          ["--part", "model", "--models", "wan", "--repeats", "1", "--warmup", "0"], 60, 20),
     _item("pruning-e2e", 2, "LLaVA-1.5-7B prefill, TTFT and decode, baseline vs 64 kept visual tokens",
           "pruning.py",
           ["--scenario", "llava", "--keep", "64", "--repeats", "2", "--warmup", "1", "--new-tokens", "16"],
-          ["--scenario", "llava", "--repeats", "1"], 60, 25, _pruning),
+          ["--scenario", "llava", "--repeats", "1"], 60, 25),
     _item("caching-flux", 3, "FLUX.1-dev 1024px, 14 steps: baseline, diffusers FBC 0.1, accel balanced, accel fast",
           "caching.py", ["--scenario", "flux", "--steps", "14", "--repeats", "1", "--warmup", "1",
                          "--variants", "diffusers FBC 0.1,accel balanced,accel fast"],
           ["--scenario", "flux", "--steps", "14", "--repeats", "1", "--warmup", "1",
-           "--variants", "diffusers FBC 0.1,accel balanced,accel fast"], 70, 25, _caching),
+           "--variants", "diffusers FBC 0.1,accel balanced,accel fast"], 70, 25),
     _item("caching-wan", 3, "Wan2.1-1.3B 480p 81 frames, 8 steps with CFG: baseline, diffusers FBC 0.1, accel balanced",
           "caching.py", ["--scenario", "wan", "--steps", "8", "--repeats", "1", "--warmup", "1",
                          "--variants", "diffusers FBC 0.1,accel balanced", "--no-rerun"],
           ["--scenario", "wan", "--steps", "8", "--repeats", "1", "--warmup", "1",
-           "--variants", "diffusers FBC 0.1,accel balanced", "--no-rerun"], 90, 20, _caching),
+           "--variants", "diffusers FBC 0.1,accel balanced", "--no-rerun"], 90, 20),
     _item("attention-tuning", 4, "INT8 attention tile sweep (fastest of 6 configurations per variant), Wan shape",
           "attention.py", ["--shapes", "wan", "--repeats", "10", "--warmup", "3"],
-          ["--shapes", "vlm", "--repeats", "1", "--warmup", "0"], 90, 15, _attention),
+          ["--shapes", "vlm", "--repeats", "1", "--warmup", "0"], 90, 15),
     _item("attention-hunyuan", 4, "INT8 attention vs SDPA at HunyuanVideo 720p (119,056 tokens), default tiles",
           "attention.py", ["--shapes", "hunyuan", "--no-tune", "--repeats", "5", "--warmup", "1"],
-          ["--shapes", "hunyuan", "--no-tune", "--repeats", "1", "--warmup", "0"], 60, 20, _attention),
+          ["--shapes", "hunyuan", "--no-tune", "--repeats", "1", "--warmup", "0"], 60, 20),
     _item("sparse-hunyuan", 4, "block-sparse attention at 50/75/90%, HunyuanVideo 720p",
           "sparse_attention.py", ["--scenario", "hunyuan", "--repeats", "3", "--warmup", "1"],
-          ["--scenario", "hunyuan", "--repeats", "1"], 100, 25, _sparse),
+          ["--scenario", "hunyuan", "--repeats", "1"], 100, 25),
     _item("quant-e2e-flux", 4, "one FLUX.1-dev 1024px transformer forward, bf16 vs W4 and W4A8",
           "quant.py", ["--part", "model", "--models", "flux", "--repeats", "3", "--warmup", "1"],
-          ["--part", "model", "--models", "flux", "--repeats", "1", "--warmup", "0"], 150, 20, _quant),
+          ["--part", "model", "--models", "flux", "--repeats", "1", "--warmup", "0"], 150, 20),
     _item("pruning-qwen2-vl", 4, "Qwen2-VL-7B image and video prefill/decode, baseline vs 64 kept visual tokens",
           "pruning.py", ["--scenario", "qwen2_vl_image", "qwen2_vl_video", "--keep", "64", "--repeats", "2",
                          "--warmup", "1", "--new-tokens", "16"],
-          ["--scenario", "qwen2_vl_image", "qwen2_vl_video", "--repeats", "1"], 150, 25, _pruning),
+          ["--scenario", "qwen2_vl_image", "qwen2_vl_video", "--repeats", "1"], 150, 25),
 ]
 
 
@@ -239,17 +148,17 @@ PLAN: list[Item] = [
 # Running
 
 
-def write_json(path: Path, doc: Any) -> None:
-    """Write `doc` so that a reader (or a kill) never sees half a file: a temporary file, then a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
-
-
+# The driver imports nothing of accel (whose accel.bench.host.write_json does the same): it checks the
+# dependencies before anything imports them, and `import accel` would cost the budget ~10 s.
 def _write_text(path: Path, text: str) -> None:
+    """Write `text` so that a reader (or a kill) never sees half a file: a temporary file, then a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json(path: Path, doc: Any) -> None:
+    _write_text(path, json.dumps(doc, indent=1, default=str) + "\n")
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -318,11 +227,8 @@ def run_item(item: Item, out: Path, tiny: bool, python: str, timeout_s: float) -
         record["status"], record["note"] = "failed", "exit status 0 but the script wrote no JSON"
     if record["status"] != "ok":
         record["log_tail"] = _tail(log)
-    if result is not None:
-        try:
-            record["headline"] = item.headline(result)
-        except Exception as err:  # a partial or failed result lacks fields; the JSON has what there is
-            record["headline"] = f"(no summary line: {type(err).__name__}: {err})"
+    if result is not None:  # a partial result (cut off by the budget) has no headline yet
+        record["headline"] = (result.get("headline") if isinstance(result, dict) else None) or "(no summary line)"
     write_json(out / f"{item.name}.json", dict(record, result=result))
     return record
 
