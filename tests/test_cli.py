@@ -1,4 +1,5 @@
-"""`accel demo` / `accel bench` (accel.cli) and the side-by-side harness behind them (accel.bench.harness)."""
+"""The `accel` command (accel.cli: demo, bench, bench-vlm, eval) and the side-by-side harness behind it
+(accel.bench.harness)."""
 
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def test_compare_always_unpatches_and_records_errors():
 
 def test_bench_vlm_pruning_table(tmp_path, capsys):
     path = tmp_path / "prune.json"
-    argv = ["bench", "--family", "qwen2_vl", "--keep", "8,3", "--video", "--steps", "4", "--repeats", "1",
+    argv = ["bench-vlm", "--family", "qwen2_vl", "--keep", "8,3", "--video", "--new-tokens", "4", "--repeats", "1",
             "--warmup", "0", "--quiet", "--json", str(path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -117,20 +118,50 @@ def test_bench_vlm_pruning_table(tmp_path, capsys):
         assert column in out
     table = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith(("baseline", "keep="))}
     assert table["baseline"][1] == "all" and table["keep=8"][1] == "8/8" and table["keep=3"][1] == "3/8"
-    rows = json.loads(path.read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["baseline", "keep=8", "keep=3"]
+    data = json.loads(path.read_text())
+    assert data["command"] == "bench-vlm" and data["settings"]["keep"] == "8,3"
+    rows = data["rows"]
+    assert [r["variant"] for r in rows] == ["baseline", "keep=8", "keep=3"] and rows[0]["steps"] == 4
     assert rows[1]["first_token_kl"] == 0.0 and rows[1]["token_agreement"] == 1.0  # keeps all 8 video tokens
     assert rows[2]["sequence_to_lm"] == rows[0]["sequence_to_lm"] - 5
     assert all(r["prefill_s"] > 0 and r["ttft_s"] > 0 and r["peak_memory_bytes"] for r in rows)
 
 
-def test_bench_keep_needs_a_vlm_family():
-    with pytest.raises(SystemExit, match="needs a VLM family .*llava.*not 'flux'"):
-        main(["bench", "--family", "flux", "--keep", "4", "--quiet"])
-    with pytest.raises(SystemExit, match="--keep works with --family"):
-        main(["bench", "--pipeline", "x:y", "--keep", "4", "--quiet"])
-    with pytest.raises(SystemExit, match="positive integers"):
-        main(["bench", "--family", "llava", "--keep", "0", "--quiet"])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench-vlm", "--family", "flux", "--keep", "4"], "needs a VLM family (llava, "),
+        (["bench-vlm", "--family", "llava", "--keep", "0"], "--keep takes positive integers, got '0'"),
+        (["bench-vlm", "--family", "llava", "--keep", "4,x"], "--keep takes comma-separated integers"),
+        (["bench-vlm", "--family", "llava", "--keep", "4", "--new-tokens", "0"], "--new-tokens must be >= 1"),
+        (["bench-vlm", "--family", "nope", "--keep", "4"], "unknown family 'nope'"),
+        # the pruning flags that `accel bench` had point to the command that has them now
+        (["bench", "--family", "llava", "--keep", "4"], "--keep: visual token pruning has its own command now: "
+                                                        "accel bench-vlm"),
+        (["bench", "--family", "llava", "--video", "--prune-where", "in_lm"], "--video, --prune-where: visual token"),
+    ],
+)
+def test_bench_vlm_mistakes_are_one_line_errors(capsys, argv, message):
+    assert message in usage_error(capsys, argv + ["--quiet"])
+    assert capsys.readouterr().out == ""  # nothing ran
+
+
+@pytest.mark.parametrize("argv", [["bench-vlm", "--family", "llava", "--keep", "4", "--attention", "int8"],
+                                  ["bench-vlm", "--family", "llava", "--keep", "4", "--preset", "fast"],
+                                  ["bench-vlm", "--family", "llava"]])
+def test_bench_vlm_refuses_flags_that_do_not_apply(capsys, argv):
+    with pytest.raises(SystemExit) as err:
+        main(argv)
+    assert err.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for command in ("demo", "bench", "bench-vlm", "eval"):
+        assert f"    {command} " in text, command
 
 
 def test_bench_attention_routes(tmp_path, capsys):
@@ -207,7 +238,7 @@ def test_demo_json_folder_is_checked_before_the_run(tmp_path, capsys, monkeypatc
     def never(*args, **kwargs):
         raise AssertionError("ran before checking --json")
 
-    monkeypatch.setattr("accel.cli._bench_tiny", never)
+    monkeypatch.setattr("accel.bench.family.bench_family", never)
     line = usage_error(capsys, ["demo", "--families", "sd3", "--json", str(tmp_path / "gone" / "demo.json")])
     assert "does not exist; create it first" in line
 

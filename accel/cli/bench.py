@@ -1,0 +1,159 @@
+"""`accel bench`: baseline vs presets (and attention routes) on one tiny family or on your own pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable
+
+from accel.cli._common import (
+    TINY_WARNING,
+    UsageError,
+    add_timing_args,
+    check_device,
+    check_names,
+    check_output,
+    load_user_function,
+    out,
+    settings,
+    split,
+)
+
+NAME = "bench"
+EPILOG = """\
+--pipeline MODULE:FUNCTION (or path/to/file.py:FUNCTION) calls FUNCTION() with no arguments; it must return
+(obj, run_fn): obj is what accel.patch gets (a diffusers pipeline or a transformers model), and run_fn(seed)
+runs it once and returns float pixels in [0, 1] ([B,C,H,W] or [B,F,C,H,W]) or an accel.zoo.VLMOutput.
+Use the seed for the generator so every variant starts from the same noise. Example, in my_bench.py:
+
+    import torch
+    from diffusers import FluxPipeline
+
+    def make():
+        pipe = FluxPipeline.from_pretrained("black-forest-labs/FLUX.1-dev", torch_dtype=torch.bfloat16).to("cuda")
+        def run(seed):
+            g = torch.Generator("cuda").manual_seed(seed)
+            return pipe("a red fox", num_inference_steps=28, generator=g, output_type="pt").images
+        return pipe, run
+
+    accel bench --pipeline my_bench.py:make --device cuda --repeats 3
+
+Visual token pruning of a VLM family has its own command: accel bench-vlm --family llava --keep 8,4"""
+# Flags of the pruning benchmark that `accel bench` had; kept hidden so that an old command line gets pointed to
+# `accel bench-vlm` instead of an "unrecognized arguments" message.
+_MOVED = ("keep", "video", "prune_where")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from accel.presets import PRESET_NAMES
+
+    p = sub.add_parser(
+        NAME,
+        help="benchmark one tiny family or your own pipeline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Baseline vs presets for one tiny family (--family) or for your own pipeline (--pipeline).",
+        epilog=EPILOG,
+    )
+    p.add_argument("--family", help="a tiny zoo family, e.g. flux")
+    p.add_argument("--pipeline", metavar="MODULE:FUNCTION", help="your own pipeline (see below)")
+    p.add_argument("--preset", default=",".join(PRESET_NAMES), help="comma-separated presets (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=None, help="tiny family: denoising steps (VLMs: new tokens)")
+    p.add_argument("--device", default="cpu", help="device to synchronise and measure memory on (default: cpu)")
+    p.add_argument("--json", default=None, help="also write the results as JSON here")
+    p.add_argument(
+        "--attention", default=None,
+        help="also bench these attention routes alone, comma-separated: int8, sdpa, flash, xformers "
+        "(on CPU, int8 runs its PyTorch reference: fidelity, not speed)",
+    )
+    p.add_argument("--keep", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--video", action="store_const", const=True, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--prune-where", default=None, help=argparse.SUPPRESS)
+    add_timing_args(p, repeats=3, warmup=1)
+    p.set_defaults(func=run)
+    return p
+
+
+def load_pipeline(spec: str) -> tuple[Any, Callable[[int], Any]]:
+    """(obj, run_fn) from the user's --pipeline function, both checked; run_fn's first output is checked too."""
+    from accel.api import _resolve
+    from accel.bench.harness import output_kind
+    from accel.errors import UnsupportedModelError
+
+    result = load_user_function("--pipeline", spec)()
+    if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
+        got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
+        raise UsageError(f"--pipeline {spec}: the function must return (obj, run_fn) with run_fn(seed) callable, "
+                         f"got {got}")
+    obj, run_fn = result
+    try:
+        _resolve(obj)
+    except UnsupportedModelError as err:
+        raise UsageError(f"--pipeline {spec}: {err}") from None
+    checked = []
+
+    def run_checked(seed: int) -> Any:
+        output = run_fn(seed)
+        if not checked:  # the baseline's first call: fail before minutes of timing an unusable output
+            try:
+                output_kind(output)
+            except TypeError as err:
+                raise UsageError(f"--pipeline {spec}: {err}") from None
+            checked.append(True)
+        return output
+
+    return obj, run_checked
+
+
+def _bench_pipeline(args, presets: list[str], attention: list[str]) -> dict:
+    from accel.bench.family import preset_variants
+    from accel.bench.harness import compare
+
+    if args.steps is not None:
+        raise UsageError("--steps sets the steps of a tiny --family; with --pipeline, your run_fn decides them")
+    obj, run_fn = load_pipeline(args.pipeline)
+    rows = compare(obj, run_fn, preset_variants(presets, attention), repeats=args.repeats, warmup=args.warmup,
+                   device=args.device, seed=args.seed, progress=not args.quiet, desc=args.pipeline)
+    return {"family": args.pipeline, "model": type(obj).__name__, "kind": None, "steps": args.steps, "rows": rows}
+
+
+def run(args) -> int:
+    from accel import zoo
+    from accel.attention.config import KERNELS
+    from accel.bench.family import bench_family
+    from accel.bench.host import write_json
+    from accel.bench.tables import memory_lines, results_doc, table_header, table_lines
+    from accel.presets import PRESET_NAMES
+
+    moved = [f"--{name.replace('_', '-')}" for name in _MOVED if getattr(args, name) is not None]
+    if moved:
+        raise UsageError(f"{', '.join(moved)}: visual token pruning has its own command now: "
+                         "accel bench-vlm --family F --keep K,K (with --video, --prune-where, --new-tokens)")
+    presets, attention = split(args.preset), split(args.attention)
+    check_names("preset", presets, PRESET_NAMES)
+    check_names("attention route", attention, KERNELS)
+    if bool(args.family) == bool(args.pipeline):
+        raise UsageError("give exactly one of --family F or --pipeline MODULE:FUNCTION")
+    check_output("--json", args.json)
+    check_device(args.device)
+    start = time.perf_counter()
+    if args.family:
+        check_names("family", [args.family], zoo.FAMILIES)
+        if args.device != "cpu":
+            raise UsageError("tiny families run on CPU; bench a GPU pipeline with --pipeline")
+        out(TINY_WARNING)
+        result = bench_family(args.family, presets, attention=attention, steps=args.steps, repeats=args.repeats,
+                              warmup=args.warmup, seed=args.seed, progress=not args.quiet)
+    else:
+        result = _bench_pipeline(args, presets, attention)
+    total = time.perf_counter() - start
+    for line in table_header() + table_lines(result) + memory_lines(result):
+        out(line)
+    if args.json:
+        data = results_doc(NAME, _settings(args), [result], total, args.device, tiny=bool(args.family))
+        write_json(args.json, data)
+        out(f"JSON written to {args.json}")
+    return 0
+
+
+def _settings(args) -> dict:
+    return {k: v for k, v in settings(args).items() if k not in _MOVED}
