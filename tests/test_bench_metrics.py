@@ -1,4 +1,4 @@
-"""Tests for accel.bench.metrics and accel.bench.measure."""
+"""Tests for accel.bench.metrics, accel.bench.measure and accel.bench.host."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import time
 import pytest
 import torch
 
+from accel.bench.host import default_json_path, environment, to_json, write_json
 from accel.bench.measure import PeakMemory, format_bytes, median, time_calls
 from accel.bench.metrics import (
     first_token_kl,
+    latent_fidelity,
     lpips_or_none,
     psnr,
     relative_l1,
@@ -154,3 +156,42 @@ def test_time_calls_and_helpers() -> None:
     assert format_bytes(int(12.3 * 2**20)) == "12.3 MiB"
     assert format_bytes(3 * 2**30) == "3.0 GiB"
     assert format_bytes(None) == "n/a"
+
+
+def test_latent_fidelity() -> None:
+    ref = torch.linspace(-2.0, 2.0, 3 * 8 * 5).reshape(3, 8, 5)  # any shape: a packed FLUX latent is 3-D
+    same = latent_fidelity(ref.clone(), ref)
+    assert same == dict(psnr_db=None, rel_l1=0.0, max_abs_diff=0.0, identical=True, finite=True)
+    shifted = latent_fidelity(ref + 0.04, ref)  # span 4: mapped to [0, 1] the error is 0.01 everywhere
+    assert shifted["psnr_db"] == pytest.approx(40.0) and not shifted["identical"]
+    assert shifted["max_abs_diff"] == pytest.approx(0.04)
+    assert shifted["rel_l1"] == pytest.approx(relative_l1(ref + 0.04, ref))
+    bad = ref.clone()
+    bad[0, 0, 0] = float("nan")
+    assert latent_fidelity(bad, ref) == dict(psnr_db=None, rel_l1=None, max_abs_diff=None, identical=False,
+                                             finite=False)
+    with pytest.raises(ValueError, match="shapes differ"):
+        latent_fidelity(ref[:1], ref)
+
+
+def test_results_json_and_environment(tmp_path) -> None:
+    import dataclasses
+    import json
+
+    @dataclasses.dataclass
+    class Config:
+        threshold: float
+        shape: tuple
+
+    doc = {"config": Config(0.1, (1, 2)), "psnr": float("inf"), "nan": float("nan"), "dtype": torch.bfloat16, 3: None}
+    assert to_json(doc) == {"config": {"threshold": 0.1, "shape": [1, 2]}, "psnr": "inf", "nan": "nan",
+                            "dtype": "torch.bfloat16", "3": None}
+    path = write_json(tmp_path / "new" / "result.json", doc)  # folders are created
+    assert json.loads(path.read_text()) == to_json(doc) and [p.name for p in path.parent.iterdir()] == ["result.json"]
+
+    env = environment("cpu")
+    assert env["device"] == "cpu" and env["gpu"] is None and env["torch"] == torch.__version__
+    assert {"accel", "diffusers", "transformers", "triton", "python", "cpu_count", "torch_threads"} <= set(env)
+    assert default_json_path(tmp_path, "caching", env, tiny=True) == tmp_path / "caching-cpu-tiny.json"
+    assert default_json_path(tmp_path, "quant", dict(gpu="NVIDIA H100 80GB HBM3"), tiny=False).name == \
+        "quant-nvidia-h100-80gb-hbm3.json"
