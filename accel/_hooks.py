@@ -11,24 +11,18 @@ import inspect
 from typing import Any
 
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
 from torch import nn
 
-__all__ = ["HookSet", "ModelHook", "NoState", "StateManager", "add", "get_arg", "invalidate_registry_caches", "remove"]
+from ._private import ContextHook, delete_hook_registry, hook_registry
+
+__all__ = ["ContextHook", "HookSet", "ModelHook", "add", "get_arg", "invalidate_registry_caches", "remove"]
 
 _CREATED_FLAG = "_accel_created_registry"
 _HAD_FORWARD_FLAG = "_accel_had_instance_forward"
 
 
-class NoState(BaseState):
-    """For hooks that only need diffusers' cache_context name, not per-context state."""
-
-    def reset(self, *args, **kwargs) -> None:
-        pass
-
-
 def add(module: nn.Module, hook: ModelHook, name: str) -> None:
-    if not hasattr(module, "_diffusers_hook"):
+    if hook_registry(module) is None:
         setattr(module, _CREATED_FLAG, True)
     if not hasattr(module, _HAD_FORWARD_FLAG):
         setattr(module, _HAD_FORWARD_FLAG, "forward" in module.__dict__)
@@ -37,21 +31,21 @@ def add(module: nn.Module, hook: ModelHook, name: str) -> None:
 
 
 def remove(module: nn.Module, name: str) -> None:
-    registry = getattr(module, "_diffusers_hook", None)
+    registry = hook_registry(module)
     if registry is None:
         return
     registry.remove_hook(name, recurse=False)
     if registry.hooks:
         return
     if module.__dict__.pop(_CREATED_FLAG, False):
-        del module._diffusers_hook
+        delete_hook_registry(module)
     if not module.__dict__.pop(_HAD_FORWARD_FLAG, True):
         module.__dict__.pop("forward", None)
 
 
 def invalidate_registry_caches(root: nn.Module) -> None:
     """diffusers caches which submodules carry hooks; adding or removing block hooks makes that stale."""
-    registry = getattr(root, "_diffusers_hook", None)
+    registry = hook_registry(root)
     if registry is not None:
         registry.invalidate_child_registries_cache()
 

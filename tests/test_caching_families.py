@@ -5,6 +5,7 @@ import torch
 
 import accel
 from accel import CacheConfig
+from accel._private import hook_registry
 from accel.bench.metrics import psnr
 
 from conftest import DIFFUSION_FAMILIES, TWO_CALL_CFG, baseline, tiny
@@ -26,7 +27,7 @@ def test_patch_run_unpatch_is_bit_exact(family):
     blocks = [m for m in model.obj.components.values() if isinstance(m, torch.nn.Module)]
     for module in blocks:
         for sub in module.modules():
-            assert not hasattr(sub, "_diffusers_hook") or "accel_cache" not in sub._diffusers_hook.hooks
+            assert hook_registry(sub) is None or "accel_cache" not in hook_registry(sub).hooks
 
 
 def test_lossless_preset_changes_no_bit(family, patched):

@@ -13,6 +13,7 @@ from collections import Counter
 
 import torch
 
+from .._private import tensor_version
 from ..errors import AccelError, ConfigError
 from . import int8
 from .config import AttentionConfig
@@ -135,7 +136,7 @@ class DenseAttention:
         that is recognised too. Every layer of a forward gets the same mask tensor, so the answer (which
         may cost a host sync) is kept for as long as that tensor is passed.
         """
-        if self._mask is mask and self._mask_version == mask._version:
+        if self._mask is mask and self._mask_version == tensor_version(mask):
             return self._mask_answer
         answer = None
         bias = int8.key_padding_from_sdpa_mask(mask, B, Nq, Nk)
@@ -146,7 +147,7 @@ class DenseAttention:
             causal = torch.ones(Nq, Nk, dtype=torch.bool, device=mask.device).tril()
             if torch.equal(mask[:, 0], causal & keep[:, None, :]):
                 answer = (int8.key_padding_from_sdpa_mask(keep[:, None, None, :], B, Nq, Nk), True)
-        self._mask, self._mask_version, self._mask_answer = mask, mask._version, answer
+        self._mask, self._mask_version, self._mask_answer = mask, tensor_version(mask), answer
         return answer
 
     def _sdpa(self, call: AttentionCall) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .. import _hooks
+from .. import _hooks, _private
 from .._unit import PatchContext
 from ..pipelines.base import AttentionSite, LatentGrid
 
@@ -120,22 +120,16 @@ class _SiteHook(_hooks.ModelHook):
         return out
 
 
-class _DenoiserHook(_hooks.ModelHook):
+class _DenoiserHook(_hooks.ContextHook):
     """Per denoiser call: forget the cached grid, learn the CFG branch from diffusers' cache_context."""
-
-    _is_stateful = True
 
     def __init__(self, router: "AttentionRouter"):
         super().__init__()
         self.router = router
-        self.context = _hooks.StateManager(_hooks.NoState)
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        self.router.begin_denoiser_call(args, kwargs, getattr(self.context._context, "name", None))
+        self.router.begin_denoiser_call(args, kwargs, getattr(self.cache_context(), "name", None))
         return self.fn_ref.original_forward(*args, **kwargs)
-
-    def reset_state(self, module: nn.Module) -> nn.Module:
-        return module
 
 
 class AttentionRouter:
@@ -173,14 +167,14 @@ class AttentionRouter:
             self._hooks.remove()
             self._hooks = None
         for config, implementation in reversed(self._saved_implementations):
-            config._attn_implementation_internal = implementation
+            _private.restore_attention_implementation(config, implementation)
         self._saved_implementations.clear()
         for site in self.sites:
             site.module.__dict__.pop(_SITE_ATTR, None)
 
     def _install_diffusers(self) -> None:
         for site in self.sites:
-            backend = getattr(getattr(site.module, "processor", None), "_attention_backend", None)
+            backend = _private.attention_backend(getattr(site.module, "processor", None))
             if backend not in (None, "native"):
                 raise ValueError(
                     f"{site.name} uses diffusers attention backend {backend!r}; accel reroutes attention from the "
@@ -198,12 +192,7 @@ class AttentionRouter:
         AttentionMaskInterface.register(TRANSFORMERS_NAME, sdpa_mask)
         for site in self.sites:
             site.module.__dict__[_SITE_ATTR] = (self, site)
-        configs = {}
-        for module in self.ctx.model.modules():
-            config = getattr(module, "config", None)
-            if config is not None and hasattr(config, "_attn_implementation_internal"):
-                configs[id(config)] = config
-        self._saved_implementations = [(c, c._attn_implementation_internal) for c in configs.values()]
+        self._saved_implementations = _private.attention_implementations(self.ctx.model)
         try:
             self.ctx.model.set_attn_implementation(TRANSFORMERS_NAME)
         except Exception:

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
-from diffusers.hooks.hooks import StateManager
 from torch import nn
 
 from .. import _hooks
@@ -29,20 +28,17 @@ class CannotCache(AccelError, ValueError):
     """This denoiser has too few blocks for the cache as configured (the message says why)."""
 
 
-class DenoiserCallHook(ModelHook):
+class DenoiserCallHook(_hooks.ContextHook):
     """Brackets each denoiser call for the controller and learns the CFG branch from `cache_context`."""
-
-    _is_stateful = True  # so diffusers' cache_context() hands us the context
 
     def __init__(self, controller: CacheController, steps_hint):
         super().__init__()
         self.controller = controller
         self.steps_hint = steps_hint  # () -> int | None, from the pipeline's scheduler when known
         self.managed = False  # True while a patched pipeline call is running
-        self.context = StateManager(_hooks.NoState)
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
-        ctx = self.context._context
+        ctx = self.cache_context()
         num_steps = getattr(ctx, "num_inference_steps", None) or self.steps_hint()
         self.controller.enter(
             getattr(ctx, "name", None),
