@@ -7,12 +7,13 @@ from ..errors import AlreadyPatchedError
 from ..pipelines.base import Adapter
 from ..report import Report
 from .config import CacheConfig
+from .base import CannotCache, StepCache
 from .controller import BranchStats, CacheController, CallStats
-from .dit import CannotCache, DiTCache
+from .dit import DiTCache
 from .unet import UNetCache
 
 
-def build_cache(adapter: Adapter, config: CacheConfig, steps_hint) -> DiTCache | UNetCache:
+def build_cache(adapter: Adapter, config: CacheConfig, steps_hint) -> StepCache:
     """The cache for the adapter's kind of denoiser. Raises CannotCache for a denoiser too small for `config`,
     TypeError for models caching cannot serve."""
     if adapter.kind == "dit":
@@ -23,7 +24,7 @@ def build_cache(adapter: Adapter, config: CacheConfig, steps_hint) -> DiTCache |
 
 
 class CacheUnit(Unit):
-    def __init__(self, cache: DiTCache | UNetCache, guard: _EnableCacheGuard):
+    def __init__(self, cache: StepCache, guard: _EnableCacheGuard):
         self.cache = cache
         self.guard = guard
 
@@ -31,19 +32,17 @@ class CacheUnit(Unit):
         return self.cache.describe()
 
     def remove(self) -> None:
-        self.cache.hooks.remove()
+        self.cache.remove()
         self.guard.remove()
 
     def begin_call(self) -> None:
-        self.cache.controller.begin_call()
-        self.cache.call_hook.managed = True
+        self.cache.begin_call()
 
     def end_call(self) -> None:
-        self.cache.controller.end_call()
-        self.cache.call_hook.managed = False
+        self.cache.end_call()
 
     def update_report(self, report: Report) -> None:
-        report.calls = list(self.cache.controller.calls)
+        report.calls = self.cache.calls()
 
 
 @register("cache", CacheConfig, order=40)
@@ -59,7 +58,7 @@ def install(ctx: PatchContext, config: CacheConfig) -> CacheUnit:
         cache = build_cache(ctx.adapter, config, ctx.steps_hint)
     except CannotCache as problem:
         raise NotApplicable(str(problem)) from None
-    cache.hooks.install()
+    cache.install()
     guard = _EnableCacheGuard(ctx.model)
     if ctx.pipeline is None:
         ctx.warn(
@@ -99,6 +98,7 @@ __all__ = [
     "CallStats",
     "CannotCache",
     "DiTCache",
+    "StepCache",
     "UNetCache",
     "build_cache",
     "install",

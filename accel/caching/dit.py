@@ -1,7 +1,7 @@
 """Step caching for diffusion transformers: first-block signal, cached tail residual with Taylor forecast.
 
-Hooks (through diffusers' hook registry, all removable):
-- on the denoiser: marks the start and end of each denoiser call and which CFG branch it is;
+Hooks (through diffusers' hook registry, all removable), besides the denoiser call hook every cache has
+(`accel.caching.base`):
 - on the head blocks: after the last head block, asks the controller whether to reuse;
 - on the tail blocks: on a reused step each tail block hands its inputs through unchanged and the last
   one returns head output + forecast residual; on a computed step the last one records the residual.
@@ -16,45 +16,10 @@ from diffusers.hooks import ModelHook
 from torch import nn
 
 from .. import _hooks
-from ..errors import AccelError
 from ..pipelines.base import BlockIO, DiTAdapter
+from .base import CannotCache, StepCache
 from .config import CacheConfig
 from .controller import CacheController
-
-HOOK = "accel_cache"
-
-
-class CannotCache(AccelError, ValueError):
-    """This denoiser has too few blocks for the cache as configured (the message says why)."""
-
-
-class DenoiserCallHook(_hooks.ContextHook):
-    """Brackets each denoiser call for the controller and learns the CFG branch from `cache_context`."""
-
-    def __init__(self, controller: CacheController, steps_hint):
-        super().__init__()
-        self.controller = controller
-        self.steps_hint = steps_hint  # () -> int | None, from the pipeline's scheduler when known
-        self.managed = False  # True while a patched pipeline call is running
-
-    def new_forward(self, module: nn.Module, *args, **kwargs):
-        ctx = self.cache_context()
-        num_steps = getattr(ctx, "num_inference_steps", None) or self.steps_hint()
-        self.controller.enter(
-            getattr(ctx, "name", None),
-            num_steps=num_steps,
-            step_index=getattr(ctx, "step_index", None),
-            timestep=None if self.managed else _hooks.get_arg(module, "timestep", args, kwargs),
-            managed=self.managed,
-        )
-        try:
-            return self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            self.controller.exit()
-
-    def reset_state(self, module: nn.Module) -> nn.Module:
-        self.controller.reset()
-        return module
 
 
 def _split(io: BlockIO, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -136,36 +101,31 @@ class TailHook(ModelHook):
         return _pack(self.io, hidden, encoder, shared.last_output_template)
 
 
-class DiTCache:
-    """Installs and removes the cache hooks on one diffusion transformer."""
+class DiTCache(StepCache):
+    """First-block cache on one diffusion transformer."""
 
     def __init__(self, adapter: DiTAdapter, config: CacheConfig, steps_hint):
-        blocks = adapter.blocks()
-        if config.head_blocks >= len(blocks):
+        self.blocks = adapter.blocks()
+        if config.head_blocks >= len(self.blocks):
             raise CannotCache(
                 f"CacheConfig.head_blocks={config.head_blocks} leaves no blocks to cache: "
-                f"{type(adapter.model).__name__} has {len(blocks)} blocks"
+                f"{type(adapter.model).__name__} has {len(self.blocks)} blocks"
             )
-        self.adapter = adapter
-        self.controller = CacheController(config)
-        self.call_hook = DenoiserCallHook(self.controller, steps_hint)
+        super().__init__(adapter, config, steps_hint)
+
+    def block_hooks(self) -> list[tuple[nn.Module, ModelHook]]:
         shared = _Shared(self.controller)
-        n = config.head_blocks
-        pairs: list[tuple[nn.Module, ModelHook]] = [(adapter.model, self.call_hook)]
-        for index, block in enumerate(blocks):
-            io = adapter.block_io(block)
+        n, last = self.controller.config.head_blocks, len(self.blocks) - 1
+        pairs: list[tuple[nn.Module, ModelHook]] = []
+        for index, block in enumerate(self.blocks):
+            io = self.adapter.block_io(block)
             if index < n:
                 hook = HeadHook(shared, io, start=index == 0, end=index == n - 1)
             else:
-                hook = TailHook(shared, io, last=index == len(blocks) - 1)
+                hook = TailHook(shared, io, last=index == last)
             pairs.append((block, hook))
-        self.hooks = _hooks.HookSet(adapter.model, HOOK, pairs)
-        self.num_blocks = len(blocks)
+        return pairs
 
-    def describe(self) -> str:
-        cfg = self.controller.config
-        mode = f"target={cfg.target}" if cfg.target is not None else f"threshold={cfg.threshold}"
-        return (
-            f"first-block cache: {cfg.head_blocks} of {self.num_blocks} blocks run every step, {mode}, "
-            f"taylor_order={cfg.taylor_order}, max_consecutive={cfg.max_consecutive}, decision={cfg.decision}"
-        )
+    def summary(self) -> str:
+        head = self.controller.config.head_blocks
+        return f"first-block cache: {head} of {len(self.blocks)} blocks run every step"

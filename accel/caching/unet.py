@@ -12,11 +12,10 @@ from __future__ import annotations
 from diffusers.hooks import ModelHook
 from torch import nn
 
-from .. import _hooks
 from ..pipelines.base import UNetAdapter
+from .base import CannotCache, StepCache
 from .config import CacheConfig
 from .controller import CacheController
-from .dit import HOOK, CannotCache, DenoiserCallHook
 
 
 class ShallowHook(ModelHook):
@@ -65,31 +64,25 @@ class DeepFeatureHook(ModelHook):
         return output
 
 
-class UNetCache:
-    def __init__(self, adapter: UNetAdapter, config: CacheConfig, steps_hint):
-        unet = adapter.model
-        down, mid, up = adapter.down_blocks(), adapter.mid_block(), adapter.up_blocks()
-        if len(down) < 2 or len(up) < 2:
-            raise CannotCache(
-                f"{type(unet).__name__} has {len(down)} down and {len(up)} up blocks; the UNet cache needs "
-                "at least 2 of each"
-            )
-        self.adapter = adapter
-        self.controller = CacheController(config)
-        self.call_hook = DenoiserCallHook(self.controller, steps_hint)
-        skipped = [*down[1:], *([mid] if mid is not None else []), *up[:-2]]
-        self.hooks = _hooks.HookSet(unet, HOOK, [
-            (unet, self.call_hook),
-            (down[0], ShallowHook(self.controller)),
-            *[(block, SkippedHook(self.controller, key)) for key, block in enumerate(skipped)],
-            (up[-2], DeepFeatureHook(self.controller)),
-        ])
-        self.num_skipped = len(skipped) + 1
+class UNetCache(StepCache):
+    """DeepCache-style cache on one UNet."""
 
-    def describe(self) -> str:
-        cfg = self.controller.config
-        mode = f"target={cfg.target}" if cfg.target is not None else f"threshold={cfg.threshold}"
-        return (
-            f"deep-feature cache (DeepCache-style): {self.num_skipped} deep blocks reusable, {mode}, "
-            f"taylor_order={cfg.taylor_order}, max_consecutive={cfg.max_consecutive}, decision={cfg.decision}"
-        )
+    def __init__(self, adapter: UNetAdapter, config: CacheConfig, steps_hint):
+        self.down, mid, self.up = adapter.down_blocks(), adapter.mid_block(), adapter.up_blocks()
+        if len(self.down) < 2 or len(self.up) < 2:
+            raise CannotCache(
+                f"{type(adapter.model).__name__} has {len(self.down)} down and {len(self.up)} up blocks; the UNet "
+                "cache needs at least 2 of each"
+            )
+        self.skipped = [*self.down[1:], *([mid] if mid is not None else []), *self.up[:-2]]
+        super().__init__(adapter, config, steps_hint)
+
+    def block_hooks(self) -> list[tuple[nn.Module, ModelHook]]:
+        return [
+            (self.down[0], ShallowHook(self.controller)),
+            *[(block, SkippedHook(self.controller, key)) for key, block in enumerate(self.skipped)],
+            (self.up[-2], DeepFeatureHook(self.controller)),
+        ]
+
+    def summary(self) -> str:
+        return f"deep-feature cache (DeepCache-style): {len(self.skipped) + 1} deep blocks reusable"
