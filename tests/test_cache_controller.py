@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from accel.caching.config import CacheConfig
-from accel.caching.controller import CacheController, DeviceScalar, extrapolate, relative_l1
+from accel.caching.controller import CacheController, relative_l1
+from accel.caching.forecast import DeviceScalar, TaylorForecast, extrapolate
 
 
 def test_extrapolation_is_exact_for_polynomials_of_its_order():
@@ -21,6 +22,32 @@ def test_extrapolation_is_exact_for_polynomials_of_its_order():
 def test_relative_l1_and_device_scalar():
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0])
     assert DeviceScalar(relative_l1((a,), (b,))).get() == pytest.approx(0.25)
+
+
+def test_taylor_forecast_uses_the_order_that_checked_best():
+    def quadratic(step):
+        return (torch.full((3,), 1.0 + 0.5 * step + 0.1 * step * step),)
+
+    forecast = TaylorForecast(max_order=2)
+    assert not forecast.has_values()
+    for step in range(5):
+        forecast.update(step, quadratic(step), reference=quadratic(step), since=step - 1)
+    forecast.calibrate({step: 1.0 for step in range(4)})  # step 4's change unknown: its check waits
+    assert len(forecast.pending) == 1
+    forecast.calibrate({step: 1.0 for step in range(5)})
+    assert not forecast.pending and forecast.error_per_change() == pytest.approx(0.0, abs=1e-6)
+    assert torch.allclose(forecast.forecast(7)[0], quadratic(7)[0])
+
+
+def test_taylor_forecast_falls_back_to_plain_reuse_on_noisy_values():
+    forecast = TaylorForecast(max_order=2)
+    values = [(torch.full((3,), 1.0 + step % 2),) for step in range(5)]
+    for step, value in enumerate(values):
+        forecast.update(step, value, reference=value, since=step - 1)
+    assert forecast.error_per_change() is None  # not calibrated yet
+    forecast.calibrate({step: 0.5 for step in range(5)})
+    assert forecast.forecast(6)[0] is values[-1][0]
+    assert forecast.error_per_change() == pytest.approx(2.0)  # the worst of the last three checks, |1 - 2| / 1 / 0.5
 
 
 def _run(controller, features, names=("cond",)):

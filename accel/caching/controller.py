@@ -8,6 +8,9 @@ GPU syncs: the change signal is a scalar on the device. With `decision="lagged"`
 decision for step i uses the change measured at step i-1, whose value was copied to pinned host memory
 asynchronously a whole step earlier, so reading it does not stall the GPU queue. `decision="current"`
 reads this step's signal and so syncs once per step.
+
+What a reused step gets instead of the computed values is the forecaster's part (`accel.caching.forecast`);
+the controller prices a reuse with the forecaster's measured error per unit of change.
 """
 
 from __future__ import annotations
@@ -19,30 +22,9 @@ from typing import Sequence
 import torch
 
 from .config import CacheConfig
-
-Values = tuple[torch.Tensor | None, ...]
+from .forecast import DeviceScalar, TaylorForecast, Values
 
 MAX_CALLS_KEPT = 100  # per-call statistics of a long-running server stay bounded
-
-
-class DeviceScalar:
-    """A 0-d tensor whose value is fetched to the host without blocking the device queue."""
-
-    def __init__(self, value: torch.Tensor):
-        value = value.detach().float()
-        if value.is_cuda:
-            self._host = torch.empty((), dtype=torch.float32, pin_memory=True)
-            self._host.copy_(value, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._host = value
-            self._event = None
-
-    def get(self) -> float:
-        if self._event is not None:
-            self._event.synchronize()  # usually long done: recorded a step ago
-        return float(self._host)
 
 
 def relative_l1(new: Sequence[torch.Tensor | None], old: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -56,31 +38,6 @@ def relative_l1(new: Sequence[torch.Tensor | None], old: Sequence[torch.Tensor |
         num = d if num is None else num + d
         den = n if den is None else den + n
     return num / den.clamp_min(1e-12)
-
-
-def extrapolate(points: Sequence[tuple[int, Values]], x: int) -> Values:
-    """Lagrange extrapolation through (step, values) points to step `x` (Taylor-style forecast)."""
-    if len(points) == 1:
-        return points[0][1]
-    xs = [p[0] for p in points]
-    weights = []
-    for k, xk in enumerate(xs):
-        w = 1.0
-        for j, xj in enumerate(xs):
-            if j != k:
-                w *= (x - xj) / (xk - xj)
-        weights.append(w)
-    out = []
-    for slot in range(len(points[0][1])):
-        tensors = [p[1][slot] for p in points]
-        if any(t is None for t in tensors):
-            out.append(tensors[-1])
-            continue
-        acc = tensors[0] * weights[0]
-        for t, w in zip(tensors[1:], weights[1:]):
-            acc = acc + t * w
-        out.append(acc)
-    return tuple(out)
 
 
 @dataclass
@@ -110,18 +67,14 @@ class CallStats:
 
 
 class _Branch:
-    def __init__(self, history_len: int):
+    def __init__(self, taylor_order: int):
         self.step = 0
         self.prev_signal_source: torch.Tensor | None = None
         self.signals: dict[int, float] = {}
         self.pending_signals: list[tuple[int, DeviceScalar]] = []
-        # (previous computed step, step, forecast error of each Taylor order)
-        self.pending_checks: list[tuple[int, int, list[DeviceScalar]]] = []
-        self.history: deque[tuple[int, Values]] = deque(maxlen=history_len)
+        self.forecast = TaylorForecast(taylor_order)
         self.last_computed = -1
         self.consecutive = 0
-        # Per Taylor order: recent (forecast error / accumulated change) ratios from computed steps.
-        self.ratios: list[deque[float]] = [deque(maxlen=3) for _ in range(history_len)]
         self.reusing = False
         self.last_timestep: float | None = None
         self.extras: dict = {}  # hooks' own per-branch cache (e.g. outputs of skipped UNet blocks)
@@ -180,7 +133,7 @@ class CacheController:
             self.calls[-1].num_steps = num_steps
         state = self._branches.get(branch)
         if state is None:
-            state = self._branches[branch] = _Branch(self.config.taylor_order + 1)
+            state = self._branches[branch] = _Branch(self.config.taylor_order)
             self.calls[-1].branches[branch] = state.stats
         state.reusing = False
         self._current = state
@@ -258,8 +211,7 @@ class CacheController:
             if predicted is None:
                 reason = "no change signal yet"
             else:
-                recent = st.ratios[self._best_order(st)]
-                ratio = max(recent) if recent else None
+                ratio = st.forecast.error_per_change()
                 estimate = ratio * predicted if ratio is not None else None
                 if cfg.target is not None:
                     if estimate is None:
@@ -288,7 +240,7 @@ class CacheController:
             return "final steps"
         if shape_changed:
             return "input shape changed"
-        if not st.history:
+        if not st.forecast.has_values():
             return "nothing cached"
         if st.consecutive >= cfg.max_consecutive:
             return "max consecutive reuses"
@@ -320,53 +272,20 @@ class CacheController:
             else:
                 keep.append((step, scalar))
         st.pending_signals = keep
-        checks = []
-        for prev, step, errors in st.pending_checks:
-            span = range(prev + 1, step + 1)
-            if all(j in st.signals for j in span):
-                change = sum(st.signals[j] for j in span)
-                if change > 1e-8:
-                    for order, error in enumerate(errors):
-                        st.ratios[order].append(error.get() / change)
-            else:
-                checks.append((prev, step, errors))
-        st.pending_checks = checks
-
-    @staticmethod
-    def _best_order(st: _Branch) -> int:
-        """The Taylor order whose forecasts have been closest lately (lower order on ties or no data).
-        Smooth trajectories favour order 1-2; noisy ones, plain reuse."""
-        scored = [(sum(r) / len(r), order) for order, r in enumerate(st.ratios) if r]
-        return min(scored)[1] if scored else 0
+        st.forecast.calibrate(st.signals)
 
     # -- the cached values -------------------------------------------------------------------------
 
     def cached(self) -> Values:
         """The forecast of the tail's contribution for the current (reused) step."""
         st = self._current
-        order = min(self._best_order(st), len(st.history) - 1)
-        return extrapolate(list(st.history)[-(order + 1):], st.step)
+        return st.forecast.forecast(st.step)
 
     def store(self, values: Values, reference: Sequence[torch.Tensor | None]) -> None:
         """Record the tail's contribution at a computed step. `reference` is the full output that the
         contribution is part of, used to express the check's error relative to it."""
         st = self._current
-        i = st.step
         values = tuple(v.detach() if v is not None else None for v in values)
-        if st.history:
-            points = list(st.history)
-            errors = []
-            for order in range(len(points)):
-                forecast = extrapolate(points[-(order + 1):], i)
-                diffs = [f - v for f, v in zip(forecast, values) if f is not None and v is not None]
-                errors.append(DeviceScalar(_error(diffs, reference)))
-            st.pending_checks.append((st.last_computed, i, errors))
-        st.history.append((i, values))
-        st.last_computed = i
+        st.forecast.update(st.step, values, reference, since=st.last_computed)
+        st.last_computed = st.step
         st.consecutive = 0
-
-
-def _error(diffs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    num = sum(d.float().abs().sum() for d in diffs)
-    den = sum(r.float().abs().sum() for r in reference if r is not None)
-    return num / den.clamp_min(1e-12)
