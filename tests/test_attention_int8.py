@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from accel.attention import int8_attention, int8_attention_reference
-from accel.attention.int8 import _quantize_per_block, _quantize_per_block_triton, _token_mean, key_padding_from_sdpa_mask
+from accel.attention.int8 import _quantize_per_block, _token_mean, key_padding_from_sdpa_mask
+from accel.attention.int8_quant_kernel import quantize_int8
 
 BLOCKS = dict(block_q=16, block_k=16)  # small tiles: ragged tails and several K blocks on tiny shapes
 # Same INT8 tensors on both sides; the rest is accumulation order and P's 16-bit rounding against the
@@ -144,7 +145,7 @@ def test_triton_quantisation_is_identical_to_torch(dtype, block):
         x = x.transpose(1, 2).contiguous().transpose(1, 2)  # [B, N, H, D] storage
         for mean in (None, _token_mean(x)):
             ref8, ref_s = _quantize_per_block(x, block, 0.37, mean)
-            out8, out_s = _quantize_per_block_triton(x, block, 0.37, mean)
+            out8, out_s = quantize_int8(x, block, 0.37, mean)
             assert torch.equal(out8, ref8) and torch.equal(out_s, ref_s)
             assert ref8.abs().max() == 127  # the absmax element of each block maps to +-127
 

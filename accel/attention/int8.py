@@ -24,16 +24,21 @@ against the final one.
 Causal masking is bottom-right aligned (query i sees keys j <= i + Nk - Nq), the flash-attn
 convention; for Nq == Nk this is the usual top-left mask. Causal needs Nq <= Nk. A query row
 whose keys are all masked out returns zeros (SDPA returns NaN there).
+
+Files: this module prepares the operands and holds the references and the custom op
+`torch.ops.accel.int8_attention`; the kernels and their launchers are `int8_kernel.py` (attention) and
+`int8_quant_kernel.py` (quantisation), loaded on first use.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from .. import _triton
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 80, 96, 128)  # 80 and 96 run as 128 with masked loads
@@ -63,23 +68,13 @@ def check_qkv(q, k, v, who: str):
     return B, Hq, Hkv, Nq, Nk, D
 
 
-def _check(q, k, v, causal, need_device):
+def _check(q, k, v, causal):
     """Raise ValueError naming the problem and the fix; return (B, Hq, Hkv, Nq, Nk, D)."""
     B, Hq, Hkv, Nq, Nk, D = check_qkv(q, k, v, "int8_attention")
     if D not in HEAD_DIMS:
         raise ValueError(f"int8_attention supports head dim {HEAD_DIMS}, got {D}; pad the head dim or use F.scaled_dot_product_attention")
     if causal and Nq > Nk:
         raise ValueError(f"causal attention needs Nq <= Nk (bottom-right aligned), got Nq={Nq}, Nk={Nk}")
-    if need_device:
-        devices = {q.device, k.device, v.device}
-        interpret = os.environ.get("TRITON_INTERPRET") == "1"
-        ok = len(devices) == 1 and (q.is_cuda or (q.device.type == "cpu" and interpret))
-        if not ok:
-            raise ValueError(
-                f"int8_attention runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-                f"importing triton), got devices {sorted(str(d) for d in devices)}; move q, k, v with .cuda() "
-                f"or use int8_attention_reference on CPU"
-            )
     return B, Hq, Hkv, Nq, Nk, D
 
 
@@ -223,12 +218,9 @@ def _prepare(q, k, v, quantize, *, sm_scale, smooth_k, smooth_q, key_padding_mas
     return _Prepared(q8, sq, k8, sk, v, sv, mv, bias)
 
 
-def _cdiv(a, b):
-    return -(-a // b)
-
-
 def _block_d(D):
-    return 64 if D == 64 else 128  # 80/96 run in a masked 128-wide tile
+    """Head-dim tile of both int8 kernels: 80/96 run in a masked 128-wide tile."""
+    return 64 if D == 64 else 128
 
 
 def int8_attention_reference(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block_q=128, block_k=64,
@@ -238,7 +230,7 @@ def int8_attention_reference(q, k, v, *, causal=False, sm_scale=None, smooth_k=T
     q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]; returns [B, Hq, Nq, D] in q's dtype. Runs on any device;
     `pv="fp8"` is emulated (float8 rounding of P and V, exact products).
     """
-    B, Hq, Hkv, Nq, Nk, D = _check(q, k, v, causal, need_device=False)
+    B, Hq, Hkv, Nq, Nk, D = _check(q, k, v, causal)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     p8 = _prepare(q, k, v, _quantize_per_block, sm_scale=sm_scale, smooth_k=smooth_k, smooth_q=smooth_q,
                   key_padding_mask=key_padding_mask, pv=pv, granularity=granularity, block_q=block_q, block_k=block_k)
@@ -270,158 +262,35 @@ def int8_attention_reference(q, k, v, *, causal=False, sm_scale=None, smooth_k=T
     return o.to(q.dtype)
 
 
-_kernels = None
+_KERNEL, _QUANT_KERNEL = "accel.attention.int8_kernel", "accel.attention.int8_quant_kernel"
 
 
-def _get_kernels():
-    """Import triton lazily so `import accel.attention` works without it (and so tests can set
-    TRITON_INTERPRET first). Returns (attention kernel, quantisation kernel)."""
-    global _kernels
-    if _kernels is not None:
-        return _kernels
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _quant_int8(
-        X, MEAN, XQ, S, sxb, sxh, sxn, sxd, H, N, D, NB, scale,
-        HAS_MEAN: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        """One program per (row block, batch*head): subtract the mean, absmax, round, store int8.
-        One scale for the block, or with PER_ROW one per row (the block is then only a tile)."""
-        pid = tl.program_id(0)
-        bh = tl.program_id(1)
-        b = bh // H
-        h = bh % H
-        offs_n = pid * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, BLOCK_D)
-        ok = (offs_n < N)[:, None] & (offs_d < D)[None, :]
-        x = tl.load(X + b * sxb + h * sxh + offs_n[:, None] * sxn + offs_d[None, :] * sxd, mask=ok, other=0).to(tl.float32)
-        if HAS_MEAN:
-            mean = tl.load(MEAN + bh * D + offs_d, mask=offs_d < D, other=0.0)
-            x = tl.where(ok, x - mean[None, :], 0.0)
-        amax = tl.max(tl.abs(x), 1)
-        # IEEE divisions (div_rn), as torch does: identical int8 and scales
-        if PER_ROW:
-            step = tl.math.div_rn(tl.maximum(amax, 1e-8), 127.0)
-            t = tl.math.div_rn(x, step[:, None])
-            tl.store(S + bh * N + offs_n, step * scale, mask=offs_n < N)
-        else:
-            step = tl.math.div_rn(tl.maximum(tl.max(amax, 0), 1e-8), 127.0)
-            t = tl.math.div_rn(x, step)
-            tl.store(S + bh * NB + pid, step * scale)
-        r = tl.minimum(tl.floor(tl.abs(t) + 0.5), 127.0)
-        r = tl.where(t < 0, -r, r)
-        tl.store(XQ + bh * N * D + offs_n[:, None] * D + offs_d[None, :], r.to(tl.int8), mask=ok)
-
-    @triton.jit
-    def _int8_attn_fwd(
-        Q, K, V, SQ, SK, SV, MV, BIAS, O,
-        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, sbb, sbh,
-        Hq, Hkv, GROUP, Nq, Nk, D, NBQ, NBK, CAUSAL_OFFSET,
-        CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr, PV_FP8: tl.constexpr, PV_FP32: tl.constexpr, EMULATE_FP8: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // Hq
-        h = pid_bh % Hq
-        hk = h // GROUP  # GQA: query head h reads key/value head h // (Hq / Hkv)
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_ok = offs_m < Nq
-        d_ok = offs_d < D  # head dims 80/96 run in a 128-wide tile
-
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0)
-        if PER_TOKEN:  # NBQ = Nq, NBK = Nk: one scale per row
-            q_scale = tl.load(SQ + (b * Hq + h) * NBQ + offs_m, mask=m_ok, other=0.0)[:, None]
-        else:
-            q_scale = tl.load(SQ + (b * Hq + h) * NBQ + pid_m)
-        k_base = K + b * skb + hk * skh
-        v_base = V + b * svb + hk * svh
-        sk_base = SK + (b * Hkv + hk) * NBK
-        bias_base = BIAS + b * sbb + h * sbh
-
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-
-        hi = Nk
-        if CAUSAL:  # skip key blocks entirely above the diagonal
-            hi = tl.minimum(Nk, (pid_m + 1) * BLOCK_M + CAUSAL_OFFSET)
-        for start_n in range(0, hi, BLOCK_N):
-            kn = start_n + offs_n
-            n_ok = kn < Nk
-            kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None] * skd,
-                         mask=n_ok[None, :] & d_ok[:, None], other=0)  # [D, N]: K transposed
-            if PER_TOKEN:
-                k_scale = tl.load(sk_base + kn, mask=n_ok, other=0.0)[None, :]
-            else:
-                k_scale = tl.load(sk_base + start_n // BLOCK_N)
-            s = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
-            if HAS_BIAS:
-                s += tl.load(bias_base + kn, mask=n_ok, other=0.0)[None, :]
-            keep = n_ok[None, :]
-            if CAUSAL:
-                keep = keep & (kn[None, :] <= offs_m[:, None] + CAUSAL_OFFSET)
-            s = tl.where(keep, s, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            if HAS_BIAS:  # a row masked so far has max -inf: shift by 0 instead (p = 0, no NaN)
-                m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            if PV_FP8:
-                p_scaled = p * 448.0
-                if EMULATE_FP8:
-                    # The interpreter's fp32->fp8 cast drops the carry when rounding up to a new
-                    # power of two (126.5 -> 64); round to the e4m3 grid here so its cast is exact.
-                    bits = p_scaled.to(tl.int32, bitcast=True)
-                    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000  # 3 mantissa bits, ties to even
-                    p_scaled = tl.where(p_scaled < 0.015625, tl.floor(p_scaled * 512.0 + 0.5) / 512.0,  # subnormals
-                                        bits.to(tl.float32, bitcast=True))
-                pv = tl.dot(p_scaled.to(v.dtype), v, out_dtype=tl.float32)
-            elif PV_FP32:  # exact: 16-bit values multiply exactly in fp32
-                pv = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), out_dtype=tl.float32)
-            else:
-                pv = tl.dot(p.to(v.dtype), v, out_dtype=tl.float32)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-
-        if PV_FP8:  # undo V's per-channel scale and P's 448
-            sv = tl.load(SV + (b * Hkv + hk) * D + offs_d, mask=d_ok, other=0.0)
-            acc = acc * (sv / 448.0)[None, :]
-        acc = acc / tl.where(l_i == 0, 1.0, l_i)[:, None]  # fully masked row: acc is 0, output 0
-        if PV_FP8:  # add V's token mean back (not on fully masked rows)
-            mv = tl.load(MV + (b * Hkv + hk) * D + offs_d, mask=d_ok, other=0.0)
-            acc += tl.where(l_i > 0, 1.0, 0.0)[:, None] * mv[None, :]
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-                 acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-
-    _kernels = (_int8_attn_fwd, _quant_int8)
-    return _kernels
+@torch.library.custom_op("accel::int8_attention", mutates_args=())
+def _int8_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool,
+    sm_scale: float, smooth_k: bool, smooth_q: bool, pv: str, granularity: str, block_q: int, block_k: int,
+    num_warps: int | None, num_stages: int | None,
+) -> torch.Tensor:
+    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (one dtype among fp16/bf16/fp32, any strides, Hq a multiple of
+    Hkv), key_padding_mask None, [B, Nk] or [B, 1, 1, Nk] (bool or additive float) -> [B, Hq, Nq, D] in q's
+    dtype and memory layout. Arguments as `int8_attention`'s, already checked there."""
+    _triton.check_device("int8_attention", (q, k, v), "Move q, k, v with .cuda() or use int8_attention_reference on CPU")
+    if pv == "fp8" and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
+        cap = ".".join(map(str, torch.cuda.get_device_capability(q.device)))
+        raise ValueError(f"pv='fp8' needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper), "
+                         f"{torch.cuda.get_device_name(q.device)} has {cap}; use pv='fp16'")
+    p8 = _prepare(q, k, v, _triton.load(_QUANT_KERNEL).quantize_int8, sm_scale=sm_scale, smooth_k=smooth_k,
+                  smooth_q=smooth_q, key_padding_mask=key_padding_mask, pv=pv, granularity=granularity,
+                  block_q=block_q, block_k=block_k)
+    return _triton.load(_KERNEL).int8_attention_forward(
+        p8, q, causal=causal, per_token=granularity == "token", block_q=block_q, block_k=block_k,
+        num_warps=num_warps, num_stages=num_stages)
 
 
-def _quantize_per_block_triton(x: torch.Tensor, block: int, scale: float = 1.0, mean: torch.Tensor | None = None):
-    """Fused Triton version of `_quantize_per_block` (same arguments, identical results): one read
-    of x in its own dtype and layout, one int8 write, instead of several fp32 temporaries."""
-    B, H, N, D = x.shape
-    nb = -(-N // block)
-    xq = torch.empty(B, H, N, D, dtype=torch.int8, device=x.device)
-    s = torch.empty(B, H, nb, dtype=torch.float32, device=x.device)
-    mean_arg = mean.contiguous() if mean is not None else s  # dummy pointer, unused without HAS_MEAN
-    tile = 32 if block == 1 else block  # block 1 = per-token scales, computed 32 rows per program
-    _get_kernels()[1][(_cdiv(N, tile), B * H)](
-        x, mean_arg, xq, s, *x.stride(), H, N, D, nb, scale,
-        HAS_MEAN=mean is not None, PER_ROW=block == 1, BLOCK=tile, BLOCK_D=_block_d(D), num_warps=4,
-    )
-    return xq, s
+@_int8_attention_op.register_fake
+def _(q, k, v, key_padding_mask, causal, sm_scale, smooth_k, smooth_q, pv, granularity, block_q, block_k,
+      num_warps, num_stages):
+    return torch.empty_like(q)
 
 
 def int8_attention(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block_q=128, block_k=64,
@@ -431,7 +300,8 @@ def int8_attention(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block
     q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] with any strides (a [B, N, H, D] tensor passed as
     `.transpose(1, 2)` is read in place; the output keeps q's layout). Head dims 64/80/96/128,
     fp16/bf16/fp32, CUDA tensors (CPU with TRITON_INTERPRET=1). block_q/block_k are both the
-    quantisation granularity and the kernel's tile sizes (powers of two, >= 16).
+    quantisation granularity and the kernel's tile sizes (powers of two, >= 16). Runs as the custom op
+    `torch.ops.accel.int8_attention`, so torch.compile traces it without a graph break.
 
     key_padding_mask: bool [B, Nk] (True = attend) or an additive float bias of shape [B, Nk] or
         [B, 1, 1, Nk] (as SDPA adds it); `key_padding_from_sdpa_mask` converts other SDPA masks.
@@ -443,35 +313,15 @@ def int8_attention(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block
         accurate on heavy-tailed Q/K; the tiles stay block_q x block_k).
     num_warps / num_stages: Triton launch options for tuning (None: a default for the tile size).
     """
-    B, Hq, Hkv, Nq, Nk, D = _check(q, k, v, causal, need_device=True)
+    D = _check(q, k, v, causal)[-1]
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
             raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tile), got {blk}")
-    if pv == "fp8" and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
-        cap = ".".join(map(str, torch.cuda.get_device_capability(q.device)))
-        raise ValueError(f"pv='fp8' needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper), "
-                         f"{torch.cuda.get_device_name(q.device)} has {cap}; use pv='fp16'")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-    p8 = _prepare(q, k, v, _quantize_per_block_triton, sm_scale=sm_scale, smooth_k=smooth_k, smooth_q=smooth_q,
-                  key_padding_mask=key_padding_mask, pv=pv, granularity=granularity, block_q=block_q, block_k=block_k)
-    o = torch.empty_like(q)  # keeps q's memory layout
-    bias = p8.bias if p8.bias is not None else p8.sq  # dummy pointer, unused without HAS_BIAS
-    sbb, sbh = (bias.stride(0), bias.stride(1) if bias.shape[1] > 1 else 0) if p8.bias is not None else (0, 0)
-    grid = (_cdiv(Nq, block_q), B * Hq)
-    block_d = _block_d(D)
-    options = {"num_warps": num_warps or (8 if block_q * block_d >= 128 * 128 else 4)}
-    if num_stages is not None:
-        options["num_stages"] = num_stages
-    interpret = q.device.type == "cpu"
-    _get_kernels()[0][grid](
-        p8.q8, p8.k8, p8.v, p8.sq, p8.sk, *((p8.sv, p8.mv) if pv == "fp8" else (p8.sq, p8.sq)), bias, o,  # sq: unused
-        *p8.q8.stride(), *p8.k8.stride(), *p8.v.stride(), *o.stride(), sbb, sbh,
-        Hq, Hkv, Hq // Hkv, Nq, Nk, D, p8.sq.shape[-1], p8.sk.shape[-1], Nk - Nq,
-        CAUSAL=causal, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d,
-        PER_TOKEN=granularity == "token", HAS_BIAS=p8.bias is not None, PV_FP8=pv == "fp8",
-        # The interpreter's tl.dot multiplies bf16 tensors' raw uint16 bits, and its fp8 cast
-        # mis-rounds: work around both there only.
-        PV_FP32=p8.v.dtype == torch.bfloat16 and interpret, EMULATE_FP8=interpret,
-        **options,
-    )
-    return o
+    return _int8_attention_op(q, k, v, key_padding_mask, causal, sm_scale, smooth_k, smooth_q, pv, granularity,
+                              block_q, block_k, num_warps, num_stages)
+
+
+def _get_kernels():
+    """(attention kernel, quantisation kernel): benchmarks/compile_report.py compiles them through this name."""
+    return _triton.load(_KERNEL).int8_attention_kernel, _triton.load(_QUANT_KERNEL).quantize_int8_kernel
