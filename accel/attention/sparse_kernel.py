@@ -27,22 +27,27 @@ INT8 path (`int8=True`): Q and K are smoothed and quantised exactly as in `accel
 (one scale per query tile and per key tile, so the quantisation blocks are the kernel's tiles), then
 P·V runs in 16-bit. Its reference uses the same INT8 tensors, so kernel and reference differ only in
 accumulation order and in where P is rounded.
+
+Files: this module holds the pattern, the reference and the custom op `torch.ops.accel.block_sparse_attention`;
+the kernel and its launcher are `block_sparse_kernel.py`, loaded on first use.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .. import _triton
 from .int8 import LOG2E, _pv_dtype, _quantize_qk, check_qkv
+
+triton_usable = _triton.usable  # accel.attention.sparse picks the kernel or the reference with it
 
 
 def num_blocks(tokens: int, block: int) -> int:
-    return -(-tokens // block)
+    return _triton.cdiv(tokens, block)
 
 
 @dataclass
@@ -159,99 +164,28 @@ def block_sparse_attention_reference(
     return o.to(q.dtype)
 
 
-_kernel = None
+_KERNEL = "accel.attention.block_sparse_kernel"
 
 
-def _get_kernel():
-    """Import triton lazily (so tests can set TRITON_INTERPRET first, and the package imports without it)."""
-    global _kernel
-    if _kernel is not None:
-        return _kernel
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _block_sparse_fwd(
-        Q, K, V, O, IDX, OFF, VALID, SQ, SK,
-        sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-        rows_per_batch, svlb, svlh,
-        Hq, GROUP, Nq, Nk, D, NBQ, NBK, qk_scale,
-        INT8: tl.constexpr, HAS_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_bh = tl.program_id(1)
-        b = pid_bh // Hq
-        h = pid_bh % Hq
-        hk = h // GROUP
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_ok = offs_m < Nq
-        d_ok = offs_d < D
-
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                    mask=m_ok[:, None] & d_ok[None, :], other=0)
-        if INT8:
-            q_scale = tl.load(SQ + (b * Hq + h) * NBQ + pid_m)  # sm_scale * log2(e) is folded in
-        else:
-            q_scale = qk_scale
-            if UPCAST:
-                q = q.to(tl.float32)
-        k_base = K + b * skb + hk * skh
-        v_base = V + b * svb + hk * svh
-        row = b * rows_per_batch + h * NBQ + pid_m  # rows_per_batch is 0 for a batch-1 pattern
-        first = tl.load(OFF + row)
-        last = tl.load(OFF + row + 1)
-
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        for j in range(first, last):
-            block_n = tl.load(IDX + j).to(tl.int32)
-            kn = block_n * BLOCK_N + offs_n
-            n_ok = kn < Nk
-            kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None] * skd,
-                         mask=n_ok[None, :] & d_ok[:, None], other=0)  # [D, N]: K transposed
-            if INT8:
-                k_scale = tl.load(SK + (b * (Hq // GROUP) + hk) * NBK + block_n)
-                s = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
-            else:
-                if UPCAST:
-                    kt = kt.to(tl.float32)
-                s = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * q_scale
-            keep = n_ok
-            if HAS_VALID:
-                keep = keep & (tl.load(VALID + b * svlb + hk * svlh + kn, mask=n_ok, other=0) != 0)
-            s = tl.where(keep[None, :], s, float("-inf"))
-
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet
-            alpha = tl.math.exp2(m_i - m_use)
-            p = tl.math.exp2(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd,
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            p16 = p.to(v.dtype)
-            if UPCAST:  # the interpreter's tl.dot reads bf16 as raw bits; 16-bit products are exact in fp32
-                pv = tl.dot(p16.to(tl.float32), v.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
-            else:
-                pv = tl.dot(p16, v, input_precision=PRECISION, out_dtype=tl.float32)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-
-        acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key: 0
-        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-                 acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-
-    _kernel = _block_sparse_fwd
-    return _kernel
+@torch.library.custom_op("accel::block_sparse_attention", mutates_args=())
+def _block_sparse_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor,
+    key_valid: torch.Tensor | None, shared_pattern: bool, sm_scale: float, int8: bool, block_q: int, block_k: int,
+    smooth_k: bool,
+) -> torch.Tensor:
+    """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (any strides, Hq a multiple of Hkv), index int16/int32 [kept] and
+    offsets int32 [B' * Hq * ceil(Nq/block_q) + 1] of a `BlockIndex` (B' = 1 with `shared_pattern`, else B),
+    key_valid None, bool [B, Nk] or [B, Hkv, Nk] -> [B, Hq, Nq, D] in q's dtype and memory layout. Arguments
+    as `block_sparse_attention`'s, already checked there."""
+    _triton.check_device("block_sparse_attention", (q, k, v, index), "Use block_sparse_attention_reference elsewhere")
+    return _triton.load(_KERNEL).block_sparse_attention_forward(
+        q, k, v, index, offsets, key_valid, shared_pattern=shared_pattern, sm_scale=sm_scale, int8=int8,
+        block_q=block_q, block_k=block_k, smooth_k=smooth_k)
 
 
-def triton_usable(device: torch.device) -> bool:
-    """The Triton kernel runs on CUDA, or on CPU under TRITON_INTERPRET=1 (tests, small shapes)."""
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+@_block_sparse_attention_op.register_fake
+def _(q, k, v, index, offsets, key_valid, shared_pattern, sm_scale, int8, block_q, block_k, smooth_k):
+    return torch.empty_like(q)
 
 
 def block_sparse_attention(
@@ -261,17 +195,12 @@ def block_sparse_attention(
 
     q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (any strides; Hq a multiple of Hkv), `block_mask` a
     `BlockIndex` (build it once, reuse it) or a bool mask [B or 1, Hq, ceil(Nq/block_q), ceil(Nk/block_k)]
-    (converted on every call), `key_valid` optional bool [B, Nk] or [B, Hkv, Nk]. Head dims up to 256. `int8=True` runs Q·Kᵀ on INT8 (SageAttention-style smoothing and per-tile scales).
-    CUDA tensors, or CPU tensors with TRITON_INTERPRET=1; `block_sparse_attention_reference` elsewhere.
+    (converted on every call), `key_valid` optional bool [B, Nk] or [B, Hkv, Nk]. Head dims up to 256.
+    `int8=True` runs Q·Kᵀ on INT8 (SageAttention-style smoothing and per-tile scales). CUDA tensors, or CPU
+    tensors with TRITON_INTERPRET=1; `block_sparse_attention_reference` elsewhere. Runs as the custom op
+    `torch.ops.accel.block_sparse_attention`: with a `BlockIndex`, torch.compile traces it without a graph break.
     """
-    B, Hq, Hkv, Nq, Nk, D = _check(q, k, v, block_mask, key_valid, block_q, block_k)
-    mask_device = block_mask.index.device if isinstance(block_mask, BlockIndex) else block_mask.device
-    if len({q.device, k.device, v.device, mask_device}) != 1 or not triton_usable(q.device):
-        raise ValueError(
-            f"block_sparse_attention runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-            f"importing triton), all on one device; got q on {q.device}, mask on {mask_device}. Use "
-            f"block_sparse_attention_reference elsewhere"
-        )
+    D = _check(q, k, v, block_mask, key_valid, block_q, block_k)[-1]
     if D > 256:
         raise ValueError(f"block_sparse_attention supports head dims up to 256, got {D}")
     if q.is_cuda and q.dtype == torch.float32 and not int8:
@@ -280,28 +209,10 @@ def block_sparse_attention(
         raise ValueError("block_sparse_attention on CUDA needs float16/bfloat16 q, k, v (or int8=True); cast them first")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     blocks = block_mask if isinstance(block_mask, BlockIndex) else BlockIndex.from_mask(block_mask)
-    nbq, nbk = blocks.shape[-2:]
-    if int8:
-        q_in, sq, k_in, sk = _quantize_qk(q, k, sm_scale, smooth_k, block_q, block_k)
-    else:
-        q_in, k_in = q, k
-        sq = sk = q.new_empty(1, dtype=torch.float32)  # unused
-    if int8 or q.dtype != torch.float32:
-        v = v if v.dtype == _pv_dtype(v.dtype) else v.to(_pv_dtype(v.dtype))
-    valid = key_valid.to(torch.int8) if key_valid is not None else q.new_empty(1, dtype=torch.int8)
-    valid_strides = (0, 0) if key_valid is None else (valid.stride(0), valid.stride(1) if valid.dim() == 3 else 0)
-    o = torch.empty_like(q)
-    block_d = max(16, 1 << (D - 1).bit_length())
-    interpreted = q.device.type == "cpu"
-    _get_kernel()[(nbq, B * Hq)](
-        q_in, k_in, v, o, blocks.index, blocks.offsets, valid, sq, sk,
-        *q_in.stride(), *k_in.stride(), *v.stride(), *o.stride(),
-        0 if blocks.shape[0] == 1 else Hq * nbq, *valid_strides,
-        Hq, Hq // Hkv, Nq, Nk, D, nbq, nbk, sm_scale * LOG2E,
-        INT8=int8, HAS_VALID=key_valid is not None,
-        UPCAST=interpreted and q.dtype == torch.bfloat16,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d,
-        num_warps=8 if block_q * block_d >= 128 * 128 else 4,
-    )
-    return o
+    return _block_sparse_attention_op(q, k, v, blocks.index, blocks.offsets, key_valid, blocks.shape[0] == 1,
+                                      sm_scale, int8, block_q, block_k, smooth_k)
+
+
+def _get_kernel():
+    """The kernel: benchmarks/compile_report.py compiles it through this name."""
+    return _triton.load(_KERNEL).block_sparse_attention_kernel
