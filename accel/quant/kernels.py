@@ -17,6 +17,11 @@
 - The references (`w4a16_matmul_reference`, `w4a8_matmul_reference`, `int4.dequantize`) are plain PyTorch
   and run anywhere.
 
+The Triton functions run as custom ops (`torch.ops.accel.w4a16_matmul`, `w4_dequantize`,
+`quantize_activations_int8`, `w4a8_matmul`), so torch.compile traces a quantized model without graph breaks
+at them; each kernel and its launcher is a file of its own (`w4a16_kernel.py`, `w4_dequant_kernel.py`,
+`int8_rows_kernel.py`, `w4a8_kernel.py`), loaded on first use.
+
 Paths (`choose_path`): on CUDA with compute capability 8.0+ (bf16 tensor cores), the fused GEMM for at
 most `FUSED_MAX_M` tokens and dequantize + cuBLAS above, or with int8 activations the W4A8 GEMM from
 `W4A8_MIN_M` tokens on GPUs whose INT8 tensor cores run at least twice the bf16 rate (`INT8_FAST`);
@@ -25,12 +30,12 @@ older GPUs and the CPU run the W4A16 reference.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import torch.nn.functional as F
 
+from .. import _triton
+from .._triton import available as triton_available
+from .._triton import interpreting as _interpreting  # accel.quant.apply asks it
 from .config import W4A8_MIN_GROUP
 from .int4 import dequantize, unpack_int4
 
@@ -85,176 +90,16 @@ def w4a8_matmul_reference(x, qweight, scales, offsets, in_scale=None, bias=None)
     return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+_W4A16, _DEQUANT, _INT8_ROWS, _W4A8 = (f"accel.quant.{m}" for m in ("w4a16_kernel", "w4_dequant_kernel",
+                                                                      "int8_rows_kernel", "w4a8_kernel"))
 
 
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _check_device(*tensors):
-    for t in tensors:
-        if t is not None and not (t.is_cuda or (t.device.type == "cpu" and _interpreting())):
-            raise ValueError(
-                f"the Triton W4 kernels run on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set before "
-                f"importing triton), got a tensor on {t.device}; use QuantConfig(kernel='reference') on this device"
-            )
-
-
-@functools.cache
-def _kernels():
-    """Compile lazily, so `import accel.quant` works without Triton and tests can set TRITON_INTERPRET."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gemm(
-        X, QW, SC, OF, INS, BIAS, Y,
-        M, N, K, stride_xm, stride_xk, stride_ym, stride_yn,
-        GROUP: tl.constexpr, HAS_INS: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr,
-        DOT_FP32: tl.constexpr,
-    ):
-        # Neighbouring programs share weight tiles (grouped ordering keeps them in L2 together).
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        per_group = SWIZZLE * num_n
-        first_m = (pid // per_group) * SWIZZLE
-        rows = tl.minimum(num_m - first_m, SWIZZLE)
-        pid_m = first_m + (pid % per_group) % rows
-        pid_n = (pid % per_group) // rows
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-        shift = ((offs_k % 2) * 4)[:, None]  # even k: low nibble, odd k: high nibble
-        groups = K // GROUP
-
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):  # K is a multiple of GROUP, and GROUP of BLOCK_K
-            kk = k0 + offs_k
-            a = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_ok[:, None], other=0.0)
-            packed = tl.load(QW + offs_n[None, :] * (K // 2) + (kk // 2)[:, None], mask=n_ok[None, :], other=0)
-            q = ((packed.to(tl.int32) >> shift) & 0xF).to(tl.float32)  # [BLOCK_K, BLOCK_N]
-            g = k0 // GROUP  # one group per K-tile
-            sc = tl.load(SC + offs_n * groups + g, mask=n_ok, other=0.0).to(tl.float32)
-            of = tl.load(OF + offs_n * groups + g, mask=n_ok, other=0.0).to(tl.float32)
-            w = q * sc[None, :] + of[None, :]
-            if HAS_INS:
-                w = w * tl.load(INS + kk).to(tl.float32)[:, None]
-            w = w.to(a.dtype)
-            if DOT_FP32:  # exact: 16-bit values multiply exactly in fp32
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc)
-            else:
-                acc = tl.dot(a, w, acc)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        y = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def dequant(
-        QW, SC, OF, INS, W, N, K,
-        GROUP: tl.constexpr, HAS_INS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-        ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-        packed = tl.load(QW + offs_n[:, None] * (K // 2) + (offs_k // 2)[None, :], mask=ok, other=0)
-        q = ((packed.to(tl.int32) >> ((offs_k % 2) * 4)[None, :]) & 0xF).to(tl.float32)
-        g = offs_n[:, None] * (K // GROUP) + (offs_k // GROUP)[None, :]
-        w = q * tl.load(SC + g, mask=ok, other=0.0).to(tl.float32) + tl.load(OF + g, mask=ok, other=0.0).to(tl.float32)
-        if HAS_INS:
-            w = w * tl.load(INS + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)[None, :]
-        tl.store(W + offs_n[:, None] * K + offs_k[None, :], w.to(W.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def quant_rows(
-        X, INS, X8, XS, XSUM, M, K, stride_xm, stride_xk,
-        HAS_INS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, AMAX_MIN: tl.constexpr,
-    ):
-        # Two passes over each row: its absmax, then int8 codes and their sum per group.
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, GROUP)
-        m_ok = offs_m < M
-        groups = K // GROUP
-        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, GROUP):
-            kk = k0 + offs_k
-            x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_ok[:, None], other=0.0)
-            x = x.to(tl.float32)
-            if HAS_INS:
-                x = x * tl.load(INS + kk).to(tl.float32)[None, :]
-            amax = tl.maximum(amax, tl.max(tl.abs(x), 1))
-        step = tl.math.div_rn(tl.maximum(amax, AMAX_MIN), 127.0)  # IEEE division, as torch: same codes
-        tl.store(XS + offs_m, step, mask=m_ok)
-        for k0 in range(0, K, GROUP):
-            kk = k0 + offs_k
-            x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :] * stride_xk, mask=m_ok[:, None], other=0.0)
-            x = x.to(tl.float32)
-            if HAS_INS:
-                x = x * tl.load(INS + kk).to(tl.float32)[None, :]
-            t = tl.math.div_rn(x, step[:, None])
-            r = tl.minimum(tl.floor(tl.abs(t) + 0.5), 127.0)
-            r = tl.where(t < 0, -r, r)
-            tl.store(X8 + offs_m[:, None] * K + kk[None, :], r.to(tl.int8), mask=m_ok[:, None])
-            tl.store(XSUM + offs_m * groups + k0 // GROUP, tl.sum(r, 1), mask=m_ok)
-
-    @triton.jit
-    def gemm_w4a8(
-        X8, XS, XSUM, QW, SC, OF, BIAS, Y, M, N, K, stride_ym, stride_yn,
-        GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        per_group = SWIZZLE * num_n
-        first_m = (pid // per_group) * SWIZZLE
-        rows = tl.minimum(num_m - first_m, SWIZZLE)
-        pid_m = first_m + (pid % per_group) % rows
-        pid_n = (pid % per_group) // rows
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-        shift = ((offs_k % 2) * 4)[:, None]
-        groups = K // GROUP
-
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for g in range(0, groups):
-            dot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)  # exact within a group
-            for t in tl.static_range(GROUP // BLOCK_K):
-                kk = g * GROUP + t * BLOCK_K + offs_k
-                a = tl.load(X8 + offs_m[:, None] * K + kk[None, :], mask=m_ok[:, None], other=0)
-                packed = tl.load(QW + offs_n[None, :] * (K // 2) + (kk // 2)[:, None], mask=n_ok[None, :], other=0)
-                q = ((packed.to(tl.int32) >> shift) & 0xF).to(tl.int8)  # raw codes 0..15
-                dot = tl.dot(a, q, dot, out_dtype=tl.int32)
-            sc = tl.load(SC + offs_n * groups + g, mask=n_ok, other=0.0).to(tl.float32)
-            of = tl.load(OF + offs_n * groups + g, mask=n_ok, other=0.0).to(tl.float32)
-            xsum = tl.load(XSUM + offs_m * groups + g, mask=m_ok, other=0.0)
-            acc += dot.to(tl.float32) * sc[None, :] + xsum[:, None] * of[None, :]
-        acc = acc * tl.load(XS + offs_m, mask=m_ok, other=0.0)[:, None]
-        if HAS_BIAS:
-            acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        y = Y + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-        tl.store(y, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-    return gemm, dequant, quant_rows, gemm_w4a8
+def _check_device(who, *tensors):
+    _triton.check_device(who, tensors, "Use QuantConfig(kernel='reference') on this device.")
 
 
 def _blocks(m: int, group: int):
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of the fused W4A16 GEMM for m tokens."""
     block_k = min(group, _BLOCK_K_MAX)
     if _interpreting():  # the interpreter is slow per element: small tiles
         return 16, 32, block_k
@@ -262,109 +107,129 @@ def _blocks(m: int, group: int):
     return block_m, 128, block_k
 
 
-def w4a16_matmul(x, qweight, scales, offsets, in_scale=None, bias=None):
-    """x [..., K] (fp16/bf16/fp32) times the packed 4-bit weight: x @ W^T (+ bias), in x's dtype.
-
-    qweight uint8 [N, K/2], scales/offsets [N, K/G], in_scale [K] or None, bias [N] or None."""
-    _check_device(x, qweight, scales, offsets, in_scale, bias)
+def _check_packed(x, qweight, scales) -> int:
+    """The weight group size; ValueError when x [..., K] does not fit the packed weight."""
     n, groups = scales.shape
     k = x.shape[-1]
     if qweight.shape != (n, k // 2) or k % groups:
         raise ValueError(f"x [..., {k}] does not match a packed weight {tuple(qweight.shape)} with {groups} groups per row")
-    group = k // groups
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if m == 0:
-        return y.view(*x.shape[:-1], n)
-    block_m, block_n, block_k = _blocks(m, group)
-    gemm = _kernels()[0]
-    grid = (triton_cdiv(m, block_m) * triton_cdiv(n, block_n),)
-    gemm[grid](
-        x2, qweight, scales, offsets,
-        in_scale if in_scale is not None else scales, bias if bias is not None else scales, y,
-        m, n, k, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1),
-        GROUP=group, HAS_INS=in_scale is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWIZZLE=8,
-        # The interpreter's tl.dot multiplies bf16 tensors' raw bits: upcast there only.
-        DOT_FP32=x.dtype == torch.bfloat16 and x.device.type == "cpu",
-    )
-    return y.view(*x.shape[:-1], n)
+    return k // groups
+
+
+def _matmul_fake(x, qweight, scales, offsets, in_scale=None, bias=None):
+    return x.new_empty(*x.shape[:-1], scales.shape[0])
+
+
+@torch.library.custom_op("accel::w4a16_matmul", mutates_args=())
+def _w4a16_matmul_op(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+    in_scale: torch.Tensor | None, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [..., K] (fp16/bf16/fp32), qweight uint8 [N, K/2], scales/offsets [N, K/G], in_scale [K] or None,
+    bias [N] or None -> [..., N] in x's dtype, contiguous."""
+    _check_device("w4a16_matmul", x, qweight, scales, offsets, in_scale, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], scales.shape[0])
+    group = x.shape[-1] // scales.shape[1]
+    y = _triton.load(_W4A16).w4a16_gemm(x2, qweight, scales, offsets, in_scale, bias, group)
+    return y.view(*x.shape[:-1], y.shape[1])
+
+
+_w4a16_matmul_op.register_fake(_matmul_fake)
+
+
+def w4a16_matmul(x, qweight, scales, offsets, in_scale=None, bias=None):
+    """x [..., K] (fp16/bf16/fp32) times the packed 4-bit weight: x @ W^T (+ bias), in x's dtype.
+
+    qweight uint8 [N, K/2], scales/offsets [N, K/G], in_scale [K] or None, bias [N] or None. Runs as the
+    custom op `torch.ops.accel.w4a16_matmul` (no graph break under torch.compile)."""
+    _check_packed(x, qweight, scales)
+    return _w4a16_matmul_op(x, qweight, scales, offsets, in_scale, bias)
+
+
+@torch.library.custom_op("accel::w4_dequantize", mutates_args=())
+def _w4_dequantize_op(
+    qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_scale: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """qweight uint8 [N, K/2], scales/offsets [N, K/G], in_scale [K] or None -> weight [N, K] in `dtype`."""
+    _check_device("dequantize_triton", qweight, scales, offsets, in_scale)
+    return _triton.load(_DEQUANT).w4_dequantize(qweight, scales, offsets, in_scale, dtype)
+
+
+@_w4_dequantize_op.register_fake
+def _(qweight, scales, offsets, in_scale, dtype):
+    return qweight.new_empty(qweight.shape[0], qweight.shape[1] * 2, dtype=dtype)
 
 
 def dequantize_triton(qweight, scales, offsets, in_scale=None, dtype=None):
-    """Triton version of `int4.dequantize`: weight [N, K] in `dtype` (default: the scales' dtype)."""
-    _check_device(qweight, scales, offsets, in_scale)
-    n, groups = scales.shape
-    k = qweight.shape[1] * 2
-    w = torch.empty(n, k, device=qweight.device, dtype=dtype or scales.dtype)
-    block_n, block_k = (16, 32) if _interpreting() else (32, 128)
-    dequant = _kernels()[1]
-    grid = (triton_cdiv(n, block_n), triton_cdiv(k, block_k))
-    dequant[grid](
-        qweight, scales, offsets, in_scale if in_scale is not None else scales, w, n, k,
-        GROUP=k // groups, HAS_INS=in_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
-    return w
+    """Triton version of `int4.dequantize`: weight [N, K] in `dtype` (default: the scales' dtype). Runs as
+    the custom op `torch.ops.accel.w4_dequantize`."""
+    return _w4_dequantize_op(qweight, scales, offsets, in_scale, dtype or scales.dtype)
+
+
+@torch.library.custom_op("accel::quantize_activations_int8", mutates_args=())
+def _quantize_activations_op(
+    x: torch.Tensor, in_scale: torch.Tensor | None, group: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [..., K], in_scale [K] or None -> (x8 int8 [M, K], step float32 [M], per-group sums of x8 float32
+    [M, K/group]) with M = x.numel() / K; x ~ x8 * step."""
+    _check_device("quantize_activations_triton", x, in_scale)
+    return _triton.load(_INT8_ROWS).quantize_rows_int8(x, in_scale, group)
+
+
+@_quantize_activations_op.register_fake
+def _(x, in_scale, group):
+    k = x.shape[-1]
+    m = x.numel() // k
+    return x.new_empty(m, k, dtype=torch.int8), x.new_empty(m, dtype=torch.float32), x.new_empty(m, k // group, dtype=torch.float32)
 
 
 def quantize_activations_triton(x, in_scale, group):
-    """Triton version of `quantize_activations_reference` (same outputs, bit for bit)."""
-    _check_device(x, in_scale)
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    x8 = torch.empty(m, k, device=x.device, dtype=torch.int8)
-    step = torch.empty(m, device=x.device, dtype=torch.float32)
-    sums = torch.empty(m, k // group, device=x.device, dtype=torch.float32)
-    if m:
-        block_m = 16 if _interpreting() else 8
-        _kernels()[2][(triton_cdiv(m, block_m),)](
-            x2, in_scale if in_scale is not None else step, x8, step, sums, m, k, x2.stride(0), x2.stride(1),
-            HAS_INS=in_scale is not None, GROUP=group, BLOCK_M=block_m, AMAX_MIN=_AMAX_MIN,
-        )
-    return x8, step, sums
+    """Triton version of `quantize_activations_reference` (same outputs, bit for bit). Runs as the custom op
+    `torch.ops.accel.quantize_activations_int8`."""
+    return _quantize_activations_op(x, in_scale, group)
+
+
+@torch.library.custom_op("accel::w4a8_matmul", mutates_args=())
+def _w4a8_matmul_op(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
+    in_scale: torch.Tensor | None, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x [..., K] (fp16/bf16/fp32), qweight uint8 [N, K/2], scales/offsets [N, K/G] with G >= 32, in_scale [K]
+    or None, bias [N] or None -> [..., N] in x's dtype, contiguous."""
+    _check_device("w4a8_matmul", x, qweight, scales, offsets, in_scale, bias)
+    group = x.shape[-1] // scales.shape[1]
+    x8, step, sums = _triton.load(_INT8_ROWS).quantize_rows_int8(x, in_scale, group)
+    if x8.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], scales.shape[0])
+    y = _triton.load(_W4A8).w4a8_gemm(x8, step, sums, qweight, scales, offsets, bias, group, x.dtype)
+    return y.view(*x.shape[:-1], y.shape[1])
+
+
+_w4a8_matmul_op.register_fake(_matmul_fake)
 
 
 def w4a8_matmul(x, qweight, scales, offsets, in_scale=None, bias=None):
     """x [..., K] (fp16/bf16/fp32) times the packed 4-bit weight with per-token int8 activations:
     ~ x @ W^T (+ bias), in x's dtype; exactly `w4a8_matmul_reference` up to float32 rounding.
 
-    qweight uint8 [N, K/2], scales/offsets [N, K/G] with G >= 32, in_scale [K] or None, bias [N] or None."""
-    _check_device(x, qweight, scales, offsets, in_scale, bias)
-    n, groups = scales.shape
-    k = x.shape[-1]
-    if qweight.shape != (n, k // 2) or k % groups:
-        raise ValueError(f"x [..., {k}] does not match a packed weight {tuple(qweight.shape)} with {groups} groups per row")
-    group = k // groups
+    qweight uint8 [N, K/2], scales/offsets [N, K/G] with G >= 32, in_scale [K] or None, bias [N] or None.
+    Runs as the custom op `torch.ops.accel.w4a8_matmul`."""
+    group = _check_packed(x, qweight, scales)
     if group < W4A8_MIN_GROUP:
         raise ValueError(
             f"the W4A8 GEMM needs weight groups of {W4A8_MIN_GROUP}+ input channels (int8 tensor-core tiles), got "
             f"{group}; quantize with a larger group_size or use a W4A16 kernel"
         )
-    x8, step, sums = quantize_activations_triton(x, in_scale, group)
-    m = x8.shape[0]
-    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if m == 0:
-        return y.view(*x.shape[:-1], n)
-    block_k = min(group, _W4A8_BLOCK_K_MAX)
-    if _interpreting():
-        block_m, block_n, launch = 16, 32, {}
-    else:  # two accumulators (int32 group dot, float32 total): 64x128 fits 8 warps' registers, 128x128
-        block_m = 32 if m <= 32 else 64  # spills ~1 KB per thread (benchmarks/compile_report.py)
-        block_n, launch = 128, {"num_warps": 8, "num_stages": 3}
-    grid = (triton_cdiv(m, block_m) * triton_cdiv(n, block_n),)
-    _kernels()[3][grid](
-        x8, step, sums, qweight, scales, offsets, bias if bias is not None else scales, y,
-        m, n, k, y.stride(0), y.stride(1),
-        GROUP=group, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWIZZLE=8,
-        **launch,
-    )
-    return y.view(*x.shape[:-1], n)
+    return _w4a8_matmul_op(x, qweight, scales, offsets, in_scale, bias)
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+def _kernels():
+    """(W4A16 GEMM, dequantize, int8 rows, W4A8 GEMM): benchmarks/compile_report.py compiles them through this name."""
+    return (_triton.load(_W4A16).w4a16_gemm_kernel, _triton.load(_DEQUANT).w4_dequantize_kernel,
+            _triton.load(_INT8_ROWS).quantize_rows_int8_kernel, _triton.load(_W4A8).w4a8_gemm_kernel)
 
 
 def gpu_supports_fused(device: torch.device) -> bool:
