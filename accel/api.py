@@ -271,6 +271,12 @@ def _refuse_pickle(name: str, protocol: Any = None):
     )
 
 
+def resolve_target(target: Any) -> nn.Module:
+    """The model `accel.patch(target)` would patch: the denoiser of a diffusers pipeline, the model of a
+    transformers pipeline, or `target` itself (unwrapped from torch.compile). UnsupportedModelError otherwise."""
+    return _resolve(target)[0]
+
+
 def _resolve(target: Any) -> tuple[nn.Module, Any | None]:
     """(the model to patch, the pipeline whose calls bracket denoising, if any)."""
     try:

@@ -210,7 +210,7 @@ def _close(family, out, base):
 def test_patch_runs_end_to_end_and_unpatch_restores_exactly(family, patched):
     model = tiny(family)
     base = model.run(seed=0)
-    weights = {k: v.clone() for k, v in accel.api._resolve(model.obj)[0].state_dict().items()}
+    weights = {k: v.clone() for k, v in accel.api.resolve_target(model.obj).state_dict().items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         handle = patched(model.obj, "lossless", quant=TINY)
@@ -224,7 +224,7 @@ def test_patch_runs_end_to_end_and_unpatch_restores_exactly(family, patched):
     assert "on cpu" in stats["kernel path"] and "x smaller" in stats["quantized layers bytes"]
     errors = stats["per-layer weight rel. error"]
     assert len(errors) == stats["layers quantized"] and all(0 < e < 0.1 for e in errors.values())
-    layers = dict(accel.api._resolve(model.obj)[0].named_modules())
+    layers = dict(accel.api.resolve_target(model.obj).named_modules())
     for name in errors:
         assert isinstance(layers[name], W4Linear)
     excluded = {"flux": "proj_out", "wan": "proj_out", "llava": "lm_head"}[family]
@@ -232,7 +232,7 @@ def test_patch_runs_end_to_end_and_unpatch_restores_exactly(family, patched):
     assert "quant" in str(report)
 
     accel.unpatch(model.obj)
-    restored = accel.api._resolve(model.obj)[0].state_dict()
+    restored = accel.api.resolve_target(model.obj).state_dict()
     assert restored.keys() == weights.keys() and all(torch.equal(restored[k], weights[k]) for k in weights)
     again = model.run(seed=0)
     if family == "llava":

@@ -75,7 +75,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def load_pipeline(spec: str) -> tuple[Any, Callable[[int], Any]]:
     """(obj, run_fn) from the user's --pipeline function, both checked; run_fn's first output is checked too."""
-    from accel.api import _resolve
+    from accel.api import resolve_target
     from accel.bench.harness import output_kind
     from accel.errors import UnsupportedModelError
 
@@ -86,7 +86,7 @@ def load_pipeline(spec: str) -> tuple[Any, Callable[[int], Any]]:
                          f"got {got}")
     obj, run_fn = result
     try:
-        _resolve(obj)
+        resolve_target(obj)
     except UnsupportedModelError as err:
         raise UsageError(f"--pipeline {spec}: {err}") from None
     checked = []

@@ -45,7 +45,7 @@ _SDXL_TIME_DIM = 8  # addition_time_embed_dim
 
 
 
-# black-forest-labs/FLUX.1-dev, scheduler/scheduler_config.json (also used by benchmarks/caching.py).
+# black-forest-labs/FLUX.1-dev, scheduler/scheduler_config.json (also used by accel/bench/scenarios.py).
 FLUX_DEV_SCHEDULER = dict(
     num_train_timesteps=1000,
     shift=3.0,
@@ -57,7 +57,7 @@ FLUX_DEV_SCHEDULER = dict(
 )
 
 
-# The tiny FLUX transformer (also the --tiny stand-in of benchmarks/caching.py).
+# The tiny FLUX transformer (also the --tiny stand-in of accel/bench/scenarios.py).
 TINY_FLUX_TRANSFORMER = dict(
     patch_size=1,
     in_channels=64,  # 16 latent channels packed 2x2

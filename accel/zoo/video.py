@@ -114,7 +114,7 @@ def _make_run(pipe, defaults: dict[str, Any]) -> Callable[..., Any]:
 WAN_TEXT_DIM = 32
 WAN_TEXT_LEN = 16
 
-# The tiny Wan transformer (also the --tiny stand-in of benchmarks/caching.py).
+# The tiny Wan transformer (also the --tiny stand-in of accel/bench/scenarios.py).
 TINY_WAN_TRANSFORMER = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=2,
