@@ -191,3 +191,68 @@ def test_kernel_options_reach_the_kernel(patched):
     assert all(psnr(out, base) > 40 for out in outs.values())
     with pytest.raises(ValueError, match="granularity"):
         AttentionConfig(granularity="head")
+
+
+def _qkv(heads=2, kv_heads=2, q_len=32, k_len=32, dim=16, dtype=torch.float32, batch=1):
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(batch, h, n, dim, generator=g).to(dtype)
+                 for h, n in ((heads, q_len), (kv_heads, k_len), (kv_heads, k_len)))
+
+
+def _router_and_site(handle, unit="attention", role="self"):
+    router = handle.unit(unit).router
+    return router, next(s for s in router.sites if s.role == role)
+
+
+def test_calls_a_kernel_cannot_take_run_sdpa_counted_under_the_first_failing_constraint(patched):
+    handle = _quiet_patch(patched, tiny("wan").obj, attention="int8")
+    router, site = _router_and_site(handle)
+    q, k, v = _qkv(dtype=torch.float64)
+    with pytest.warns(UserWarning, match="falls back to SDPA for some calls: dtype torch.float64"):
+        out = router.dispatch(site, q, k, v)
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same reason warns once
+        router.dispatch(site, q, k, v)
+    q, k, v = _qkv(q_len=20, k_len=24, dim=300)  # both too wide and causal with unequal lengths
+    mask = torch.randn(1, 1, 32, 32)  # an additive mask: neither key padding nor causal
+    with pytest.warns(UserWarning, match="head dim 300"):
+        router.dispatch(site, q, k, v, is_causal=True)
+    with pytest.warns(UserWarning, match="neither key padding nor causal"):
+        router.dispatch(site, *_qkv(), attn_mask=mask)
+    router.dispatch(site, *_qkv(q_len=8, k_len=8))  # shorter than min_query_len: dense by rule, no warning
+    calls = handle.report().stats["attention"]["calls"]
+    assert calls == {
+        "sdpa (fallback: dtype torch.float64)": 2,
+        "sdpa (fallback: head dim 300 > 128)": 1,  # the first of its failing constraints
+        "sdpa (fallback: an attention mask that is neither key padding nor causal with key padding)": 1,
+        "sdpa (by rule: fewer than min_query_len=16 query tokens, e.g. decoding)": 1,
+    }
+
+
+def test_routes_plug_into_the_router_through_its_methods(patched):
+    from accel.attention.route import Route
+
+    handle = _quiet_patch(patched, tiny("wan").obj, attention="int8")
+    router, site = _router_and_site(handle)
+    assert router.dense_kernel == "int8"
+    q, k, v = _qkv()
+    seen = []
+    stage = Route(
+        "test", compute=lambda call: seen.append(call.layer) or (torch.zeros_like(call.query) if seen[1:] else None),
+        constraints=(lambda call: "odd length" if call.query.shape[-2] % 2 else None,),
+        exempt=lambda call: "cross" if call.role == "cross" else None, on_decline=seen.append,
+    )
+    router.add_stage(stage)
+    first = router.dispatch(site, q, k, v)  # the stage passes (None): the dense route computes it
+    assert torch.equal(router.dispatch(site, q, k, v), torch.zeros_like(q))
+    odd = _qkv(q_len=33, k_len=33)
+    router.dispatch(site, *odd)
+    router.dispatch(next(s for s in router.sites if s.role == "cross"), *_qkv())
+    assert seen == [site.block, site.block, "odd length"]
+    assert stage.declined == {"odd length": 1} and stage.exempted == {"cross": 1}
+    router.remove_stage(stage)
+    assert torch.equal(router.dispatch(site, q, k, v), first)
+    router.reset_dense()
+    assert router.dense_kernel == "sdpa"
+    assert torch.equal(router.dispatch(site, q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))

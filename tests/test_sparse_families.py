@@ -175,3 +175,29 @@ def test_int8_follows_the_attention_route_unless_set(patched):
     accel.unpatch(model.obj)
     handle = patched(model.obj, cache=False, attention="sdpa", sparse=SparseConfig(int8=True, **SMALL))
     assert "INT8" in handle.report().applied[1].detail
+
+
+def test_calls_the_kernel_cannot_take_stay_dense_counted_per_reason(patched, reference_path):
+    import warnings
+
+    handle = patched(tiny("wan").obj, cache=False, sparse=SparseConfig(dense_fraction=0.0, reorder="none", **SMALL))
+    router = handle.unit("sparse").router
+    site = _self_sites(handle)[0]
+    cross = next(s for s in router.sites if s.role == "cross")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 32, 16, generator=g) for _ in range(3))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with pytest.warns(UserWarning, match="sparse: calls with causal attention stay dense"):
+        assert torch.equal(router.dispatch(site, q, k, v, is_causal=True), sdpa(q, k, v, is_causal=True))
+    mask = torch.zeros(1, 1, 32, 32)  # additive: not a key-padding mask
+    with pytest.warns(UserWarning, match="key-padding mask"):
+        assert torch.equal(router.dispatch(site, q, k, v, attn_mask=mask), sdpa(q, k, v, attn_mask=mask))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        router.dispatch(site, q, k, v, is_causal=True)
+        assert torch.equal(router.dispatch(cross, q, k, v), sdpa(q, k, v))  # cross-attention is not a decline
+    stats = handle.report().stats["sparse"]
+    assert stats["calls left dense"] == {
+        "causal attention": 2, "attention mask other than a boolean key-padding mask [B, 1, 1, S]": 1,
+    }
+    assert stats["sparse calls"] == 0

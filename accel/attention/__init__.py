@@ -34,7 +34,7 @@ class AttentionUnit(Unit):
     def remove(self) -> None:
         from . import route
 
-        self.router.dense, self.router.kernel = route._sdpa_dense, "sdpa"
+        self.router.reset_dense()
         route.release(self.router)
 
     def update_report(self, report: Report) -> None:
@@ -63,7 +63,7 @@ def install(ctx: PatchContext, config: AttentionConfig) -> AttentionUnit:
     except ConfigError:
         route.release(router)
         raise
-    router.dense, router.kernel = dense, config.kernel
+    router.set_dense(dense.route)
     return AttentionUnit(router, dense)
 
 

@@ -1,31 +1,73 @@
 """Dense attention routes (int8, sdpa, flash, xformers) and the full-precision policy.
 
-Each route computes an `AttentionCall` or declines it with a reason; a declined call runs SDPA exactly
-as the model asked, is counted under its reason, and the first decline of each reason is a warning.
+Each kernel declares its constraints (`_check_*`, in the router's sense); a call that fails one runs SDPA
+exactly as the model asked, is counted under the reason, and the first decline of each reason is a warning.
+Calls the full-precision policy keeps dense are counted by rule, without a warning.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
-from typing import Callable
 from collections import Counter
+from typing import Callable
 
 import torch
 
 from .._private import tensor_version
-from ..errors import AccelError, ConfigError
+from ..errors import ConfigError
 from . import int8
 from .config import AttentionConfig
-from .route import AttentionCall
+from .route import AttentionCall, Constraint, Route
 
 
-class Decline(AccelError):
-    """This route cannot compute this call; the message is the reason shown in the report."""
+def _check_no_dropout(call: AttentionCall) -> str | None:
+    return "dropout_p > 0 (training)" if call.dropout_p > 0 else None
+
+
+def _check_causal_aligned(call: AttentionCall) -> str | None:
+    if call.is_causal and call.query.shape[-2] != call.key.shape[-2]:
+        return "causal attention with query and key lengths that differ (SDPA aligns top-left)"
+    return None
+
+
+def _check_int8_dtype(call: AttentionCall) -> str | None:
+    dtype = call.query.dtype
+    return None if dtype in (torch.float16, torch.bfloat16, torch.float32) else f"dtype {dtype}"
+
+
+def _check_int8_head_dim(call: AttentionCall) -> str | None:
+    head_dim, largest = call.query.shape[-1], max(int8.HEAD_DIMS)
+    return f"head dim {head_dim} > {largest}" if head_dim > largest else None
+
+
+def _check_kv_heads_divide(call: AttentionCall) -> str | None:
+    heads, kv_heads = call.query.shape[1], call.key.shape[1]
+    return f"{heads} query heads are not a multiple of {kv_heads} key/value heads" if heads % kv_heads else None
+
+
+def _check_cuda(library: str) -> Constraint:
+    def check(call: AttentionCall) -> str | None:
+        return None if call.query.is_cuda else f"{library} needs CUDA tensors"
+
+    return check
+
+
+def _check_flash_dtype(call: AttentionCall) -> str | None:
+    dtype = call.query.dtype
+    return None if dtype in (torch.float16, torch.bfloat16) else f"flash-attn needs fp16/bf16, got {dtype}"
+
+
+def _check_flash_no_mask(call: AttentionCall) -> str | None:
+    return "flash-attn takes no attention mask" if call.attn_mask is not None else None
+
+
+def _check_xformers_causal_mask(call: AttentionCall) -> str | None:
+    return "causal attention with an extra mask" if call.is_causal and call.attn_mask is not None else None
 
 
 class DenseAttention:
-    """The dense route chosen by `AttentionConfig`, callable on an `AttentionCall`."""
+    """The dense route chosen by `AttentionConfig`: `route` is what the router calls."""
 
     def __init__(self, config: AttentionConfig, warn: Callable[[str], None], num_blocks: int):
         self.config = config
@@ -42,21 +84,15 @@ class DenseAttention:
         self._mask: torch.Tensor | None = None  # the last attention mask seen, and what it was found to be
         self._mask_version = -1
         self._mask_answer: tuple[torch.Tensor, bool] | None = None
-        self._route = {"int8": self._int8, "sdpa": self._sdpa, "flash": self._flash, "xformers": self._xformers}[
-            config.kernel
-        ]
-
-    def __call__(self, call: AttentionCall) -> torch.Tensor:
-        policy = self._policy(call)
-        if policy is not None:
-            self.counts[f"sdpa (by rule: {policy})"] += 1
-            return call.sdpa()
-        try:
-            out = self._route(call)
-        except Decline as reason:
-            self._decline(str(reason))
-            return call.sdpa()
-        return out
+        compute, constraints = {
+            "int8": (self._int8, (_check_no_dropout, _check_int8_dtype, _check_int8_head_dim, _check_causal_aligned,
+                                  _check_kv_heads_divide, self._check_int8_mask)),
+            "sdpa": (self._sdpa, ()),
+            "flash": (self._flash, (_check_no_dropout, _check_cuda("flash-attn"), _check_flash_dtype,
+                                    _check_flash_no_mask, _check_causal_aligned)),
+            "xformers": (self._xformers, (_check_no_dropout, _check_cuda("xFormers"), _check_xformers_causal_mask)),
+        }[config.kernel]
+        self.route = Route(config.kernel, compute, constraints, exempt=self._policy, on_decline=self._warn_decline)
 
     def _policy(self, call: AttentionCall) -> str | None:
         cfg = self.config
@@ -73,37 +109,29 @@ class DenseAttention:
                 return "last steps"
         return None
 
-    def _decline(self, reason: str) -> None:
-        self.counts[f"sdpa (fallback: {reason})"] += 1
+    def _warn_decline(self, reason: str) -> None:
         self.warn(f"attention={self.config.kernel!r} falls back to SDPA for some calls: {reason}")
 
     def stats(self) -> dict:
-        return {"kernel": self.config.kernel, "calls": dict(sorted(self.counts.items()))}
+        calls = Counter(self.counts)
+        for reason, n in self.route.exempted.items():
+            calls[f"sdpa (by rule: {reason})"] += n
+        for reason, n in self.route.declined.items():
+            calls[f"sdpa (fallback: {reason})"] += n
+        return {"kernel": self.config.kernel, "calls": dict(sorted(calls.items()))}
 
     # -- routes ----------------------------------------------------------------------------------
-    def _common_checks(self, call: AttentionCall) -> None:
-        if call.dropout_p > 0:
-            raise Decline("dropout_p > 0 (training)")
+    def _check_int8_mask(self, call: AttentionCall) -> str | None:
+        if call.attn_mask is None or self._mask_plan(call.attn_mask, *_mask_dims(call)) is not None:
+            return None
+        return "an attention mask that is neither key padding nor causal with key padding"
 
     def _int8(self, call: AttentionCall) -> torch.Tensor:
-        self._common_checks(call)
         q, k, v = call.query, call.key, call.value
-        B, Hq, Nq, D = q.shape
-        Nk = k.shape[-2]
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise Decline(f"dtype {q.dtype}")
-        if D > max(int8.HEAD_DIMS):
-            raise Decline(f"head dim {D} > {max(int8.HEAD_DIMS)}")
-        if call.is_causal and Nq != Nk:
-            raise Decline("causal attention with query and key lengths that differ (SDPA aligns top-left)")
-        if Hq % k.shape[1]:
-            raise Decline(f"{Hq} query heads are not a multiple of {k.shape[1]} key/value heads")
+        D = q.shape[-1]
         bias, causal = None, call.is_causal
         if call.attn_mask is not None:
-            plan = self._mask_plan(call.attn_mask, B, Nq, Nk)
-            if plan is None:
-                raise Decline("an attention mask that is neither key padding nor causal with key padding")
-            bias, causal = plan
+            bias, causal = self._mask_plan(call.attn_mask, *_mask_dims(call))  # found by _check_int8_mask
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(D)
         padded = next(d for d in int8.HEAD_DIMS if d >= D)
         note = ""
@@ -116,7 +144,7 @@ class DenseAttention:
         if q.is_cuda:
             if cfg.pv == "fp8" and torch.cuda.get_device_capability(q.device) < (8, 9):
                 self.warn("AttentionConfig(pv='fp8') needs a GPU of compute capability 8.9 or later; "
-                                "P·V runs in 16-bit on this one")
+                          "P·V runs in 16-bit on this one")
                 kwargs["pv"] = "fp16"
             out = int8.int8_attention(q, k, v, **kwargs)
             self.counts[f"int8{note}"] += 1
@@ -162,15 +190,6 @@ class DenseAttention:
             return call.sdpa()
 
     def _flash(self, call: AttentionCall) -> torch.Tensor:
-        self._common_checks(call)
-        if not call.query.is_cuda:
-            raise Decline("flash-attn needs CUDA tensors")
-        if call.query.dtype not in (torch.float16, torch.bfloat16):
-            raise Decline(f"flash-attn needs fp16/bf16, got {call.query.dtype}")
-        if call.attn_mask is not None:
-            raise Decline("flash-attn takes no attention mask")
-        if call.is_causal and call.query.shape[-2] != call.key.shape[-2]:
-            raise Decline("causal attention with query and key lengths that differ (SDPA aligns top-left)")
         from flash_attn import flash_attn_func
 
         q, k, v = (t.transpose(1, 2) for t in (call.query, call.key, call.value))  # flash-attn: [B, S, H, D]
@@ -179,9 +198,6 @@ class DenseAttention:
         return out.transpose(1, 2)
 
     def _xformers(self, call: AttentionCall) -> torch.Tensor:
-        self._common_checks(call)
-        if not call.query.is_cuda:
-            raise Decline("xFormers needs CUDA tensors")
         import xformers.ops as xops
 
         q, k, v = call.query, call.key, call.value
@@ -190,8 +206,6 @@ class DenseAttention:
             k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
         bias = None
         if call.is_causal:
-            if call.attn_mask is not None:
-                raise Decline("causal attention with an extra mask")
             bias = xops.LowerTriangularMask()
         elif call.attn_mask is not None:
             mask = call.attn_mask
@@ -202,6 +216,11 @@ class DenseAttention:
         out = xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=call.scale)
         self.counts["xformers"] += 1
         return out.transpose(1, 2)
+
+
+def _mask_dims(call: AttentionCall) -> tuple[int, int, int]:
+    """(batch, query length, key length), as the mask is read."""
+    return call.query.shape[0], call.query.shape[-2], call.key.shape[-2]
 
 
 def check_available(kernel: str) -> str | None:

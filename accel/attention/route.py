@@ -13,14 +13,18 @@ names (`Adapter.attention_sites`) and nowhere else: not in a VAE, a text encoder
   runs transformers' own SDPA integration under the same mode, so GQA, causal flags and masks are
   exactly transformers' own.
 
-Stages (sparse attention) see the call first and may answer it; otherwise the dense route chosen by
-`attention=` (the INT8 kernel, SDPA, flash-attn or xFormers) computes it.
+Routes compute the calls. Stages (sparse attention) see a call first and may answer it; otherwise the dense
+route chosen by `attention=` (the INT8 kernel, SDPA, flash-attn or xFormers) computes it, and SDPA when there
+is none. Units plug routes in through the router's methods (`set_dense`, `add_stage`, ...). A route declares
+its constraints, functions that name the reason it cannot take a call (or None); the router checks them in
+order and counts a failing call under its reason, and the call goes on to the next route.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,11 +88,35 @@ class AttentionCall:
         )
 
 
-Stage = Callable[[AttentionCall, Callable[[AttentionCall], torch.Tensor]], "torch.Tensor | None"]
+Constraint = Callable[[AttentionCall], str | None]  # why a route cannot take this call, or None
 
 
-def _sdpa_dense(call: AttentionCall) -> torch.Tensor:
-    return call.sdpa()
+def _no_reason(call: AttentionCall) -> None:
+    return None
+
+
+def _no_warning(reason: str) -> None:
+    pass
+
+
+@dataclass(eq=False)
+class Route:
+    """A way to compute attention calls, as the router sees it.
+
+    compute: the call's output, or None to pass it on (a stage only; the dense route answers every call it takes).
+    constraints: checked in order before `compute`; the first reason returned declines the call, which the
+        router counts in `declined` and hands to `on_decline` (a warning, say).
+    exempt: a call this route leaves alone by its own rule rather than by failing (cross-attention for sparse,
+        the full-precision policy for the dense route); checked first, counted in `exempted`.
+    """
+
+    name: str
+    compute: Callable[[AttentionCall], torch.Tensor | None]
+    constraints: Sequence[Constraint] = ()
+    exempt: Constraint = _no_reason
+    on_decline: Callable[[str], None] = _no_warning
+    exempted: Counter[str] = field(default_factory=Counter)
+    declined: Counter[str] = field(default_factory=Counter)
 
 
 class _Intercept(TorchFunctionMode):
@@ -142,9 +170,8 @@ class AttentionRouter:
         self.sites = self.adapter.attention_sites()
         if not self.sites:
             raise ValueError(f"{self.adapter.display_name} exposes no attention modules to reroute")
-        self.dense: Callable[[AttentionCall], torch.Tensor] = _sdpa_dense
-        self.kernel = "sdpa"  # name of the dense route, set by the attention unit
-        self.stages: list[Stage] = []
+        self._dense: Route | None = None  # None: SDPA as the model asked
+        self._stages: list[Route] = []
         self.users = 0
         self.text_position = getattr(getattr(self.adapter, "text_layout", None), "position", "none")
         self._branch: str | None = None
@@ -199,6 +226,26 @@ class AttentionRouter:
             self.remove()
             raise
 
+    # -- routes ----------------------------------------------------------------------------------
+    def set_dense(self, route: Route) -> None:
+        """The route that computes every call no stage answers."""
+        self._dense = route
+
+    def reset_dense(self) -> None:
+        """Back to SDPA exactly as the model asked."""
+        self._dense = None
+
+    @property
+    def dense_kernel(self) -> str:
+        return self._dense.name if self._dense is not None else "sdpa"
+
+    def add_stage(self, route: Route) -> None:
+        """A route offered every call before the dense route, in the order added."""
+        self._stages.append(route)
+
+    def remove_stage(self, route: Route) -> None:
+        self._stages.remove(route)
+
     # -- calls -----------------------------------------------------------------------------------
     def begin_denoiser_call(self, args: tuple, kwargs: dict, branch: str | None) -> None:
         self._branch = branch
@@ -223,11 +270,26 @@ class AttentionRouter:
             self.clock.step, self.clock.num_steps if self.clock.available else None, self._branch,
             self.text_position if self.adapter.kind == "dit" else "none", self._current_grid,
         )
-        for stage in self.stages:
-            out = stage(call, self.dense)
-            if out is not None:
-                return out
-        return self.dense(call)
+        for route in (*self._stages, self._dense):
+            if route is not None:
+                out = self._offer(route, call)
+                if out is not None:
+                    return out
+        return call.sdpa()
+
+    @staticmethod
+    def _offer(route: Route, call: AttentionCall) -> torch.Tensor | None:
+        reason = route.exempt(call)
+        if reason is not None:
+            route.exempted[reason] += 1
+            return None
+        for constraint in route.constraints:
+            reason = constraint(call)
+            if reason is not None:
+                route.declined[reason] += 1
+                route.on_decline(reason)
+                return None
+        return route.compute(call)
 
     def note_unrouted(self, site: AttentionSite) -> None:
         if site.name in self._unrouted:

@@ -111,6 +111,41 @@ class _Pattern:
     calls: int  # calls of this module and branch since the search (bare models count calls, not steps)
 
 
+# The stage's constraints (`route.Route`): a call failing one stays dense, counted under the reason.
+def _exempt_cross_attention(call) -> str | None:
+    return "cross-attention" if call.role == "cross" else None
+
+
+def _check_not_causal(call) -> str | None:
+    return "causal attention" if call.is_causal else None
+
+
+def _check_no_dropout(call) -> str | None:
+    return "attention dropout" if call.dropout_p else None
+
+
+def _check_square(call) -> str | None:
+    return "query and key lengths differ" if call.query.shape[-2] != call.key.shape[-2] else None
+
+
+def _check_kv_heads_divide(call) -> str | None:
+    return "query heads not a multiple of key heads" if call.query.shape[1] % call.key.shape[1] else None
+
+
+def _check_kernel_range(call) -> str | None:
+    q = call.query
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 256:
+        return "dtype or head dim outside the kernel's range"
+    return None
+
+
+def _check_key_padding_mask(call) -> str | None:
+    mask = call.attn_mask
+    if mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1):
+        return None
+    return "attention mask other than a boolean key-padding mask [B, 1, 1, S]"
+
+
 class SparseUnit(Unit):
     def __init__(self, ctx: PatchContext, config: SparseConfig):
         self.ctx = ctx
@@ -126,9 +161,12 @@ class SparseUnit(Unit):
         self.sparse_calls = 0
         self.dense_steps = 0
         self.dense_calls = 0
-        self.declined: dict[str, int] = {}  # reason -> calls left to the dense route
+        constraints = (_check_not_causal, _check_no_dropout, _check_square, _check_kv_heads_divide, _check_kernel_range,
+                       self._check_float32_on_gpu, _check_key_padding_mask)
+        self.stage = route.Route("sparse", self.compute, constraints, exempt=_exempt_cross_attention,
+                                 on_decline=self._warn_decline)
         self.router = route.get_or_install(ctx)
-        self.router.stages.append(self.stage)
+        self.router.add_stage(self.stage)
 
     # -- Unit ---------------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -142,10 +180,10 @@ class SparseUnit(Unit):
         return ", ".join(parts)
 
     def _int8(self) -> bool:
-        return self.config.int8 if self.config.int8 is not None else self.router.kernel == "int8"
+        return self.config.int8 if self.config.int8 is not None else self.router.dense_kernel == "int8"
 
     def remove(self) -> None:
-        self.router.stages.remove(self.stage)
+        self.router.remove_stage(self.stage)
         route.release(self.router)
         self.patterns.clear()
 
@@ -176,18 +214,12 @@ class SparseUnit(Unit):
             "head orders": {name: n for name, n in self.order_counts.items() if n},
             "pattern MB per module": round(total / len(modules) / 1e6, 4) if modules else None,
             "pattern MB total": round(total / 1e6, 4),
-            "calls left dense": dict(self.declined),
+            "calls left dense": dict(self.stage.declined),
         }
 
     # -- the stage ----------------------------------------------------------------------------------
-    def stage(self, call: route.AttentionCall, dense) -> torch.Tensor | None:
-        """Compute `call` block-sparsely, or return None to leave it to the dense route."""
-        if call.role == "cross":
-            return None
-        reason = self._unsupported(call)
-        if reason is not None:
-            self._decline(reason)
-            return None
+    def compute(self, call: route.AttentionCall) -> torch.Tensor | None:
+        """Compute `call` block-sparsely, or return None to leave it to the dense route (warm-up steps)."""
         dense_steps = self._dense_steps(call)
         if call.step is not None and call.step < dense_steps:
             self.dense_calls += 1
@@ -223,27 +255,12 @@ class SparseUnit(Unit):
         self.sparse_calls += 1
         return undo(out) if undo is not None else out
 
-    def _unsupported(self, call) -> str | None:
-        q, k = call.query, call.key
-        if call.is_causal:
-            return "causal attention"
-        if call.dropout_p:
-            return "attention dropout"
-        if q.shape[-2] != k.shape[-2]:
-            return "query and key lengths differ"
-        if q.shape[1] % k.shape[1]:
-            return "query heads not a multiple of key heads"
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.shape[-1] > 256:
-            return "dtype or head dim outside the kernel's range"
-        if q.is_cuda and q.dtype == torch.float32 and not self._int8():
+    def _check_float32_on_gpu(self, call) -> str | None:
+        if call.query.is_cuda and call.query.dtype == torch.float32 and not self._int8():
             return "float32 inputs on a GPU (the kernel needs 16-bit there; run the model in bf16 or fp16)"
-        mask = call.attn_mask
-        if mask is not None and not (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1):
-            return "attention mask other than a boolean key-padding mask [B, 1, 1, S]"
         return None
 
-    def _decline(self, reason: str) -> None:
-        self.declined[reason] = self.declined.get(reason, 0) + 1
+    def _warn_decline(self, reason: str) -> None:
         self.ctx.warn_now(f"sparse: calls with {reason} stay dense (counted in the report)")
 
     def _dense_steps(self, call) -> int:
