@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import accel
+from accel._private import attention_implementations
 from accel.attention import AttentionConfig
 from accel.bench.metrics import psnr
 
@@ -111,15 +112,17 @@ def test_composes_with_step_cache(patched):
 @pytest.mark.compat
 def test_transformers_attention_implementation_is_switched_and_restored():
     model = tiny("qwen2_vl")
-    before = {id(m.config): m.config._attn_implementation for m in model.obj.modules() if hasattr(m, "config")}
+    before = {id(config): implementation for config, implementation in attention_implementations(model.obj)}
+    assert before
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         accel.patch(model.obj, "lossless", attention="int8")
-    assert model.obj.config._attn_implementation == "accel"
+    config, implementation = attention_implementations(model.obj)[0]  # the model's own config comes first
+    assert config is model.obj.config and implementation == "accel"
     out = model.run(seed=0, max_new_tokens=20)
     assert out.sequences.shape[-1] >= 20
     accel.unpatch(model.obj)
-    after = {id(m.config): m.config._attn_implementation for m in model.obj.modules() if hasattr(m, "config")}
+    after = {id(config): implementation for config, implementation in attention_implementations(model.obj)}
     assert after == before
 
 
@@ -256,3 +259,31 @@ def test_routes_plug_into_the_router_through_its_methods(patched):
     router.reset_dense()
     assert router.dense_kernel == "sdpa"
     assert torch.equal(router.dispatch(site, q, k, v), torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def _wan_inputs(transformer):
+    config = transformer.config
+    g = torch.Generator().manual_seed(0)
+    return {
+        "hidden_states": torch.randn(1, config.in_channels, 1, 8, 8, generator=g),
+        "timestep": torch.tensor([500]),
+        "encoder_hidden_states": torch.randn(1, 4, config.text_dim, generator=g),
+    }
+
+
+@pytest.mark.compat
+def test_calls_carry_the_cfg_branch_the_pipeline_names(patched):
+    """The router learns the branch from diffusers' cache_context (accel._private.ContextHook)."""
+    from accel.attention.route import Route
+
+    model = tiny("wan")
+    handle = _quiet_patch(patched, model.obj, attention="sdpa")
+    router, site = _router_and_site(handle)
+    branches = set()
+    router.add_stage(Route("probe", compute=lambda call: branches.add(call.branch)))
+    model.run(seed=0, num_inference_steps=2)
+    assert branches == {"cond", "uncond"}
+    branches.clear()
+    model.obj.transformer(**_wan_inputs(model.obj.transformer))  # a bare call: no cache_context around it
+    assert branches == {None}
+
