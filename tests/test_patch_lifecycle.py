@@ -218,8 +218,9 @@ def test_dense_blocks_that_name_no_block_are_a_config_error_and_leave_nothing_in
     from accel import AttentionConfig
 
     def hooks(module):
-        return {name: list(getattr(m, "_diffusers_hook", None).hooks) for name, m in module.named_modules()
-                if getattr(m, "_diffusers_hook", None) is not None}
+        from accel._private import hook_registry
+
+        return {name: list(hook_registry(m).hooks) for name, m in module.named_modules() if hook_registry(m) is not None}
 
     model = tiny("wan")
     before = hooks(model.obj.transformer)
