@@ -88,7 +88,7 @@ def _make_run(pipe, defaults: dict[str, Any]) -> Callable[..., Any]:
         # The stored embeddings live on CPU; follow the pipeline if it was moved (`pipe.to("cuda")`), since these
         # pipelines do not move user-given embeddings themselves. The generator stays on CPU (as in diffusers docs),
         # so the initial noise is the same on every device.
-        device = pipe._execution_device
+        device = pipe.device
         kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in defaults.items()}
         kwargs["output_type"] = "pt"
         kwargs.update(overrides)

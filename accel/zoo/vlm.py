@@ -86,9 +86,11 @@ _QWEN25_VIDEO_SIZES = [(84, 84), (112, 84), (56, 112), (84, 140)]
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _instantiate(model_cls, config, seed: int, dtype) -> torch.nn.Module:
-    """Build `model_cls(config)` with weights drawn from `seed`, leaving the global RNG untouched."""
-    model = seeded(seed, lambda: model_cls._from_config(config, attn_implementation="sdpa", dtype=torch.float32))
+def _instantiate(config, seed: int, dtype) -> torch.nn.Module:
+    """Build the model class of `config` with weights drawn from `seed`, leaving the global RNG untouched."""
+    from transformers import AutoModelForImageTextToText
+
+    model = seeded(seed, lambda: AutoModelForImageTextToText.from_config(config, attn_implementation="sdpa", dtype=torch.float32))
     model = model.to(dtype).eval()
     gen = model.generation_config
     gen.bos_token_id = BOS_ID
@@ -152,7 +154,7 @@ def generate(model: torch.nn.Module, inputs: dict, max_new_tokens: int = 8) -> V
 
 def tiny_llava(seed: int = 0, dtype=torch.float32) -> TinyModel:
     """LLaVA-1.5 layout: CLIP ViT (CLS) -> hidden_states[-2] minus CLS -> 2-layer GELU MLP -> Llama."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(
         hidden_size=32,
@@ -175,14 +177,13 @@ def tiny_llava(seed: int = 0, dtype=torch.float32) -> TinyModel:
         vision_feature_layer=-2,
         pad_token_id=PAD_ID,
     )
-    return _make_tiny("llava", _instantiate(LlavaForConditionalGeneration, config, seed, dtype))
+    return _make_tiny("llava", _instantiate(config, seed, dtype))
 
 
 def tiny_llava_onevision(seed: int = 0, dtype=torch.float32) -> TinyModel:
     """LLaVA-OneVision layout: SigLIP (no CLS, no head) -> last layer, "full" -> MLP -> Qwen2; AnyRes + newline."""
     from transformers import (
         LlavaOnevisionConfig,
-        LlavaOnevisionForConditionalGeneration,
         Qwen2Config,
         SiglipVisionConfig,
     )
@@ -210,13 +211,13 @@ def tiny_llava_onevision(seed: int = 0, dtype=torch.float32) -> TinyModel:
         pad_token_id=PAD_ID,
     )
     return _make_tiny(
-        "llava_onevision", _instantiate(LlavaOnevisionForConditionalGeneration, config, seed, dtype)
+        "llava_onevision", _instantiate(config, seed, dtype)
     )
 
 
 def tiny_qwen2_vl(seed: int = 0, dtype=torch.float32) -> TinyModel:
     """Qwen2-VL: ViT on flattened 2x14x14 patches (2D RoPE) -> 2x2 PatchMerger -> M-RoPE text model."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    from transformers import Qwen2VLConfig
 
     vision = dict(
         depth=2,
@@ -237,12 +238,12 @@ def tiny_qwen2_vl(seed: int = 0, dtype=torch.float32) -> TinyModel:
         vision_start_token_id=VISION_START_ID,
         vision_end_token_id=VISION_END_ID,
     )
-    return _make_tiny("qwen2_vl", _instantiate(Qwen2VLForConditionalGeneration, config, seed, dtype))
+    return _make_tiny("qwen2_vl", _instantiate(config, seed, dtype))
 
 
 def tiny_qwen2_5_vl(seed: int = 0, dtype=torch.float32) -> TinyModel:
     """Qwen2.5-VL: window-attention ViT (window 56 px = 2x2 merged tokens, block 1 full) -> merger -> M-RoPE."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig
 
     vision = dict(
         depth=2,
@@ -266,7 +267,7 @@ def tiny_qwen2_5_vl(seed: int = 0, dtype=torch.float32) -> TinyModel:
         vision_start_token_id=VISION_START_ID,
         vision_end_token_id=VISION_END_ID,
     )
-    return _make_tiny("qwen2_5_vl", _instantiate(Qwen2_5_VLForConditionalGeneration, config, seed, dtype))
+    return _make_tiny("qwen2_5_vl", _instantiate(config, seed, dtype))
 
 
 BUILDERS: dict[str, Callable[..., TinyModel]] = {
