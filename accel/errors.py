@@ -43,3 +43,7 @@ class QuantFileError(AccelError, ValueError):
 class NotApplicableError(AccelError, ValueError):
     """An accelerator asked for by keyword cannot serve this model (the message says why); a preset would
     have skipped it."""
+
+
+class KernelInputError(AccelError, ValueError):
+    """Arguments a kernel cannot take (shape, dtype, device, head dim, tile size); the message names the fix."""

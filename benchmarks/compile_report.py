@@ -35,7 +35,9 @@ os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, 
 
 import torch  # noqa: E402
 
+from accel import _triton  # noqa: E402
 from accel import _triton_aot as aot  # noqa: E402
+from accel._triton import cdiv  # noqa: E402
 from accel.bench.scenarios import INT8_TILE_SWEEP  # noqa: E402
 
 B, H, N, D = 1, 12, 32760, 128  # Wan2.1-1.3B 480p self-attention
@@ -56,8 +58,9 @@ class KernelVariant:
     note: str = ""
 
 
-def cdiv(a, b):
-    return -(-a // b)
+def _kernel(module: str, name: str):
+    """A `@triton.jit` kernel from its kernel module (imported here, after TRITON_INTERPRET is unset)."""
+    return getattr(_triton.load(module), name)
 
 
 def strides(*shape):
@@ -84,19 +87,18 @@ def int8_attention(name, *, per_token=False, bias=False, fp8=False, causal=False
         opts["num_stages"] = num_stages
     kwargs = dict(CAUSAL=causal, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PER_TOKEN=per_token,
                   HAS_BIAS=bias, PV_FP8=fp8, PV_FP32=False, EMULATE_FP8=False, **opts)
-    return KernelVariant(name, lambda: int8._get_kernels()[0], args, (cdiv(N, block_q), B * H), kwargs,
+    return KernelVariant(name, lambda: _kernel("accel.attention.int8_kernel", "int8_attention_kernel"), args, (cdiv(N, block_q), B * H), kwargs,
                    ("s8", "e4m3" if fp8 else "bf16"), (89, 90) if fp8 else ALL_TARGETS, note)
 
 
 def quant_int8(name, per_row):
     """`_quantize_per_block_triton`: Q/K (bf16, contiguous) -> int8, block 128 or per token (tile 32)."""
-    from accel.attention import int8
 
     tile = 32 if per_row else 128
     args = (torch.bfloat16, torch.float32, torch.int8, torch.float32, *strides(B, H, N, D), H, N, D,
             N if per_row else cdiv(N, tile), 1.0)
     kwargs = dict(HAS_MEAN=True, PER_ROW=per_row, BLOCK=tile, BLOCK_D=D, num_warps=4)
-    return KernelVariant(name, lambda: int8._get_kernels()[1], args, (cdiv(N, tile), B * H), kwargs, ())
+    return KernelVariant(name, lambda: _kernel("accel.attention.int8_quant_kernel", "quantize_int8_kernel"), args, (cdiv(N, tile), B * H), kwargs, ())
 
 
 def block_sparse(name, *, int8=False, valid=False, dtype=torch.bfloat16, note=""):
@@ -112,7 +114,7 @@ def block_sparse(name, *, int8=False, valid=False, dtype=torch.bfloat16, note=""
     kwargs = dict(INT8=int8, HAS_VALID=valid, UPCAST=False, PRECISION="ieee" if dtype == torch.float32 else "tf32",
                   BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, num_warps=8)
     mma = ("s8", "bf16") if int8 else () if dtype == torch.float32 else ("bf16",)
-    return KernelVariant(name, lambda: sparse_kernel._get_kernel(), args, (nbq, B * H), kwargs, mma, note=note)
+    return KernelVariant(name, lambda: _kernel("accel.attention.block_sparse_kernel", "block_sparse_attention_kernel"), args, (nbq, B * H), kwargs, mma, note=note)
 
 
 def w4a16(name, m, ins=False, note=""):
@@ -124,16 +126,15 @@ def w4a16(name, m, ins=False, note=""):
     args = (bf, torch.uint8, bf, bf, bf, bf, bf, m, NK, NK, NK, 1, NK, 1)
     kwargs = dict(GROUP=GROUP, HAS_INS=ins, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWIZZLE=8,
                   DOT_FP32=False)
-    return KernelVariant(name, lambda: kernels._kernels()[0], args, (cdiv(m, bm) * cdiv(NK, bn),), kwargs, ("bf16",), note=note)
+    return KernelVariant(name, lambda: _kernel("accel.quant.w4a16_kernel", "w4a16_gemm_kernel"), args, (cdiv(m, bm) * cdiv(NK, bn),), kwargs, ("bf16",), note=note)
 
 
 def dequant(name):
-    from accel.quant import kernels
 
     bf = torch.bfloat16
     args = (torch.uint8, bf, bf, bf, bf, NK, NK)
     kwargs = dict(GROUP=GROUP, HAS_INS=True, BLOCK_N=32, BLOCK_K=128)
-    return KernelVariant(name, lambda: kernels._kernels()[1], args, (cdiv(NK, 32), cdiv(NK, 128)), kwargs, ())
+    return KernelVariant(name, lambda: _kernel("accel.quant.w4_dequant_kernel", "w4_dequantize_kernel"), args, (cdiv(NK, 32), cdiv(NK, 128)), kwargs, ())
 
 
 def quant_rows(name):
@@ -141,7 +142,7 @@ def quant_rows(name):
 
     args = (torch.bfloat16, torch.bfloat16, torch.int8, torch.float32, torch.float32, M_PREFILL, NK, NK, 1)
     kwargs = dict(HAS_INS=True, GROUP=GROUP, BLOCK_M=8, AMAX_MIN=kernels._AMAX_MIN)
-    return KernelVariant(name, lambda: kernels._kernels()[2], args, (cdiv(M_PREFILL, 8),), kwargs, ())
+    return KernelVariant(name, lambda: _kernel("accel.quant.int8_rows_kernel", "quantize_rows_int8_kernel"), args, (cdiv(M_PREFILL, 8),), kwargs, ())
 
 
 def w4a8(name, m):
@@ -154,7 +155,7 @@ def w4a8(name, m):
     args = (torch.int8, torch.float32, torch.float32, torch.uint8, bf, bf, bf, bf, m, NK, NK, NK, 1)
     kwargs = dict(GROUP=GROUP, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=min(GROUP, kernels._W4A8_BLOCK_K_MAX),
                   SWIZZLE=8, num_warps=8, num_stages=3)
-    return KernelVariant(name, lambda: kernels._kernels()[3], args, (cdiv(m, bm) * cdiv(NK, 128),), kwargs, ("s8",))
+    return KernelVariant(name, lambda: _kernel("accel.quant.w4a8_kernel", "w4a8_gemm_kernel"), args, (cdiv(m, bm) * cdiv(NK, 128),), kwargs, ("s8",))
 
 
 def variants() -> list[KernelVariant]:

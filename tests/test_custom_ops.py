@@ -159,3 +159,27 @@ def test_graph_breaks_unchanged_by_w4linear_kernels(kernel):
         layer.kernel = kernel
     after = _explain(model, x)
     assert (after.graph_count, after.graph_break_count) == (before.graph_count, before.graph_break_count) == (1, 0)
+
+
+def test_eager_calls_skip_the_op_dispatcher(monkeypatch):
+    """Outside torch.compile the launchers run directly (the dispatcher costs tens of microseconds a call)."""
+    from accel import _triton
+
+    dispatched = []
+    original = _triton.KernelOp.__call__
+
+    def spy(self, *args):
+        result = original(self, *args)
+        dispatched.append(torch.compiler.is_compiling())
+        return result
+
+    monkeypatch.setattr(_triton.KernelOp, "__call__", spy)
+    for op in _triton.KernelOp.registered:
+        monkeypatch.setattr(op, "op", None)  # calling the op now would fail
+    qweight, scales, offsets, in_scale, bias = _packed()
+    x = torch.randn(2, 64).half()
+    assert torch.equal(w4a16_matmul(x, qweight, scales, offsets, in_scale, bias),
+                       torch.ops.accel.w4a16_matmul(x, qweight, scales, offsets, in_scale, bias))
+    q, k, v = _qkv()
+    int8_attention(q, k, v, block_q=16, block_k=16)
+    assert dispatched == [False, False]

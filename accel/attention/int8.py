@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _triton
+from ..errors import KernelInputError
 
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 80, 96, 128)  # 80 and 96 run as 128 with masked loads
@@ -53,18 +54,18 @@ def check_qkv(q, k, v, who: str):
     Returns (B, Hq, Hkv, Nq, Nk, D)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}")
+            raise KernelInputError(f"{name} must be 4-D [batch, heads, tokens, head_dim], got shape {tuple(t.shape)}")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in DTYPES:
-        raise ValueError(
+        raise KernelInputError(
             f"{who} needs q, k, v of one dtype among float16/bfloat16/float32, got "
             f"{q.dtype}/{k.dtype}/{v.dtype}; cast them with .to(torch.float16) or .to(torch.bfloat16)"
         )
     B, Hq, Nq, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(f"k and v must be [B, Hkv, Nk, D] matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise KernelInputError(f"k and v must be [B, Hkv, Nk, D] matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
     Hkv, Nk = k.shape[1], k.shape[2]
     if Hq % Hkv:
-        raise ValueError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
+        raise KernelInputError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
     return B, Hq, Hkv, Nq, Nk, D
 
 
@@ -72,9 +73,9 @@ def _check(q, k, v, causal):
     """Raise ValueError naming the problem and the fix; return (B, Hq, Hkv, Nq, Nk, D)."""
     B, Hq, Hkv, Nq, Nk, D = check_qkv(q, k, v, "int8_attention")
     if D not in HEAD_DIMS:
-        raise ValueError(f"int8_attention supports head dim {HEAD_DIMS}, got {D}; pad the head dim or use F.scaled_dot_product_attention")
+        raise KernelInputError(f"int8_attention supports head dim {HEAD_DIMS}, got {D}; pad the head dim or use F.scaled_dot_product_attention")
     if causal and Nq > Nk:
-        raise ValueError(f"causal attention needs Nq <= Nk (bottom-right aligned), got Nq={Nq}, Nk={Nk}")
+        raise KernelInputError(f"causal attention needs Nq <= Nk (bottom-right aligned), got Nq={Nq}, Nk={Nk}")
     return B, Hq, Hkv, Nq, Nk, D
 
 
@@ -140,11 +141,11 @@ def key_padding_from_sdpa_mask(attn_mask: torch.Tensor, B: int, Nq: int, Nk: int
     """
     if not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() > 4:
         got = tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
-        raise ValueError(f"attn_mask must be a tensor of at most 4 dims broadcastable to [B, H, Nq, Nk], got {got}")
+        raise KernelInputError(f"attn_mask must be a tensor of at most 4 dims broadcastable to [B, H, Nq, Nk], got {got}")
     m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     b, _, nq, nk = m.shape
     if b not in (1, B) or nq not in (1, Nq) or nk != Nk:
-        raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B={B}, H, Nq={Nq}, Nk={Nk}]")
+        raise KernelInputError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B={B}, H, Nq={Nq}, Nk={Nk}]")
     for dim in (1, 2):  # heads, queries: every copy must equal the first
         if m.shape[dim] > 1 and m.stride(dim) != 0:
             first = m.narrow(dim, 0, 1)
@@ -170,7 +171,7 @@ def _key_bias(key_padding_mask, q, k, mean_q, mean_k, sm_scale):
         if m.dim() == 4 and m.shape[1] == m.shape[2] == 1:
             m = m.reshape(m.shape[0], m.shape[3])
         if m.dim() != 2 or m.shape[0] not in (1, B) or m.shape[1] != Nk or m.device != q.device:
-            raise ValueError(
+            raise KernelInputError(
                 f"key_padding_mask must be [B, Nk] or [B, 1, 1, Nk] (B={B}, Nk={Nk}) on {q.device}, got "
                 f"{tuple(key_padding_mask.shape)} on {key_padding_mask.device}; for a general SDPA mask use "
                 f"key_padding_from_sdpa_mask(attn_mask, B, Nq, Nk)"
@@ -201,9 +202,9 @@ class _Prepared(NamedTuple):
 def _prepare(q, k, v, quantize, *, sm_scale, smooth_k, smooth_q, key_padding_mask, pv, granularity, block_q, block_k):
     """Everything before the attention loop, shared by kernel path and reference (`quantize` differs)."""
     if pv not in PV_MODES:
-        raise ValueError(f"pv must be one of {PV_MODES}, got {pv!r}")
+        raise KernelInputError(f"pv must be one of {PV_MODES}, got {pv!r}")
     if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        raise KernelInputError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if granularity == "token":  # a scale per row: quantisation blocks of one token
         block_q = block_k = 1
     mean_q = _token_mean(q) if smooth_q else None
@@ -265,7 +266,7 @@ def int8_attention_reference(q, k, v, *, causal=False, sm_scale=None, smooth_k=T
 _KERNEL, _QUANT_KERNEL = "accel.attention.int8_kernel", "accel.attention.int8_quant_kernel"
 
 
-@torch.library.custom_op("accel::int8_attention", mutates_args=())
+@_triton.custom_op("accel::int8_attention")
 def _int8_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool,
     sm_scale: float, smooth_k: bool, smooth_q: bool, pv: str, granularity: str, block_q: int, block_k: int,
@@ -277,7 +278,7 @@ def _int8_attention_op(
     _triton.check_device("int8_attention", (q, k, v), "Move q, k, v with .cuda() or use int8_attention_reference on CPU")
     if pv == "fp8" and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
         cap = ".".join(map(str, torch.cuda.get_device_capability(q.device)))
-        raise ValueError(f"pv='fp8' needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper), "
+        raise KernelInputError(f"pv='fp8' needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper), "
                          f"{torch.cuda.get_device_name(q.device)} has {cap}; use pv='fp16'")
     p8 = _prepare(q, k, v, _triton.load(_QUANT_KERNEL).quantize_int8, sm_scale=sm_scale, smooth_k=smooth_k,
                   smooth_q=smooth_q, key_padding_mask=key_padding_mask, pv=pv, granularity=granularity,
@@ -316,12 +317,7 @@ def int8_attention(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block
     D = _check(q, k, v, causal)[-1]
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
-            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tile), got {blk}")
+            raise KernelInputError(f"{name} must be a power of two >= 16 (tl.dot tile), got {blk}")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     return _int8_attention_op(q, k, v, key_padding_mask, causal, sm_scale, smooth_k, smooth_q, pv, granularity,
                               block_q, block_k, num_warps, num_stages)
-
-
-def _get_kernels():
-    """(attention kernel, quantisation kernel): benchmarks/compile_report.py compiles them through this name."""
-    return _triton.load(_KERNEL).int8_attention_kernel, _triton.load(_QUANT_KERNEL).quantize_int8_kernel

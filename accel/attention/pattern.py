@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..errors import KernelInputError
 from .sparse_kernel import num_blocks
 
 METHODS = ("antidiagonal", "pooled", "exact")
@@ -111,7 +112,7 @@ def block_mass_antidiagonal(q, k, block_q, block_k, *, sm_scale, stride=8, key_v
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     if block_q % stride or block_k % stride:
-        raise ValueError(f"antidiagonal stride {stride} must divide block_q {block_q} and block_k {block_k}")
+        raise KernelInputError(f"antidiagonal stride {stride} must divide block_q {block_q} and block_k {block_k}")
     nbq, nbk = num_blocks(Nq, block_q), num_blocks(Nk, block_k)
     k = _expand_kv(k, H)
     # Row group i of Q in reverse order against column group j of K in order: the antidiagonal of (i, j);
@@ -149,7 +150,7 @@ def block_mass(method, q, k, block_q, block_k, *, sm_scale, key_valid=None, stri
         return block_mass_pooled(q, k, block_q, block_k, sm_scale=sm_scale, key_valid=key_valid)
     if method == "exact":
         return block_mass_exact(q, k, block_q, block_k, sm_scale=sm_scale, key_valid=key_valid)
-    raise ValueError(f"unknown search method {method!r}; choose one of {', '.join(METHODS)}")
+    raise KernelInputError(f"unknown search method {method!r}; choose one of {', '.join(METHODS)}")
 
 
 def diagonal_blocks(nq: int, nk: int, block_q: int, block_k: int, device=None):
@@ -286,7 +287,7 @@ def candidate_orders(grid, block_q: int, text_position: str = "none", text_token
     tiles = {"tiles": default_tile(f, h, w, block_q), "frames": default_tile(1, h, w, block_q), "positions": (f, 1, 1)}
     unknown = set(names) - set(tiles)
     if unknown:
-        raise ValueError(f"unknown token orders {sorted(unknown)}; choose among {', '.join(ORDERS)}")
+        raise KernelInputError(f"unknown token orders {sorted(unknown)}; choose among {', '.join(ORDERS)}")
     kept, perms = [], []
     for name in names:
         tile = tiles[name]

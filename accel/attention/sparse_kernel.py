@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _triton
+from ..errors import KernelInputError
 from .int8 import LOG2E, _pv_dtype, _quantize_qk, check_qkv
 
 triton_usable = _triton.usable  # accel.attention.sparse picks the kernel or the reference with it
@@ -65,11 +66,11 @@ class BlockIndex:
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> "BlockIndex":
         if mask.dtype != torch.bool or mask.dim() != 4:
-            raise ValueError(f"BlockIndex.from_mask needs a bool mask [B, H, NBQ, NBK], got {mask.dtype} {tuple(mask.shape)}")
+            raise KernelInputError(f"BlockIndex.from_mask needs a bool mask [B, H, NBQ, NBK], got {mask.dtype} {tuple(mask.shape)}")
         nbk = mask.shape[-1]
         counts = mask.sum(-1).flatten()
         if mask.numel() >= 2**31:
-            raise ValueError(f"block mask {tuple(mask.shape)} too large for int32 offsets; use larger blocks")
+            raise KernelInputError(f"block mask {tuple(mask.shape)} too large for int32 offsets; use larger blocks")
         offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
         ids = torch.arange(nbk, dtype=torch.int16 if nbk <= 2**15 - 1 else torch.int32, device=mask.device)
         return cls(ids.expand(mask.shape)[mask], offsets, tuple(mask.shape))
@@ -99,7 +100,7 @@ def _check(q, k, v, blocks, key_valid, block_q, block_k):
     B, Hq, Hkv, Nq, Nk, D = check_qkv(q, k, v, "block_sparse_attention")
     for name, blk in (("block_q", block_q), ("block_k", block_k)):
         if blk < 16 or blk & (blk - 1):
-            raise ValueError(f"{name} must be a power of two >= 16 (tl.dot tile), got {blk}")
+            raise KernelInputError(f"{name} must be a power of two >= 16 (tl.dot tile), got {blk}")
     want = (Hq, num_blocks(Nq, block_q), num_blocks(Nk, block_k))
     if isinstance(blocks, BlockIndex):
         kind, shape = "BlockIndex", tuple(blocks.shape)
@@ -108,12 +109,12 @@ def _check(q, k, v, blocks, key_valid, block_q, block_k):
         kind, shape = f"{blocks.dtype} tensor", tuple(blocks.shape)
         ok = blocks.dtype == torch.bool and blocks.dim() == 4
     if not ok or shape[0] not in (1, B) or shape[1:] != want:
-        raise ValueError(
+        raise KernelInputError(
             f"block_mask must be a bool tensor or BlockIndex of shape [{B} or 1, {want[0]}, {want[1]}, {want[2]}] "
             f"(batch, query heads, query blocks of {block_q}, key blocks of {block_k}), got {kind} {shape}"
         )
     if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) not in ((B, Nk), (B, Hkv, Nk))):
-        raise ValueError(
+        raise KernelInputError(
             f"key_valid must be a bool tensor [{B}, {Nk}] or [{B}, {Hkv}, {Nk}] (True = attend), "
             f"got {key_valid.dtype} {tuple(key_valid.shape)}"
         )
@@ -167,7 +168,7 @@ def block_sparse_attention_reference(
 _KERNEL = "accel.attention.block_sparse_kernel"
 
 
-@torch.library.custom_op("accel::block_sparse_attention", mutates_args=())
+@_triton.custom_op("accel::block_sparse_attention")
 def _block_sparse_attention_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor,
     key_valid: torch.Tensor | None, shared_pattern: bool, sm_scale: float, int8: bool, block_q: int, block_k: int,
@@ -202,17 +203,12 @@ def block_sparse_attention(
     """
     D = _check(q, k, v, block_mask, key_valid, block_q, block_k)[-1]
     if D > 256:
-        raise ValueError(f"block_sparse_attention supports head dims up to 256, got {D}")
+        raise KernelInputError(f"block_sparse_attention supports head dims up to 256, got {D}")
     if q.is_cuda and q.dtype == torch.float32 and not int8:
         # fp32 tiles at 128x64 need more shared memory than sm_80/sm_89 have and spill everywhere
         # (benchmarks/compile_report.py); the interpreter has no such limit.
-        raise ValueError("block_sparse_attention on CUDA needs float16/bfloat16 q, k, v (or int8=True); cast them first")
+        raise KernelInputError("block_sparse_attention on CUDA needs float16/bfloat16 q, k, v (or int8=True); cast them first")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     blocks = block_mask if isinstance(block_mask, BlockIndex) else BlockIndex.from_mask(block_mask)
     return _block_sparse_attention_op(q, k, v, blocks.index, blocks.offsets, key_valid, blocks.shape[0] == 1,
                                       sm_scale, int8, block_q, block_k, smooth_k)
-
-
-def _get_kernel():
-    """The kernel: benchmarks/compile_report.py compiles it through this name."""
-    return _triton.load(_KERNEL).block_sparse_attention_kernel

@@ -15,6 +15,8 @@ import functools
 
 import torch
 
+from ..errors import KernelInputError
+
 LEVELS = 15  # codes 0..15
 _REFITS = 2  # least-squares refits of (scale, offset) after the range search
 _CHUNK = 1 << 24  # weights per chunk of rows while fitting (bounds temporary memory on big layers)
@@ -30,7 +32,7 @@ def _search_ratios() -> list[float]:
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """uint8 codes [..., K] (values 0..15, K even) -> uint8 [..., K // 2], two codes per byte."""
     if q.shape[-1] % 2:
-        raise ValueError(f"pack_int4 needs an even number of codes in the last dim, got {q.shape[-1]}")
+        raise KernelInputError(f"pack_int4 needs an even number of codes in the last dim, got {q.shape[-1]}")
     q = q.to(torch.uint8)
     return q[..., 0::2] | (q[..., 1::2] << 4)
 
@@ -153,7 +155,7 @@ def fit_int4(
     """
     n, k = weight.shape
     if k % group_size:
-        raise ValueError(f"group_size {group_size} does not divide in_features {k}")
+        raise KernelInputError(f"group_size {group_size} does not divide in_features {k}")
     groups = k // group_size
     imp = None if importance is None else importance.float().view(1, groups, group_size)
     rows = max(1, _CHUNK // k)

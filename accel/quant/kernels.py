@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .. import _triton
 from .._triton import available as triton_available
 from .._triton import interpreting as _interpreting  # accel.quant.apply asks it
+from ..errors import KernelInputError
 from .config import W4A8_MIN_GROUP
 from .int4 import dequantize, unpack_int4
 
@@ -112,7 +113,7 @@ def _check_packed(x, qweight, scales) -> int:
     n, groups = scales.shape
     k = x.shape[-1]
     if qweight.shape != (n, k // 2) or k % groups:
-        raise ValueError(f"x [..., {k}] does not match a packed weight {tuple(qweight.shape)} with {groups} groups per row")
+        raise KernelInputError(f"x [..., {k}] does not match a packed weight {tuple(qweight.shape)} with {groups} groups per row")
     return k // groups
 
 
@@ -120,7 +121,7 @@ def _matmul_fake(x, qweight, scales, offsets, in_scale=None, bias=None):
     return x.new_empty(*x.shape[:-1], scales.shape[0])
 
 
-@torch.library.custom_op("accel::w4a16_matmul", mutates_args=())
+@_triton.custom_op("accel::w4a16_matmul")
 def _w4a16_matmul_op(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
     in_scale: torch.Tensor | None, bias: torch.Tensor | None,
@@ -148,7 +149,7 @@ def w4a16_matmul(x, qweight, scales, offsets, in_scale=None, bias=None):
     return _w4a16_matmul_op(x, qweight, scales, offsets, in_scale, bias)
 
 
-@torch.library.custom_op("accel::w4_dequantize", mutates_args=())
+@_triton.custom_op("accel::w4_dequantize")
 def _w4_dequantize_op(
     qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_scale: torch.Tensor | None,
     dtype: torch.dtype,
@@ -169,7 +170,7 @@ def dequantize_triton(qweight, scales, offsets, in_scale=None, dtype=None):
     return _w4_dequantize_op(qweight, scales, offsets, in_scale, dtype or scales.dtype)
 
 
-@torch.library.custom_op("accel::quantize_activations_int8", mutates_args=())
+@_triton.custom_op("accel::quantize_activations_int8")
 def _quantize_activations_op(
     x: torch.Tensor, in_scale: torch.Tensor | None, group: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,7 +193,7 @@ def quantize_activations_triton(x, in_scale, group):
     return _quantize_activations_op(x, in_scale, group)
 
 
-@torch.library.custom_op("accel::w4a8_matmul", mutates_args=())
+@_triton.custom_op("accel::w4a8_matmul")
 def _w4a8_matmul_op(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
     in_scale: torch.Tensor | None, bias: torch.Tensor | None,
@@ -219,17 +220,11 @@ def w4a8_matmul(x, qweight, scales, offsets, in_scale=None, bias=None):
     Runs as the custom op `torch.ops.accel.w4a8_matmul`."""
     group = _check_packed(x, qweight, scales)
     if group < W4A8_MIN_GROUP:
-        raise ValueError(
+        raise KernelInputError(
             f"the W4A8 GEMM needs weight groups of {W4A8_MIN_GROUP}+ input channels (int8 tensor-core tiles), got "
             f"{group}; quantize with a larger group_size or use a W4A16 kernel"
         )
     return _w4a8_matmul_op(x, qweight, scales, offsets, in_scale, bias)
-
-
-def _kernels():
-    """(W4A16 GEMM, dequantize, int8 rows, W4A8 GEMM): benchmarks/compile_report.py compiles them through this name."""
-    return (_triton.load(_W4A16).w4a16_gemm_kernel, _triton.load(_DEQUANT).w4_dequantize_kernel,
-            _triton.load(_INT8_ROWS).quantize_rows_int8_kernel, _triton.load(_W4A8).w4a8_gemm_kernel)
 
 
 def gpu_supports_fused(device: torch.device) -> bool:
