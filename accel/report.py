@@ -1,12 +1,53 @@
-"""What accel did to a model, and what happened in the calls since."""
+"""What accel did to a model, and what happened in the calls since: `handle.report()`.
+
+The report knows no accelerator: each installed one writes its statistics under its keyword in `stats`, as
+plain JSON values (numbers, strings, lists, dicts with string keys, None) with snake_case keys, and one
+generic printer (`str(report)`, `print(handle)`) makes them readable. `Report.to_dict()` is the JSON layout the
+app, the ComfyUI nodes and `accel bench` read. It is stable: a key is never renamed or removed, and a new one is
+added here first. Below, `<name>` stands for a key that is data (a branch, a layer, a reason); `null` is None.
+Counts run from `accel.patch` on unless a key says otherwise.
+
+to_dict(), the top level:
+
+    model            str: class name of the model accel patched (a pipeline's denoiser or VLM, or the model)
+    family           str or null: the adapter's model family ("flux", "wan", "llava", ...), null when none fits
+    preset           str: the preset `accel.patch` was given
+    applied          list, one entry per installed accelerator, in install order:
+        accelerator  str: its keyword ("cache", "attention", ...)
+        module       str: class name of the model it was installed on
+        detail       str: one line on what it does there
+    skipped          list, one entry per registered accelerator not installed:
+        accelerator  str: its keyword ("all" when accel does not support the model)
+        reason       str: why: off (in the preset, or by keyword=False), or not applicable to this model
+    warnings         list of str: fallbacks and caveats, each once
+    stats            {accelerator: {...}}: each installed accelerator's statistics under its keyword, below;
+                     one registered outside accel writes its own
+
+stats["cache"], step caching (`accel.caching`):
+
+    calls                     list: the most recent pipeline calls (at most 100), oldest first; a bare model's
+                              call is one denoising loop, found from the timestep; each call:
+        num_steps             int or null: denoising steps of the call, when the scheduler or config says
+        computed              int: denoiser passes computed, summed over the CFG branches
+        reused                int: denoiser passes whose tail was forecast instead of computed
+        branches              {branch: {...}}: per CFG branch ("cond", "uncond"; "default" when unnamed)
+            <branch>
+                computed          list of int: indices of the steps computed
+                reused            list of int: indices of the steps reused
+                compute_reasons   {reason: int}: why steps were computed ("warm-up", "error budget", ...)
+                estimated_error   float: relative error the forecasts are estimated to add, summed over the
+                                  reused steps (0 until the forecast is calibrated)
+"""
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any
 
-if TYPE_CHECKING:
-    from .caching import CallStats
+WIDTH = 110  # printed lines wrap here
+_IDENTIFIER = re.compile(r"[a-z][a-z0-9]*(_[a-z0-9]+)*")
 
 
 @dataclass
@@ -30,34 +71,18 @@ class Report:
     applied: list[Applied] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    calls: list[CallStats] = field(default_factory=list)  # the most recent calls (at most 100)
-    # Per-accelerator statistics gathered during calls, e.g. {"attention": {"int8 calls": 120, ...}}.
-    stats: dict[str, dict] = field(default_factory=dict)
+    stats: dict[str, dict[str, Any]] = field(default_factory=dict)  # accelerator keyword -> its statistics
 
     def to_dict(self) -> dict:
+        """The report as JSON values, in the layout documented at the top of this module."""
         return {
             "model": self.model,
             "family": self.family,
             "preset": self.preset,
-            "applied": [vars(a) for a in self.applied],
-            "skipped": [vars(s) for s in self.skipped],
+            "applied": [vars(a).copy() for a in self.applied],
+            "skipped": [vars(s).copy() for s in self.skipped],
             "warnings": list(self.warnings),
-            "stats": {name: dict(values) for name, values in self.stats.items()},
-            "calls": [
-                {
-                    "num_steps": call.num_steps,
-                    "branches": {
-                        name: {
-                            "computed": list(b.computed),
-                            "reused": list(b.reused),
-                            "compute_reasons": dict(b.reasons),
-                            "estimated_error": b.estimated_error,
-                        }
-                        for name, b in call.branches.items()
-                    },
-                }
-                for call in self.calls
-            ],
+            "stats": copy.deepcopy(self.stats),
         }
 
     def __str__(self) -> str:
@@ -72,15 +97,97 @@ class Report:
             lines.append(f"  warning  {w}")
         for name, values in self.stats.items():
             lines.append(f"  stats    {name}")
-            for key, value in values.items():
-                lines.append(f"    {key}: {value}")
-        for n, call in enumerate(self.calls, 1):
-            steps = f"{call.num_steps} steps" if call.num_steps is not None else "steps unknown"
-            lines.append(f"  call {n} ({steps}): {call.computed} denoiser passes computed, {call.reused} reused")
-            for name, b in call.branches.items():
-                reasons = ", ".join(f"{k} {v}" for k, v in b.reasons.items())
-                lines.append(
-                    f"    {name:<10} computed {len(b.computed):>3}  reused {len(b.reused):>3}  "
-                    f"est. error {b.estimated_error:.3g}  reused steps {b.reused}  (computed: {reasons})"
-                )
+            lines += format_stats(values, "    ")
         return "\n".join(lines)
+
+
+# -- the printer: any JSON value, no accelerator knowledge ------------------------------------------------
+
+
+def format_stats(values: dict, indent: str = "") -> list[str]:
+    """Readable lines for a dict of JSON values: one line per key, wrapped at WIDTH. A value nested three deep
+    or more (a list of records, say) that does not fit on its line is expanded below its key, list entries
+    numbered. snake_case keys print as words; a dict with any other key (layer names, reasons) is data and
+    prints its keys as they are."""
+    lines = []
+    names = _key_names(values)
+    for key, value in values.items():
+        lines += _item(names[key], value, indent)
+    return lines
+
+
+def _item(name: str, value: Any, indent: str) -> list[str]:
+    text = f"{name}: {_inline(value)}"
+    if len(indent) + len(text) <= WIDTH or _depth(value) < 3:
+        return _wrap(text, indent)
+    lines = [f"{indent}{name}:"]
+    if isinstance(value, dict):
+        return lines + format_stats(value, indent + "  ")
+    for n, entry in enumerate(value, 1):
+        lines += _entry(f"{n}.", entry, indent + "  ")
+    return lines
+
+
+def _entry(label: str, value: Any, indent: str) -> list[str]:
+    """A list entry: a dict's plain values on the label's line, its nested ones below."""
+    if not isinstance(value, dict):
+        return _wrap(f"{label} {_inline(value)}", indent)
+    names = _key_names(value)
+    plain = {k: v for k, v in value.items() if _depth(v) == 0}
+    head = ", ".join(f"{names[k]}: {_inline(v)}" for k, v in plain.items())
+    lines = _wrap(f"{label} {head}".rstrip(), indent)
+    for key, item in value.items():
+        if key not in plain:
+            lines += _item(names[key], item, indent + " " * (len(label) + 1))
+    return lines
+
+
+def _key_names(values: dict) -> dict:
+    """Printed names of a dict's keys: words for snake_case keys, the keys as they are in a dict of data."""
+    readable = all(_IDENTIFIER.fullmatch(str(k)) for k in values)
+    return {k: str(k).replace("_", " ") if readable else str(k) for k in values}
+
+
+def _depth(value: Any) -> int:
+    """0 for a plain value, 1 for a list or dict of plain values, and so on."""
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
+    if items is None:
+        return 0
+    return 1 + max((_depth(v) for v in items), default=0)
+
+
+def _inline(value: Any) -> str:
+    if isinstance(value, dict):
+        names = _key_names(value)
+        return "{" + ", ".join(f"{names[k]}: {_inline(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        if value and all(type(v) is int for v in value):
+            return "[" + _int_runs(value) + "]"
+        return "[" + ", ".join(_inline(v) for v in value) + "]"
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _int_runs(values: list[int]) -> str:
+    """Runs of three or more consecutive integers as first..last (step indices stay short)."""
+    parts, start = [], 0
+    for i in range(1, len(values) + 1):
+        if i == len(values) or values[i] != values[i - 1] + 1:
+            run = values[start:i]
+            parts += [f"{run[0]}..{run[-1]}"] if len(run) >= 3 else [str(v) for v in run]
+            start = i
+    return ", ".join(parts)
+
+
+def _wrap(text: str, indent: str) -> list[str]:
+    """`text` in lines of at most WIDTH where it can, broken after a comma (never inside an entry)."""
+    lines, line = [], indent
+    for piece in re.split(r"(?<=, )", text):
+        if line.strip() and len(line) + len(piece.rstrip()) > WIDTH:
+            lines.append(line.rstrip())
+            line = indent + "    "
+        line += piece
+    return lines + [line.rstrip()]

@@ -91,7 +91,7 @@ def test_report_lists_applied_modules_and_per_branch_stats(patched):
     text = str(handle)
     assert "cond" in text and "uncond" in text and "reused" in text
     data = report.to_dict()
-    assert set(data["calls"][-1]["branches"]) == {"cond", "uncond"}
+    assert set(data["stats"]["cache"]["calls"][-1]["branches"]) == {"cond", "uncond"}
 
 
 @pytest.mark.compat
@@ -124,11 +124,11 @@ def test_bare_transformer_finds_call_boundaries_from_the_timestep():
     handle = accel.patch(transformer, cache=config)
     try:
         first, second = model.run(0), model.run(0)
-        calls = handle.report().calls
+        calls = handle.report().stats["cache"]["calls"]
     finally:
         accel.unpatch(transformer)
     assert torch.equal(first, via_pipeline) and torch.equal(second, via_pipeline)
-    assert len(calls) == 2 and set(calls[-1].branches) == {"cond", "uncond"}
+    assert len(calls) == 2 and set(calls[-1]["branches"]) == {"cond", "uncond"}
     assert "bare model" in " ".join(handle.report().warnings)
 
 
@@ -144,7 +144,7 @@ def test_composes_with_peft_lora(patched):
     accel.unpatch(model.obj)
     patched(model.obj, cache=CacheConfig(threshold=1.0))
     model.run(0)
-    assert accel.get_handle(model.obj).report().calls[-1].reused > 0
+    assert accel.get_handle(model.obj).report().stats["cache"]["calls"][-1]["reused"] > 0
     accel.unpatch(model.obj)
     assert torch.equal(model.run(0), lora_baseline)
 
@@ -162,7 +162,7 @@ def test_composes_with_diffusers_group_offloading(patched):
     accel.unpatch(model.obj)
     patched(model.obj, cache=CacheConfig(threshold=1.0))
     model.run(0)
-    assert accel.get_handle(model.obj).report().calls[-1].reused > 0
+    assert accel.get_handle(model.obj).report().stats["cache"]["calls"][-1]["reused"] > 0
 
 
 def test_composes_with_torch_compile(patched):
@@ -177,7 +177,7 @@ def test_composes_with_torch_compile(patched):
         warnings.simplefilter("ignore")
         handle = patched(model.obj, cache=config)
         assert torch.equal(model.run(0), eager_cached)
-        assert handle.report().calls[-1].reused > 0
+        assert handle.report().stats["cache"]["calls"][-1]["reused"] > 0
         accel.unpatch(model.obj)
         assert torch.equal(model.run(0), baseline)
 

@@ -152,4 +152,4 @@ def test_an_exception_inside_a_call_leaves_the_patched_pipeline_usable(patched):
         model.run(0, callback_on_step_end=boom)
     assert "step" not in vars(model.obj.scheduler)
     assert torch.equal(model.run(0), reference)
-    assert handle.report().calls[-1].reused == 0
+    assert handle.report().stats["cache"]["calls"][-1]["reused"] == 0

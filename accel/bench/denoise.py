@@ -53,23 +53,23 @@ def variant_config(variant: Variant) -> Any:
 
 
 def _accel_checks(row: dict[str, Any], report, runs: int, passes: int, probed: int) -> None:
-    calls = report.calls
+    calls = report.stats["cache"]["calls"]
     call = calls[-1]
     row["accel_report"] = dict(
         calls_recorded=len(calls),
-        last_call=report.to_dict()["calls"][-1],
+        last_call=call,
         warnings=list(report.warnings),
         applied=[vars(a) for a in report.applied],
     )
-    row["computed"], row["reused"] = call.computed, call.reused
+    row["computed"], row["reused"] = call["computed"], call["reused"]
     row["computed_source"] = "accel report"
     if len(calls) != runs:
         row["notes"].append(f"accel recorded {len(calls)} calls for {runs} runs")
-    bad = [c.computed + c.reused for c in calls if c.computed + c.reused != passes]
+    bad = [c["computed"] + c["reused"] for c in calls if c["computed"] + c["reused"] != passes]
     if bad:
         row["notes"].append(f"accel calls with a pass count other than {passes}: {bad}")
-    if call.computed != probed:
-        row["notes"].append(f"accel report says {call.computed} computed, the last-block probe counted {probed}")
+    if call["computed"] != probed:
+        row["notes"].append(f"accel report says {call['computed']} computed, the last-block probe counted {probed}")
 
 
 def measure_denoise(scn: Scenario, model: nn.Module, inputs: dict[str, Any], variant: Variant, steps: int, *,

@@ -162,8 +162,9 @@ def run_variant(
         row.times_s, row.median_s = times, measure.median(times)
         row.peak_memory_bytes, row.memory_kind = mem.peak_bytes, mem.device_kind
         if report is not None:
-            if report.calls:
-                row.computed, row.reused = report.calls[-1].computed, report.calls[-1].reused
+            calls = report.stats.get("cache", {}).get("calls")
+            if calls:
+                row.computed, row.reused = calls[-1]["computed"], calls[-1]["reused"]
             row.applied, row.skipped = _summaries(report)
             row.report = report.to_dict()
         for key, value in fidelity(output, reference).items():

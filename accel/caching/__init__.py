@@ -42,7 +42,7 @@ class CacheUnit(Unit):
         self.cache.end_call()
 
     def update_report(self, report: Report) -> None:
-        report.calls = self.cache.calls()
+        report.stats["cache"] = {"calls": self.cache.calls()}
 
 
 @register("cache", CacheConfig, order=40)

@@ -11,7 +11,7 @@ from .. import _hooks
 from ..errors import AccelError
 from ..pipelines.base import Adapter
 from .config import CacheConfig
-from .controller import CacheController, CallStats
+from .controller import CacheController
 
 HOOK = "accel_cache"
 
@@ -91,6 +91,6 @@ class StepCache:
         self.controller.end_call()
         self._call_hook.managed = False
 
-    def calls(self) -> list[CallStats]:
-        """Statistics of the most recent pipeline calls."""
-        return list(self.controller.calls)
+    def calls(self) -> list[dict]:
+        """Statistics of the most recent pipeline calls, oldest first, as the report's JSON values."""
+        return [call.to_dict() for call in self.controller.calls]

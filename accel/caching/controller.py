@@ -51,6 +51,11 @@ class BranchStats:
     def steps(self) -> int:
         return len(self.computed) + len(self.reused)
 
+    def to_dict(self) -> dict:
+        """For the report (its layout is documented in `accel.report`)."""
+        return {"computed": list(self.computed), "reused": list(self.reused), "compute_reasons": dict(self.reasons),
+                "estimated_error": self.estimated_error}
+
 
 @dataclass
 class CallStats:
@@ -64,6 +69,11 @@ class CallStats:
     @property
     def reused(self) -> int:
         return sum(len(b.reused) for b in self.branches.values())
+
+    def to_dict(self) -> dict:
+        """For the report (its layout is documented in `accel.report`)."""
+        return {"num_steps": self.num_steps, "computed": self.computed, "reused": self.reused,
+                "branches": {name: b.to_dict() for name, b in self.branches.items()}}
 
 
 class _Branch:
