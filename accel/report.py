@@ -37,6 +37,19 @@ stats["cache"], step caching (`accel.caching`):
                 compute_reasons   {reason: int}: why steps were computed ("warm-up", "error budget", ...)
                 estimated_error   float: relative error the forecasts are estimated to add, summed over the
                                   reused steps (0 until the forecast is calibrated)
+
+stats["attention"], dense attention routes (`accel.attention`):
+
+    kernel                    str: the dense route asked for (AttentionConfig.kernel): int8, sdpa, flash, xformers
+    calls                     {path: int}: calls the route computed, by path: "int8" (Triton kernel),
+                              "int8_reference" (its PyTorch reference, on CPU tensors), "sdpa",
+                              "sdpa_<backend>" (AttentionConfig.sdpa_backend), "flash", "xformers"
+    padded_head_dims          {"<head dim>-><kernel head dim>": int}: int8 calls whose head dim was zero-padded
+                              to one the kernel has (also counted in calls)
+    sdpa_by_rule              {rule: int}: calls the full-precision policy kept on SDPA (dense_blocks,
+                              dense_first_steps, dense_last_steps, dense_roles, min_query_len), by rule
+    sdpa_fallback             {reason: int}: calls the route cannot take, run by SDPA exactly as the model
+                              asked, by the first failing constraint
 """
 
 from __future__ import annotations

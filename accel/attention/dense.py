@@ -80,7 +80,8 @@ class DenseAttention:
                 f"has {num_blocks} (use indices {-num_blocks}..{num_blocks - 1})"
             )
         self.dense_blocks = {b % num_blocks for b in config.dense_blocks}
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter()  # calls computed, by path
+        self.padded: Counter[str] = Counter()  # int8 calls by "head dim->kernel head dim"
         self._mask: torch.Tensor | None = None  # the last attention mask seen, and what it was found to be
         self._mask_version = -1
         self._mask_answer: tuple[torch.Tensor, bool] | None = None
@@ -113,12 +114,14 @@ class DenseAttention:
         self.warn(f"attention={self.config.kernel!r} falls back to SDPA for some calls: {reason}")
 
     def stats(self) -> dict:
-        calls = Counter(self.counts)
-        for reason, n in self.route.exempted.items():
-            calls[f"sdpa (by rule: {reason})"] += n
-        for reason, n in self.route.declined.items():
-            calls[f"sdpa (fallback: {reason})"] += n
-        return {"kernel": self.config.kernel, "calls": dict(sorted(calls.items()))}
+        """For `report.stats["attention"]` (its layout is documented in `accel.report`)."""
+        return {
+            "kernel": self.config.kernel,
+            "calls": dict(sorted(self.counts.items())),
+            "padded_head_dims": dict(sorted(self.padded.items())),
+            "sdpa_by_rule": dict(self.route.exempted),
+            "sdpa_fallback": dict(self.route.declined),
+        }
 
     # -- routes ----------------------------------------------------------------------------------
     def _check_int8_mask(self, call: AttentionCall) -> str | None:
@@ -134,9 +137,8 @@ class DenseAttention:
             bias, causal = self._mask_plan(call.attn_mask, *_mask_dims(call))  # found by _check_int8_mask
         scale = call.scale if call.scale is not None else 1.0 / math.sqrt(D)
         padded = next(d for d in int8.HEAD_DIMS if d >= D)
-        note = ""
         if padded != D:  # zero channels change no dot product; the extra output columns are dropped
-            note = f", head dim {D} padded to {padded}"
+            self.padded[f"{D}->{padded}"] += 1
             q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
         cfg = self.config
         kwargs = dict(causal=causal, sm_scale=scale, key_padding_mask=bias, smooth_q=cfg.smooth_q, pv=cfg.pv,
@@ -147,14 +149,14 @@ class DenseAttention:
                           "P·V runs in 16-bit on this one")
                 kwargs["pv"] = "fp16"
             out = int8.int8_attention(q, k, v, **kwargs)
-            self.counts[f"int8{note}"] += 1
+            self.counts["int8"] += 1
         else:
             self.warn(
                 "attention='int8' on CPU tensors runs the PyTorch reference of the kernel (slow; same "
                 "quantisation, to preview quality); the Triton kernel needs a CUDA GPU"
             )
             out = int8.int8_attention_reference(q, k, v, **kwargs)
-            self.counts[f"int8 (PyTorch reference on CPU{note})"] += 1
+            self.counts["int8_reference"] += 1
         return out[..., :D] if padded != D else out
 
     def _mask_plan(self, mask: torch.Tensor, B: int, Nq: int, Nk: int) -> tuple[torch.Tensor, bool] | None:
@@ -179,7 +181,7 @@ class DenseAttention:
         return answer
 
     def _sdpa(self, call: AttentionCall) -> torch.Tensor:
-        self.counts["sdpa" if self.config.sdpa_backend is None else f"sdpa ({self.config.sdpa_backend})"] += 1
+        self.counts["sdpa" if self.config.sdpa_backend is None else f"sdpa_{self.config.sdpa_backend}"] += 1
         if self.config.sdpa_backend is None or not call.query.is_cuda:
             return call.sdpa()
         from torch.nn.attention import SDPBackend, sdpa_kernel
