@@ -50,6 +50,66 @@ stats["attention"], dense attention routes (`accel.attention`):
                               dense_first_steps, dense_last_steps, dense_roles, min_query_len), by rule
     sdpa_fallback             {reason: int}: calls the route cannot take, run by SDPA exactly as the model
                               asked, by the first failing constraint
+
+stats["sparse"], sparse video attention (`accel.attention.sparse`):
+
+    mean_sparsity             float or null: mean of sparsity_per_layer; null before any sparse call
+    sparsity_per_layer        {layer: float}: share of key blocks skipped (0 to 1), mean over heads and sparse
+                              calls, by block index (a string)
+    sparsity_per_head         {layer: list of float}: the same per head
+    sparse_calls              int: calls the block-sparse kernel (or its PyTorch reference) computed
+    dense_warmup_steps        int: steps kept dense at the start of the latest pipeline call (dense_fraction)
+    dense_warmup_calls        int: calls in such steps, left to the dense route
+    searches                  int: pattern searches (one per attention module, CFG branch and search step)
+    search_s                  float: seconds spent searching (CUDA event time on a GPU, host time elsewhere)
+    head_orders               {order: int}: token orders chosen, one per batch row, head and search
+    pattern_bytes_per_module  int or null: bytes of the latest patterns per attention module (CFG branches
+                              summed); null before any search
+    pattern_bytes_total       int: bytes of the latest patterns of every module and branch
+    calls_left_dense          {reason: int}: self/joint attention calls the kernel cannot take, run dense
+
+stats["prune"], visual token pruning (`accel.pruning`):
+
+    calls                     int: prefills with visual tokens the pruning ran on
+    visual_tokens_in_total    int: visual tokens those calls had, all rows
+    visual_tokens_kept_total  int: visual tokens they kept
+    last_call                 null before the first such call, else the latest one:
+        visual_tokens_in      list of int: visual tokens per batch row
+        visual_tokens_kept    list of int: kept per batch row
+        sequence_in           int: sequence length the model was given
+        sequence_out          int: sequence length the language model ran on
+        video_tokens_merged   int: video tokens folded into the same place of an earlier frame
+
+stats["quant"], W4 weight quantization (`accel.quant`; `QuantResult.stats()` of `accel.quant.quantize`):
+
+    format                    the format asked for (QuantConfig):
+        bits                  int: bits per weight code
+        group_size            int: input features sharing one scale and offset
+        search                bool: scale/offset search on (else round-to-nearest)
+        rank                  int: rank of the 16-bit low-rank correction (0: none)
+        activations           str: "16bit", or "int8" (per token, where the W4A8 GEMM runs)
+    layers_quantized          int: linear layers now 4-bit
+    layers_calibrated         int: of those, layers with activation statistics from QuantConfig.calibration
+    layers_kept_16bit         {reason: int}: linear layers left in 16-bit, by reason
+    layer_bytes_before        int: bytes of the quantized layers before
+    layer_bytes_after         int: and after quantization
+    model_bytes_before        int: bytes of the model's parameters and buffers before
+    model_bytes_after         int: and after quantization
+    kernel_path               str: which kernels run the 4-bit layers on this device, and why
+    originals_kept            bool: the 16-bit layers are kept (on the CPU) for unpatch; false: one-way
+    error                     relative error of each quantized layer:
+        measure               str: "output" (on the calibration rows, when calibrated) or "weight"
+        mean                  float: mean over layers
+        max                   float: the largest
+        max_layer             str or null: the layer with the largest
+        per_layer             {layer: float}: by layer name
+    w4a8_error                null unless activations are int8 and calibrated, else the output error with int8
+                              activations, as in error:
+        measure               str: "output"
+        mean                  float
+        max                   float
+        max_layer             str or null
+        per_layer             {layer: float}
 """
 
 from __future__ import annotations

@@ -148,7 +148,11 @@ def _quantize(entry: dict, model, args, device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     entry["quantize_s"] = time.perf_counter() - t0
-    entry["quant_stats"] = {k: v for k, v in result.stats().items() if not k.startswith("per-layer")}
+    stats = result.stats()  # without the per-layer errors, which the model's size makes long
+    for key in ("error", "w4a8_error"):
+        if stats[key] is not None:
+            stats[key] = {k: v for k, v in stats[key].items() if k != "per_layer"}
+    entry["quant_stats"] = stats
 
 
 def bench_model(scenario, args, device) -> dict:

@@ -54,7 +54,8 @@ def test_vlm_with_quant_int8_attention_and_pruning(family):
     out = _run(model, max_new_tokens=12)
     report = handle.report()
     assert [a.accelerator for a in report.applied] == ["quant", "attention", "prune"]
-    assert report.stats["prune"]["visual tokens kept, total"] < report.stats["prune"]["visual tokens in, total"]
+    prune = report.stats["prune"]
+    assert prune["visual_tokens_kept_total"] < prune["visual_tokens_in_total"]
     assert out.sequences.shape == base.sequences.shape
     accel.unpatch(model.obj)
     after = _run(model, max_new_tokens=12)

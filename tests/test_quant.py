@@ -220,10 +220,13 @@ def test_patch_runs_end_to_end_and_unpatch_restores_exactly(family, patched):
 
     report = handle.report()
     stats = report.stats["quant"]
-    assert stats["layers quantized"] > 0 and any("reference path" in w for w in report.warnings)
-    assert "on cpu" in stats["kernel path"] and "x smaller" in stats["quantized layers bytes"]
-    errors = stats["per-layer weight rel. error"]
-    assert len(errors) == stats["layers quantized"] and all(0 < e < 0.1 for e in errors.values())
+    assert stats["layers_quantized"] > 0 and any("reference path" in w for w in report.warnings)
+    assert "on cpu" in stats["kernel_path"] and stats["layer_bytes_after"] < stats["layer_bytes_before"]
+    assert stats["model_bytes_after"] < stats["model_bytes_before"] and stats["originals_kept"]
+    assert stats["error"]["measure"] == "weight" and stats["w4a8_error"] is None
+    errors = stats["error"]["per_layer"]
+    assert len(errors) == stats["layers_quantized"] and all(0 < e < 0.1 for e in errors.values())
+    assert stats["error"]["max"] == errors[stats["error"]["max_layer"]] == max(errors.values())
     layers = dict(accel.api.resolve_target(model.obj).named_modules())
     for name in errors:
         assert isinstance(layers[name], W4Linear)
@@ -244,14 +247,14 @@ def test_patch_runs_end_to_end_and_unpatch_restores_exactly(family, patched):
 def test_calibration_runs_the_users_pipeline_and_lowers_output_error(patched):
     model = tiny("flux")
     handle = patched(model.obj, "lossless", quant=TINY)
-    plain = handle.report().stats["quant"]["per-layer weight rel. error"]
+    plain = handle.report().stats["quant"]["error"]["per_layer"]
     accel.unpatch(model.obj)
     handle = patched(model.obj, "lossless", quant=QuantConfig(group_size=16, min_features=0,
                                                               calibration=lambda: model.run(seed=1, num_inference_steps=2)))
     stats = handle.report().stats["quant"]
-    assert "activation-aware on (46 layers calibrated)" in stats["format"]
-    assert set(stats["per-layer output rel. error"]) == set(plain)
-    assert all(e < 0.1 for e in stats["per-layer output rel. error"].values())
+    assert stats["layers_calibrated"] == 46 and stats["error"]["measure"] == "output"
+    assert set(stats["error"]["per_layer"]) == set(plain)
+    assert all(e < 0.1 for e in stats["error"]["per_layer"].values())
 
 
 def test_int8_activations_end_to_end_report_per_layer_error_and_path(patched):
@@ -262,17 +265,17 @@ def test_int8_activations_end_to_end_report_per_layer_error_and_path(patched):
     handle = patched(model.obj, "lossless", quant=config)
     assert _close("flux", model.run(seed=0), base)
     stats = handle.report().stats["quant"]
-    assert stats["kernel path"] == "w4a8-reference (forced by QuantConfig.kernel)"
-    w4a8, w4a16 = stats["per-layer W4A8 output rel. error"], stats["per-layer output rel. error"]
-    assert set(w4a8) == set(w4a16) and len(w4a8) == stats["layers quantized"]
+    assert stats["kernel_path"] == "w4a8-reference (forced by QuantConfig.kernel)"
+    w4a8, w4a16 = stats["w4a8_error"]["per_layer"], stats["error"]["per_layer"]
+    assert set(w4a8) == set(w4a16) and len(w4a8) == stats["layers_quantized"]
     assert all(w4a16[name] * 0.9 < w4a8[name] < w4a16[name] * 1.2 + 0.005 for name in w4a8)  # measured <= 1.05x
     assert "int8 activations opted in" in handle.unit("quant").describe()
     accel.unpatch(model.obj)
     # kernel="auto" on a CPU: no INT8 tensor cores, so the layers stay W4A16, and the report says why
     handle = patched(model.obj, "lossless", quant=QuantConfig(group_size=32, min_features=0, activations="int8"))
     stats = handle.report().stats["quant"]
-    assert "activations stay 16-bit (no INT8 tensor cores on cpu)" in stats["kernel path"]
-    assert "pass QuantConfig(calibration=...)" in stats["W4A8 output rel. error"]
+    assert "activations stay 16-bit (no INT8 tensor cores on cpu)" in stats["kernel_path"]
+    assert stats["format"]["activations"] == "int8" and stats["w4a8_error"] is None  # measured only when calibrated
 
 
 def test_one_way_quantization_refuses_unpatch_and_changes_nothing():

@@ -45,7 +45,7 @@ def test_import_under_meta_device_then_normal_use():
         tiny = build("flux")
         base = tiny.run(seed=0, num_inference_steps=2)
         handle = accel.patch(tiny.obj, "lossless", quant=QuantConfig(group_size=16, min_features=0))
-        assert handle.report().stats["quant"]["layers quantized"] > 0
+        assert handle.report().stats["quant"]["layers_quantized"] > 0
         out = tiny.run(seed=0, num_inference_steps=2)
         assert out.shape == base.shape and torch.isfinite(out).all()
         accel.unpatch(tiny.obj)

@@ -43,8 +43,8 @@ def test_target_one_reproduces_dense_through_the_kernel(family, patched):
     torch.testing.assert_close(out, base, atol=1e-4, rtol=0)
     stats = handle.report().stats["sparse"]
     calls = 3 * _branches(family) * len(_self_sites(handle))
-    assert stats["sparse calls"] == calls  # every self/joint call, and no cross-attention call
-    assert stats["mean sparsity"] == 0.0 and stats["calls left dense"] == {}
+    assert stats["sparse_calls"] == calls  # every self/joint call, and no cross-attention call
+    assert stats["mean_sparsity"] == 0.0 and stats["calls_left_dense"] == {}
     accel.unpatch(model.obj)
     assert torch.equal(model.run(0, **FEW_STEPS), base)
 
@@ -66,7 +66,7 @@ def test_lower_targets_give_monotone_sparsity(family, patched, reference_path):
             out = model.run(0, **run)
         stats = handle.report().stats["sparse"]
         assert any("PyTorch reference" in w for w in handle.report().warnings)
-        sparsity.append(stats["mean sparsity"])
+        sparsity.append(stats["mean_sparsity"])
         error.append((out - base).abs().mean().item())
         assert torch.isfinite(out).all()
         accel.unpatch(model.obj)
@@ -84,21 +84,21 @@ def test_schedule_dense_steps_search_interval_and_report(patched, reference_path
         model.run(0)
     stats = handle.report().stats["sparse"]
     per_step = 2 * 3  # two CFG calls x three self-attention modules (cross-attention is never counted)
-    assert stats["dense steps (warm-up)"] == 3
-    assert stats["dense calls (warm-up)"] == 3 * per_step
-    assert stats["sparse calls"] == 7 * per_step
+    assert stats["dense_warmup_steps"] == 3
+    assert stats["dense_warmup_calls"] == 3 * per_step
+    assert stats["sparse_calls"] == 7 * per_step
     assert stats["searches"] == 3 * per_step
-    assert stats["search seconds"] > 0
-    assert set(stats["sparsity per layer"]) == {0, 1, 2}
-    assert all(len(heads) == 2 for heads in stats["sparsity per head"].values())
-    assert sum(stats["head orders"].values()) == stats["searches"] * 2  # one order per (batch row, head) and search
+    assert stats["search_s"] > 0
+    assert set(stats["sparsity_per_layer"]) == {"0", "1", "2"}
+    assert all(len(heads) == 2 for heads in stats["sparsity_per_head"].values())
+    assert sum(stats["head_orders"].values()) == stats["searches"] * 2  # one order per (batch row, head) and search
     # Only the kept block ids (int16) and one int32 offset per query block are stored, per module and branch.
     unit = handle.unit("sparse")
     for found in unit.patterns.values():
         kept = found.blocks.counts().sum().item()
         assert found.blocks.nbytes == 2 * kept + 4 * (found.blocks.counts().numel() + 1)
-    per_module = sum(p.blocks.nbytes for p in unit.patterns.values()) / 3
-    assert stats["pattern MB per module"] == round(per_module / 1e6, 4) > 0
+    total = sum(p.blocks.nbytes for p in unit.patterns.values())
+    assert stats["pattern_bytes_total"] == total and stats["pattern_bytes_per_module"] == round(total / 3) > 0
     # A second call searches again from scratch (patterns do not leak between generations).
     model.run(0)
     assert handle.report().stats["sparse"]["searches"] == 6 * per_step
@@ -129,7 +129,7 @@ def test_sparse_int8_with_cache_and_int8_attention(patched):
     assert names == ["attention", "sparse", "cache"]
     assert "INT8" in handle.report().applied[1].detail
     stats = handle.report().stats["sparse"]
-    assert stats["sparse calls"] > 0 and stats["dense calls (warm-up)"] > 0
+    assert stats["sparse_calls"] > 0 and stats["dense_warmup_calls"] > 0
     assert torch.isfinite(out).all() and (out - base).abs().mean() < 0.05
     accel.unpatch(model.obj)
     assert torch.equal(model.run(0, **run), base)
@@ -145,7 +145,7 @@ def test_bare_model_warns_and_counts_calls(reference_path):
         with pytest.warns(UserWarning, match="PyTorch reference"):
             model.run(0, **FEW_STEPS)
         stats = handle.report().stats["sparse"]
-        assert stats["dense calls (warm-up)"] == 0
+        assert stats["dense_warmup_calls"] == 0
         assert stats["searches"] == 2 * 3  # calls 1 and 3 of each module (every second call)
     finally:
         accel.unpatch(transformer)
@@ -197,7 +197,7 @@ def test_calls_the_kernel_cannot_take_stay_dense_counted_per_reason(patched, ref
         router.dispatch(site, q, k, v, is_causal=True)
         assert torch.equal(router.dispatch(cross, q, k, v), sdpa(q, k, v))  # cross-attention is not a decline
     stats = handle.report().stats["sparse"]
-    assert stats["calls left dense"] == {
+    assert stats["calls_left_dense"] == {
         "causal attention": 2, "attention mask other than a boolean key-padding mask [B, 1, 1, S]": 1,
     }
-    assert stats["sparse calls"] == 0
+    assert stats["sparse_calls"] == 0

@@ -20,7 +20,7 @@ What it does, per self/joint attention call of the denoiser (cross-attention is 
 Pattern memory per attention module (and CFG branch) at 75% sparsity, 128x64 blocks: about 0.8 MB for
 Wan2.1 480p (32,760 tokens, 12 heads; 48 MB for its 30 modules x 2 branches) and 20.9 MB for HunyuanVideo
 720p (119,056 tokens, 24 heads; 1.25 GB for its 60 modules); 2 bytes per kept block pair, see
-`accel.attention.sparse_kernel`. The report shows the figure reached (`pattern MB per module`).
+`accel.attention.sparse_kernel`. The report shows the figure reached (`pattern_bytes_per_module`).
 
 The report (`handle.report().stats["sparse"]`) gives the sparsity reached per layer (and per head)
 averaged over the sparse calls, the searches run and their time, the token orders the heads chose, the
@@ -198,23 +198,23 @@ class SparseUnit(Unit):
         per_layer, per_head = {}, {}
         for layer, (total, calls) in sorted(self.sparsity.items()):
             heads = (total / calls).tolist()
-            per_head[layer] = [round(x, 4) for x in heads]
-            per_layer[layer] = round(sum(heads) / len(heads), 4)
+            per_head[str(layer)] = [round(x, 4) for x in heads]
+            per_layer[str(layer)] = round(sum(heads) / len(heads), 4)
         modules = {name for name, _ in self.pattern_bytes}
         total = sum(self.pattern_bytes.values())
-        report.stats["sparse"] = {
-            "sparsity per layer": per_layer,
-            "sparsity per head": per_head,
-            "mean sparsity": round(sum(per_layer.values()) / len(per_layer), 4) if per_layer else None,
-            "sparse calls": self.sparse_calls,
-            "dense steps (warm-up)": self.dense_steps,
-            "dense calls (warm-up)": self.dense_calls,
+        report.stats["sparse"] = {  # layout documented in accel.report
+            "mean_sparsity": round(sum(per_layer.values()) / len(per_layer), 4) if per_layer else None,
+            "sparsity_per_layer": per_layer,
+            "sparsity_per_head": per_head,
+            "sparse_calls": self.sparse_calls,
+            "dense_warmup_steps": self.dense_steps,
+            "dense_warmup_calls": self.dense_calls,
             "searches": self.searches,
-            "search seconds": round(self.search_seconds, 6),
-            "head orders": {name: n for name, n in self.order_counts.items() if n},
-            "pattern MB per module": round(total / len(modules) / 1e6, 4) if modules else None,
-            "pattern MB total": round(total / 1e6, 4),
-            "calls left dense": dict(self.stage.declined),
+            "search_s": round(self.search_seconds, 6),
+            "head_orders": {name: n for name, n in self.order_counts.items() if n},
+            "pattern_bytes_per_module": round(total / len(modules)) if modules else None,
+            "pattern_bytes_total": total,
+            "calls_left_dense": dict(self.stage.declined),
         }
 
     # -- the stage ----------------------------------------------------------------------------------

@@ -301,9 +301,10 @@ def evaluate_pruning(
             handle = accel.patch(model, "lossless", prune=PruneConfig(keep=k, **options))
             try:
                 metrics = runner(model, processor, tasks, limit)
-                unit = handle.unit("prune")
-                if unit.calls:
-                    tokens = (unit.visual_in_total / unit.calls, unit.visual_kept_total / unit.calls)
+                stats = handle.report().stats["prune"]
+                calls = stats["calls"]
+                if calls:
+                    tokens = (stats["visual_tokens_in_total"] / calls, stats["visual_tokens_kept_total"] / calls)
             finally:
                 accel.unpatch(model)
         missing = [t for t in tasks if t not in metrics]

@@ -30,7 +30,7 @@ class VLMRow:
     prefill_speedup: float | None = None
     first_token_kl: float | None = None
     token_agreement: float | None = None
-    report: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)  # the variant's report.stats["prune"]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,15 +80,14 @@ def compare_pruning(
         try:
             values, out = measure_vlm(model, inputs, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
                                       device=device)
-            report = handle.report()
-            last = handle.unit("prune").last
+            stats = handle.report().stats["prune"]
         finally:
             accel.unpatch(model)
-        unit_stats = report.stats.get("prune", {})
-        row = VLMRow(name, **values, report=unit_stats)
+        row = VLMRow(name, **values, report=stats)
+        last = stats["last_call"]
         if last is not None:
-            row.visual_tokens_in, row.visual_tokens_kept = sum(last.visual_in), sum(last.visual_kept)
-            row.sequence_to_lm = last.sequence_out
+            row.visual_tokens_in, row.visual_tokens_kept = sum(last["visual_tokens_in"]), sum(last["visual_tokens_kept"])
+            row.sequence_to_lm = last["sequence_out"]
         row.prefill_speedup = rows[0].prefill_s / row.prefill_s
         row.first_token_kl = metrics.first_token_kl(reference.logits[0].float(), out.logits[0].float())
         row.token_agreement = metrics.token_agreement(reference.sequences[:, prompt:], out.sequences[:, prompt:])

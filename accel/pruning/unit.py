@@ -150,18 +150,19 @@ class PruneUnit(Unit):
         return self.config.describe()
 
     def update_report(self, report: Report) -> None:
-        stats = {
-            "calls (prefills with visual tokens)": self.calls,
-            "visual tokens in, total": self.visual_in_total,
-            "visual tokens kept, total": self.visual_kept_total,
+        last = self.last
+        report.stats["prune"] = {  # layout documented in accel.report
+            "calls": self.calls,
+            "visual_tokens_in_total": self.visual_in_total,
+            "visual_tokens_kept_total": self.visual_kept_total,
+            "last_call": None if last is None else {
+                "visual_tokens_in": list(last.visual_in),
+                "visual_tokens_kept": list(last.visual_kept),
+                "sequence_in": last.sequence_in,
+                "sequence_out": last.sequence_out,
+                "video_tokens_merged": last.temporal_merged,
+            },
         }
-        if self.last is not None:
-            stats["last call: visual tokens in per row"] = list(self.last.visual_in)
-            stats["last call: visual tokens kept per row"] = list(self.last.visual_kept)
-            stats["last call: sequence length in -> out"] = f"{self.last.sequence_in} -> {self.last.sequence_out}"
-            if self.last.temporal_merged:
-                stats["last call: video tokens merged over time"] = self.last.temporal_merged
-        report.stats["prune"] = stats
 
     # ---- hooks ---------------------------------------------------------------------------------------------
 

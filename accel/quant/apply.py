@@ -139,48 +139,45 @@ class QuantResult:
             )
 
     def stats(self) -> dict:
-        """For `report.stats["quant"]`."""
-        before = sum(layer.bytes_before for layer in self.layers)
-        after = sum(layer.quantized.nbytes() for layer in self.layers)
+        """For `report.stats["quant"]` (its layout is documented in `accel.report`)."""
         calibrated = [layer for layer in self.layers if layer.output_error is not None]
-        kind = "output" if calibrated else "weight"
         errors = {
             layer.name: round(layer.output_error if layer.output_error is not None else layer.weight_error, 5)
             for layer in self.layers
         }
-        worst = max(errors, key=errors.get) if errors else None
+        int8 = {
+            layer.name: round(layer.int8_output_error, 5) for layer in calibrated if layer.int8_output_error is not None
+        }
         reasons: dict[str, int] = {}
         for why in self.kept_16bit.values():
             reasons[why] = reasons.get(why, 0) + 1
         cfg = self.config
-        int8 = {
-            layer.name: round(layer.int8_output_error, 5) for layer in calibrated if layer.int8_output_error is not None
+        return {
+            "format": {"bits": cfg.bits, "group_size": cfg.group_size, "search": cfg.search, "rank": cfg.rank,
+                       "activations": cfg.activations},
+            "layers_quantized": len(self.layers),
+            "layers_calibrated": len(calibrated),
+            "layers_kept_16bit": reasons,
+            "layer_bytes_before": sum(layer.bytes_before for layer in self.layers),
+            "layer_bytes_after": sum(layer.quantized.nbytes() for layer in self.layers),
+            "model_bytes_before": self.model_bytes_before,
+            "model_bytes_after": self.model_bytes_after,
+            "kernel_path": self.kernel_path,
+            "originals_kept": self.reversible,
+            "error": _error_summary("output" if calibrated else "weight", errors),
+            "w4a8_error": _error_summary("output", int8) if int8 else None,
         }
-        stats = {
-            "layers quantized": len(self.layers),
-            "layers kept 16-bit": ", ".join(f"{n} {why}" for why, n in reasons.items()) or "none",
-            "format": f"int{cfg.bits} asymmetric, group {cfg.group_size}, scale/offset search "
-            f"{'on' if cfg.search else 'off (round-to-nearest)'}, low-rank rank {cfg.rank}, activation-aware "
-            f"{f'on ({len(calibrated)} layers calibrated)' if cfg.calibration else 'off'}",
-            "quantized layers bytes": f"{before} -> {after} ({before / max(after, 1):.2f}x smaller)",
-            "model bytes": f"{self.model_bytes_before} -> {self.model_bytes_after} "
-            f"({self.model_bytes_before / max(self.model_bytes_after, 1):.2f}x smaller)",
-            "kernel path": self.kernel_path,
-            "originals": "kept (on the CPU) for unpatch" if self.reversible else "freed: quantization is one-way",
-            f"mean {kind} rel. error": round(sum(errors.values()) / max(len(errors), 1), 5),
-            f"max {kind} rel. error": f"{errors[worst]} ({worst})" if worst else "n/a",
-            f"per-layer {kind} rel. error": errors,
-        }
-        if cfg.activations == "int8":
-            stats["activations"] = "int8 per token where the W4A8 GEMM runs (see kernel path), else 16-bit"
-            if int8:
-                worst8 = max(int8, key=int8.get)
-                stats["mean W4A8 output rel. error"] = round(sum(int8.values()) / len(int8), 5)
-                stats["max W4A8 output rel. error"] = f"{int8[worst8]} ({worst8})"
-                stats["per-layer W4A8 output rel. error"] = int8
-            else:
-                stats["W4A8 output rel. error"] = "not measured: pass QuantConfig(calibration=...) to measure it"
-        return stats
+
+
+def _error_summary(measure: str, per_layer: dict[str, float]) -> dict:
+    worst = max(per_layer, key=per_layer.get) if per_layer else None
+    return {
+        "measure": measure,
+        "mean": round(sum(per_layer.values()) / max(len(per_layer), 1), 5),
+        "max": per_layer[worst] if worst else 0.0,
+        "max_layer": worst,
+        "per_layer": per_layer,
+    }
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
