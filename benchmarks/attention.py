@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import os
 import statistics
 import sys
@@ -151,7 +152,7 @@ def tune(kwargs, q, k, v, causal, configs, device) -> tuple[dict[str, Any], list
     for bq, bk, warps, stages in configs:
         cfg = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
         try:
-            fn = lambda: int8_attention(q, k, v, causal=causal, **kwargs, **cfg)  # noqa: E731
+            fn = functools.partial(int8_attention, q, k, v, causal=causal, **kwargs, **cfg)
             t = statistics.median(timer(fn, 1, 3, device) if cuda else timer(fn, 0, 1, device))
             tried.append(dict(cfg, median_s=t))
         except Exception as exc:  # e.g. out of shared memory for a large tile with many stages

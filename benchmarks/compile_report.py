@@ -248,7 +248,7 @@ def main(argv=None) -> int:
             v = known[name]
             wanted = [int(cc)] if cc else [t for t in targets if t in v.targets]
             if any(t not in v.targets for t in wanted):
-                p.error(f"{name} does not run on sm_{cc} (it is for {['sm_%d' % t for t in v.targets]})")
+                p.error(f"{name} does not run on sm_{cc} (it is for {[f'sm_{t}' for t in v.targets]})")
             jobs += [(v, t) for t in wanted]
     import triton
 

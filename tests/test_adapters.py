@@ -7,7 +7,7 @@ from accel import _hooks
 from accel.pipelines import find_adapter
 from accel.pipelines.base import DiTAdapter
 
-from conftest import DIFFUSION_FAMILIES, tiny
+from helpers import DIFFUSION_FAMILIES, tiny
 
 DIT_FAMILIES = [f for f in DIFFUSION_FAMILIES if f not in ("sd15", "sdxl")]
 
@@ -67,7 +67,7 @@ def test_video_grids_have_frames():
         adapter = find_adapter(_denoiser(model))
         grids = []
         h = adapter.model.register_forward_pre_hook(
-            lambda m, a, k: grids.append(adapter.latent_grid(a, k)), with_kwargs=True
+            lambda m, a, k, grids=grids, adapter=adapter: grids.append(adapter.latent_grid(a, k)), with_kwargs=True
         )
         try:
             model.run(0, num_inference_steps=2)

@@ -10,7 +10,7 @@ import accel
 from accel import AlreadyPatchedError, CacheConfig, NotPatchedError, UnsupportedModelError
 from accel.zoo import build
 
-from conftest import tiny
+from helpers import tiny
 
 
 def test_unsupported_model_error_names_class_and_families():

@@ -10,7 +10,7 @@ from accel._private import attention_implementations
 from accel.attention import AttentionConfig
 from accel.bench.metrics import psnr
 
-from conftest import tiny
+from helpers import tiny
 
 DIT_AND_UNET = ["flux", "sd3", "wan", "hunyuan_video", "cogvideox", "ltx", "sd15"]
 VLMS = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]

@@ -54,7 +54,7 @@ def _run(controller, features, names=("cond",)):
     """Drive a controller through one call; returns per-branch reuse flags."""
     controller.begin_call()
     flags = {name: [] for name in names}
-    for step, feature in enumerate(features):
+    for feature in features:
         for name in names:
             controller.enter(name, num_steps=len(features), managed=True)
             reuse = controller.decide((feature,))
@@ -113,7 +113,7 @@ def test_target_mode_needs_calibration_and_respects_the_budget():
 def test_auto_branches_for_a_bare_model_from_repeated_timesteps():
     controller = CacheController(CacheConfig(threshold=0.5))
     seen = []
-    for call in range(2):
+    for _call in range(2):
         for t in (900.0, 600.0, 300.0):
             for _ in range(2):  # cond then uncond, same timestep
                 controller.enter(None, timestep=torch.tensor([t]))

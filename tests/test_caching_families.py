@@ -8,7 +8,7 @@ from accel import CacheConfig
 from accel._private import hook_registry
 from accel.bench.metrics import psnr
 
-from conftest import DIFFUSION_FAMILIES, TWO_CALL_CFG, baseline, tiny
+from helpers import DIFFUSION_FAMILIES, TWO_CALL_CFG, baseline, tiny
 
 pytestmark = pytest.mark.parametrize("family", DIFFUSION_FAMILIES)
 

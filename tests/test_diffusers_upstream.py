@@ -10,7 +10,7 @@ import torch
 
 import accel
 from accel import CacheConfig
-from conftest import DIFFUSION_FAMILIES, tiny
+from helpers import DIFFUSION_FAMILIES, tiny
 
 LOSSLESS = [("lossless", {}), ("threshold0", {"cache": CacheConfig(threshold=0.0)})]
 LOSSLESS_IDS = [name for name, _ in LOSSLESS]

@@ -13,7 +13,7 @@ from accel.bench import evaluate
 from accel.bench.evaluate import HFAnswerer, answer_requests, evaluate_pruning
 from accel.cli import main
 from accel.zoo import vlm
-from conftest import tiny
+from helpers import tiny
 
 IMAGE_TOKENS = 16  # tiny LLaVA: 56 px, patch 14
 

@@ -17,7 +17,7 @@ from accel import AlreadyPatchedError, CacheConfig, NotPatchedError
 from accel.errors import AccelError, ConfigError, CopyError
 from accel.zoo import build
 
-from conftest import tiny
+from helpers import tiny
 
 
 # ---- patched objects are freed (item 2) ---------------------------------------------------------------------

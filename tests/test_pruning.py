@@ -10,7 +10,7 @@ import torch
 import accel
 from accel.pruning import PruneConfig, PruneError
 from accel.zoo import vlm
-from conftest import tiny
+from helpers import tiny
 
 FAMILIES = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
 CASES = [(f, False) for f in FAMILIES] + [(f, True) for f in FAMILIES[1:]]

@@ -11,7 +11,7 @@ import accel
 from accel.pipelines import find_adapter
 from accel.pruning import PruneConfig, PruneError
 from accel.zoo import vlm
-from conftest import tiny
+from helpers import tiny
 
 # Random weights may emit a placeholder id; re-reading it (use_cache=False) fails unpatched as well. No eos
 # either, so every run has NEW tokens (min_new_tokens does not combine with assisted decoding everywhere).

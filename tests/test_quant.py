@@ -26,7 +26,7 @@ from accel.quant.kernels import w4a8_matmul_reference, w4a16_matmul_reference
 from accel.quant.recipe import ActivationStats
 from accel.zoo import build
 
-from conftest import tiny
+from helpers import tiny
 
 TINY = QuantConfig(group_size=16, min_features=0)  # zoo layers are 16..256 wide
 

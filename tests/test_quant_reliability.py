@@ -24,7 +24,7 @@ from accel.quant import QuantConfig, load_quantized, quantize, save_quantized
 from accel.quant.io import _digest
 from accel.zoo import build
 
-from conftest import tiny
+from helpers import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 

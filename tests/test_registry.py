@@ -12,7 +12,7 @@ import torch
 import accel
 from accel._unit import register, registrations, unregister
 from accel.errors import AccelError, ConfigTypeError, NotApplicableError
-from conftest import tiny
+from helpers import tiny
 
 CONTRIBUTING = Path(__file__).resolve().parent.parent / "CONTRIBUTING.md"
 

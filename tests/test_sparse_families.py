@@ -16,7 +16,7 @@ import accel
 from accel import CacheConfig
 from accel.attention.sparse import SparseConfig
 
-from conftest import TWO_CALL_CFG, baseline, tiny
+from helpers import TWO_CALL_CFG, baseline, tiny
 
 VIDEO = ["wan", "hunyuan_video", "cogvideox", "ltx"]
 SMALL = dict(block_q=16, block_k=16, stride=8)  # tiny sequences: several blocks per sequence

@@ -11,7 +11,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from accel import _versions
-from conftest import tiny
+from helpers import tiny
 
 pytestmark = pytest.mark.compat
 

@@ -14,7 +14,7 @@ import torch
 import accel
 from accel.pruning import PruneConfig
 from accel.zoo import vlm
-from conftest import tiny
+from helpers import tiny
 
 FAMILIES = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
 NEW = 4

@@ -256,10 +256,10 @@ def int8_attention_reference(q, k, v, *, causal=False, sm_scale=None, smooth_k=T
         o = (pr @ vv) * (p8.sv.repeat_interleave(g, dim=1)[:, :, None, :] / FP8_MAX)
     else:
         o = p.to(p8.v.dtype).float() @ vv
-    l = p.sum(dim=-1, keepdim=True)
-    o = o / torch.where(l == 0, 1.0, l)
+    row_sum = p.sum(dim=-1, keepdim=True)
+    o = o / torch.where(row_sum == 0, 1.0, row_sum)
     if pv == "fp8":  # add V's mean back, except on fully masked rows (output 0)
-        o = o + torch.where(l > 0, p8.mv.repeat_interleave(g, dim=1)[:, :, None, :], 0.0)
+        o = o + torch.where(row_sum > 0, p8.mv.repeat_interleave(g, dim=1)[:, :, None, :], 0.0)
     return o.to(q.dtype)
 
 
