@@ -96,33 +96,15 @@ def patch(
     `sparse=SparseConfig(...)`, `prune=PruneConfig(...)`, `quant=QuantConfig(...)`, and any accelerator
     registered with `accel._unit.register`; `False` turns one off, `True` asks for its defaults. An
     accelerator asked for by keyword that cannot serve this model raises NotApplicableError; one the
-    preset asked for is skipped, with the reason in the report. Patching something already patched raises AlreadyPatchedError:
-    call `accel.unpatch` first. Unsupported models raise UnsupportedModelError, or with `strict=False`
-    warn and stay unchanged (an accelerator that does not support this model's layout: that one is
-    skipped with a warning).
+    preset asked for is skipped, with the reason in the report. Patching something already patched raises
+    AlreadyPatchedError: call `accel.unpatch` first. Unsupported models raise UnsupportedModelError, or
+    with `strict=False` warn and stay unchanged (an accelerator that does not support this model's layout:
+    that one is skipped with a warning).
     """
-    configs = preset_configs(preset)
     overrides = {"cache": cache, "attention": attention, "sparse": sparse, "prune": prune, "quant": quant}
     overrides.update(accelerators)
-    explicit = set()
-    for name, value in overrides.items():
-        if value is None:
-            continue
-        explicit.add(name)
-        configs[name] = keyword_config(name, value, configs.get(name))
-
-    existing = _handle_of(target)
-    if existing is not None and existing.target is target:
-        raise AlreadyPatchedError(
-            f"{type(target).__name__} is already patched by accel; call accel.unpatch(...) on it before patching again"
-        )
-    model, pipeline = _resolve(target)
-    existing = _handle_of(model) or existing
-    if existing is not None:
-        raise AlreadyPatchedError(
-            f"{type(model).__name__} is already patched by accel through {_describe_target(existing)}; "
-            f"call accel.unpatch on that object, or on the {type(model).__name__} itself, before patching again"
-        )
+    configs, explicit = _requested_configs(preset, overrides)
+    model, pipeline = _resolve_unpatched(target)
     handle = Handle(target, model, preset)
     report = handle._report
     report.warnings.extend(check_versions())
@@ -141,20 +123,67 @@ def patch(
     steps_hint = _steps_hint(pipeline)
     handle.clock = StepClock(pipeline, steps_hint)
     ctx = PatchContext(adapter, model, pipeline, report, handle.clock, steps_hint)
+    _install_units(handle, ctx, configs, explicit, strict)
+    if pipeline is not None:
+        _wrap_pipeline_call(pipeline, handle)
+    _attach(handle)
+    for message in report.warnings:
+        warnings.warn(f"accel: {message}", stacklevel=2)
+    return handle
 
+
+def _requested_configs(preset: str, overrides: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
+    """(config by accelerator keyword, the keywords the caller set): the preset's configs with the keywords
+    that are not None applied over them."""
+    configs = preset_configs(preset)
+    explicit = set()
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        explicit.add(name)
+        configs[name] = keyword_config(name, value, configs.get(name))
+    return configs, explicit
+
+
+def _resolve_unpatched(target: Any) -> tuple[nn.Module, Any | None]:
+    """`_resolve(target)`, after checking that neither `target` nor the model inside it is patched already."""
+    existing = _handle_of(target)
+    if existing is not None and existing.target is target:
+        raise AlreadyPatchedError(
+            f"{type(target).__name__} is already patched by accel; call accel.unpatch(...) on it before patching again"
+        )
+    model, pipeline = _resolve(target)
+    existing = _handle_of(model) or existing
+    if existing is not None:
+        raise AlreadyPatchedError(
+            f"{type(model).__name__} is already patched by accel through {_describe_target(existing)}; "
+            f"call accel.unpatch on that object, or on the {type(model).__name__} itself, before patching again"
+        )
+    return model, pipeline
+
+
+def _install_units(
+    handle: Handle, ctx: PatchContext, configs: dict[str, Any], explicit: set[str], strict: bool
+) -> None:
+    """Install every registered accelerator that has a config, in registration order, onto `handle`. One the
+    caller asked for by keyword that cannot apply raises NotApplicableError; one from the preset is skipped.
+    On any error the units installed so far are removed again."""
+    report, model_name = handle._report, type(handle.model).__name__
     try:
         for registered in registrations():
             name = registered.keyword
             config = configs.get(name)
             if config is None:
-                why = f"{name}=False" if name in explicit else f"off in preset {preset!r}"
+                why = f"{name}=False" if name in explicit else f"off in preset {handle.preset!r}"
                 report.skipped.append(Skipped(name, why))
                 continue
             try:
                 unit = registered.install(ctx, config)
             except NotApplicable as reason:
                 if name in explicit:
-                    raise NotApplicableError(f"accel.patch({name}=...) cannot apply to {type(model).__name__}: {reason}") from None
+                    raise NotApplicableError(
+                        f"accel.patch({name}=...) cannot apply to {model_name}: {reason}"
+                    ) from None
                 report.skipped.append(Skipped(name, str(reason)))
                 continue
             except UnsupportedModelError as err:  # e.g. a model layout this accelerator does not know
@@ -165,18 +194,11 @@ def patch(
                 continue
             unit.name = name
             handle.units.append(unit)
-            report.applied.append(Applied(name, type(model).__name__, unit.describe()))
+            report.applied.append(Applied(name, model_name, unit.describe()))
     except BaseException:
         for unit in reversed(handle.units):
             unit.remove()
         raise
-
-    if pipeline is not None:
-        _wrap_pipeline_call(pipeline, handle)
-    _attach(handle)
-    for message in report.warnings:
-        warnings.warn(f"accel: {message}", stacklevel=2)
-    return handle
 
 
 def unpatch(target: Any) -> None:

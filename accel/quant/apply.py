@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import fnmatch
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import AccelError, QuantSaveError
+from .. import _triton
+from ..errors import AccelError, ConfigError, IrreversibleError, ModelStateError, QuantSaveError
 from . import kernels
 from .calibrate import calibrate
 from .config import QuantConfig
@@ -133,10 +135,20 @@ class QuantResult:
 
     def check_reversible(self) -> None:
         if not self.restored and not self.reversible:
-            raise RuntimeError(
+            raise IrreversibleError(
                 "accel quantization with QuantConfig(keep_original=False) is one-way: the 16-bit weights were "
                 "freed. Reload the model to get them back, or quantize with keep_original=True (the default)"
             )
+
+    def describe(self) -> str:
+        """One line for the report: how many layers, the format, the bytes saved and the kernel path."""
+        before = sum(layer.bytes_before for layer in self.layers)
+        after = sum(layer.quantized.nbytes() for layer in self.layers)
+        acts = ", int8 activations opted in" if self.config.activations == "int8" else ""
+        return (
+            f"{len(self.layers)} linear layers to int{self.config.bits} (group {self.config.group_size}{acts}), "
+            f"{before / max(after, 1):.2f}x fewer bytes; {self.kernel_path}"
+        )
 
     def stats(self) -> dict:
         """For `report.stats["quant"]` (its layout is documented in `accel.report`)."""
@@ -187,14 +199,15 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 def select_layers(
     model: nn.Module, config: QuantConfig, family_exclude: tuple[str, ...] = ()
 ) -> tuple[dict[str, nn.Linear], dict[str, str]]:
-    """(layers to quantize by name, layers kept in 16-bit by name -> reason). Raises ValueError for a
-    selected layer whose in_features the group size does not divide."""
+    """(layers to quantize by name, layers kept in 16-bit by name -> reason). Raises ConfigError for a
+    selected layer whose in_features the group size does not divide, ModelStateError for a model that
+    already has 4-bit layers."""
     selected: dict[str, nn.Linear] = {}
     kept: dict[str, str] = {}
     seen: set[int] = set()
     for name, module in model.named_modules():
         if isinstance(module, W4Linear):
-            raise ValueError(
+            raise ModelStateError(
                 f"{type(model).__name__} already has 4-bit layers ({name}); it was quantized or loaded with "
                 "accel.quant.load_quantized: use it as it is, without quant="
             )
@@ -215,7 +228,7 @@ def select_layers(
             selected[name] = module
     bad = [f"{n} (in_features={m.in_features})" for n, m in selected.items() if m.in_features % config.group_size]
     if bad:
-        raise ValueError(
+        raise ConfigError(
             f"QuantConfig(group_size={config.group_size}) does not divide in_features of {len(bad)} layer(s): "
             f"{', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}; choose a group_size that divides them or keep "
             "them in 16-bit with QuantConfig(exclude=(...))"
@@ -245,29 +258,9 @@ def quantize_model(
 ) -> QuantResult:
     """Swap the selected `nn.Linear` layers of `model` for `W4Linear` (see `accel.quant.quantize`)."""
     layers, kept = select_layers(model, config, family_exclude)
-    if not layers:
-        raise NothingToQuantize(
-            f"no nn.Linear layer of {type(model).__name__} is left to quantize ({len(kept)} kept in 16-bit: "
-            f"{', '.join(sorted(set(kept.values()))) or 'the model has none'}); lower QuantConfig.min_features "
-            "or adjust include/exclude"
-        )
-    for name, module in layers.items():
-        if module.weight.device.type == "meta":
-            raise ValueError(
-                f"{name} has its weights offloaded (meta device); quantize before enabling CPU offload or device_map"
-            )
-    device = next(iter(layers.values())).weight.device
-    if config.kernel in ("triton", "dequant", "w4a8") and device.type != "cuda" and not kernels._interpreting():
-        raise ValueError(
-            f"QuantConfig(kernel={config.kernel!r}) runs on CUDA, but the model is on {device.type}; "
-            "use kernel='auto' or 'reference' ('w4a8-reference' for int8 activations)"
-        )
-    messages = []
+    device = _check_quantizable(model, config, layers, kept)
     path_rule = kernels.describe_paths(device, config.kernel, config.activations, config.group_size)
-    if config.kernel == "auto" and not kernels.gpu_supports_fused(device):
-        messages.append(f"4-bit layers run the slow PyTorch reference path: {path_rule}")
-    elif config.activations == "int8" and config.kernel == "auto" and kernels.int8_unavailable(device, config.group_size):
-        messages.append(f"QuantConfig(activations='int8') has no effect here: {path_rule}")
+    messages = _path_warnings(device, config, path_rule)
     stats = {}
     if config.calibration is not None:
         stats = calibrate(layers, config.calibration, config.calibration_tokens)
@@ -281,50 +274,82 @@ def quantize_model(
 
     model_before = _model_bytes(model)
     slots = _slots(model, {id(m) for m in layers.values()})
-    done: list[QuantizedLayer] = []
     with torch.no_grad():
-        for name, module in layers.items():
-            q = quantize_weight(
-                module.weight,
-                group_size=config.group_size,
-                dtype=module.weight.dtype,
-                search=config.search,
-                rank=config.rank,
-                stats=stats.get(name),
-                int8_activations=config.activations == "int8",
-            )
-            w4 = W4Linear.from_quantized(q, module.bias, config.group_size, config.kernel, config.activations)
-            for parent, attr in slots[id(module)]:
-                setattr(parent, attr, w4)
-            original_device = module.weight.device
-            if config.keep_original and original_device.type != "cpu":
-                module.to("cpu")  # frees accelerator memory; restore moves it back bit for bit
-            done.append(
-                QuantizedLayer(
-                    name=name,
-                    slots=[(weakref.ref(parent), attr) for parent, attr in slots[id(module)]],
-                    original=module if config.keep_original else None,
-                    device=original_device,
-                    dtype=module.weight.dtype,
-                    quantized=w4,
-                    bytes_before=sum(t.numel() * t.element_size() for t in module.parameters()),
-                    weight_error=q.weight_error,
-                    output_error=q.output_error,
-                    alpha=q.alpha,
-                    int8_output_error=q.int8_output_error,
-                )
-            )
-    result = QuantResult(
-        config=config,
-        layers=done,
-        kept_16bit=kept,
-        kernel_path=path_rule,
-        model_bytes_before=model_before,
-        model_bytes_after=_model_bytes(model),
-        warnings=messages,
-    )
+        done = [
+            _swap_layer(name, module, config, stats.get(name), slots[id(module)]) for name, module in layers.items()
+        ]
+    result = QuantResult(config, done, kept, path_rule, model_before, _model_bytes(model), warnings=messages)
     result.guard_saving(model)
     return result
+
+
+def _check_quantizable(model: nn.Module, config: QuantConfig, layers: dict[str, nn.Linear], kept: dict[str, str]):
+    """The device of the selected `layers`, after checking that there are some, that their weights are
+    loaded, and that the kernel asked for runs there."""
+    if not layers:
+        raise NothingToQuantize(
+            f"no nn.Linear layer of {type(model).__name__} is left to quantize ({len(kept)} kept in 16-bit: "
+            f"{', '.join(sorted(set(kept.values()))) or 'the model has none'}); lower QuantConfig.min_features "
+            "or adjust include/exclude"
+        )
+    for name, module in layers.items():
+        if module.weight.device.type == "meta":
+            raise ModelStateError(
+                f"{name} has its weights offloaded (meta device); quantize before enabling CPU offload or device_map"
+            )
+    device = next(iter(layers.values())).weight.device
+    if config.kernel in ("triton", "dequant", "w4a8") and device.type != "cuda" and not _triton.interpreting():
+        raise ConfigError(
+            f"QuantConfig(kernel={config.kernel!r}) runs on CUDA, but the model is on {device.type}; "
+            "use kernel='auto' or 'reference' ('w4a8-reference' for int8 activations)"
+        )
+    return device
+
+
+def _path_warnings(device: torch.device, config: QuantConfig, path_rule: str) -> list[str]:
+    """Warnings for `kernel='auto'` settling on a slower path than the config suggests."""
+    if config.kernel != "auto":
+        return []
+    if not kernels.gpu_supports_fused(device):
+        return [f"4-bit layers run the slow PyTorch reference path: {path_rule}"]
+    if config.activations == "int8" and kernels.int8_unavailable(device, config.group_size):
+        return [f"QuantConfig(activations='int8') has no effect here: {path_rule}"]
+    return []
+
+
+def _swap_layer(
+    name: str, module: nn.Linear, config: QuantConfig, stats: Any, slots: list[tuple[nn.Module, str]]
+) -> QuantizedLayer:
+    """Quantize `module`'s weight, put the `W4Linear` in every slot that held `module`, and keep the original
+    (moved to the CPU) when the config asks for it."""
+    q = quantize_weight(
+        module.weight,
+        group_size=config.group_size,
+        dtype=module.weight.dtype,
+        search=config.search,
+        rank=config.rank,
+        stats=stats,
+        int8_activations=config.activations == "int8",
+    )
+    w4 = W4Linear.from_quantized(q, module.bias, config.group_size, config.kernel, config.activations)
+    for parent, attr in slots:
+        setattr(parent, attr, w4)
+    original_device = module.weight.device
+    if config.keep_original and original_device.type != "cpu":
+        module.to("cpu")  # frees accelerator memory; restore moves it back bit for bit
+    return QuantizedLayer(
+        name=name,
+        slots=[(weakref.ref(parent), attr) for parent, attr in slots],
+        original=module if config.keep_original else None,
+        device=original_device,
+        dtype=module.weight.dtype,
+        quantized=w4,
+        bytes_before=sum(t.numel() * t.element_size() for t in module.parameters()),
+        weight_error=q.weight_error,
+        output_error=q.output_error,
+        alpha=q.alpha,
+        int8_output_error=q.int8_output_error,
+    )
 
 
 _WARNED: set[str] = set()

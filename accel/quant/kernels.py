@@ -35,7 +35,6 @@ import torch.nn.functional as F
 
 from .. import _triton
 from .._triton import available as triton_available
-from .._triton import interpreting as _interpreting  # accel.quant.apply asks it
 from ..errors import KernelInputError
 from .config import W4A8_MIN_GROUP
 from .int4 import dequantize, unpack_int4
@@ -102,7 +101,7 @@ def _check_device(who, *tensors):
 def _blocks(m: int, group: int):
     """(BLOCK_M, BLOCK_N, BLOCK_K) of the fused W4A16 GEMM for m tokens."""
     block_k = min(group, _BLOCK_K_MAX)
-    if _interpreting():  # the interpreter is slow per element: small tiles
+    if _triton.interpreting():  # the interpreter is slow per element: small tiles
         return 16, 32, block_k
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
     return block_m, 128, block_k
