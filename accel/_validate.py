@@ -57,15 +57,25 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_int(config: Any, name: str, *, low: int | None = None, high: int | None = None, optional: bool = False,
-              hint: str | None = None) -> int | None:
-    """An int in [low, high] (either bound may be None); None too if `optional`."""
+def _typed_value(config: Any, name: str, accept: Callable[[Any], bool], expected: str, optional: bool,
+                 hint: str | None) -> Any:
+    """`config.<name>` if `accept` takes it (None when it is None and `optional`); else ConfigTypeError saying
+    it must be `expected` (plus " or None" when `optional`)."""
     value = getattr(config, name)
     if value is None and optional:
         return None
-    if not is_int(value):
-        expected = "an int or None" if optional else "an int"
+    if not accept(value):
+        expected = f"{expected} or None" if optional else expected
         fail(config, name, value, f"must be {expected}, got {_type_name(value)}", hint, wrong_type=True)
+    return value
+
+
+def check_int(config: Any, name: str, *, low: int | None = None, high: int | None = None, optional: bool = False,
+              hint: str | None = None) -> int | None:
+    """An int in [low, high] (either bound may be None); None too if `optional`."""
+    value = _typed_value(config, name, is_int, "an int", optional, hint)
+    if value is None:
+        return None
     value = int(value)
     if not _in_range(value, low, high, False, False):
         fail(config, name, value, _range_text(low, high, False, False), hint)
@@ -76,12 +86,9 @@ def check_float(config: Any, name: str, *, low: float | None = None, high: float
                 open_low: bool = False, open_high: bool = False, optional: bool = False,
                 hint: str | None = None) -> float | None:
     """A finite number (ints accepted, stored as float) in the range given; `open_*` excludes that bound."""
-    value = getattr(config, name)
-    if value is None and optional:
+    value = _typed_value(config, name, is_real, "a number", optional, hint)
+    if value is None:
         return None
-    if not is_real(value):
-        expected = "a number or None" if optional else "a number"
-        fail(config, name, value, f"must be {expected}, got {_type_name(value)}", hint, wrong_type=True)
     value = float(value)
     if not math.isfinite(value):
         fail(config, name, value, "must be a finite number", hint)

@@ -6,7 +6,8 @@ class AccelError(Exception):
 
 
 class UnsupportedModelError(AccelError, TypeError):
-    """The object handed to `accel.patch` is not a model family accel knows."""
+    """The object handed to `accel.patch` (or `accel.quant.quantize`) is not a model, or not of a family or
+    layout accel knows."""
 
 
 class AlreadyPatchedError(AccelError, RuntimeError):
@@ -43,6 +44,17 @@ class QuantFileError(AccelError, ValueError):
 class NotApplicableError(AccelError, ValueError):
     """An accelerator asked for by keyword cannot serve this model (the message says why); a preset would
     have skipped it."""
+
+
+class ModelStateError(AccelError, ValueError):
+    """The model is not in a state this call can work on: it already holds accel's 4-bit layers (or has none
+    to save), its weights are offloaded, or its attention runs on a diffusers backend accel cannot reroute.
+    The message says what to change first."""
+
+
+class IrreversibleError(AccelError, RuntimeError):
+    """Undoing a one-way change was asked for (4-bit quantization with `keep_original=False` freed the 16-bit
+    weights); the message says how to get them back."""
 
 
 class KernelInputError(AccelError, ValueError):

@@ -33,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from .. import _hooks, _private
 from .._unit import PatchContext
+from ..errors import ModelStateError
 from ..pipelines.base import AttentionSite, LatentGrid
 
 HOOK = "accel_attention"
@@ -169,7 +170,7 @@ class AttentionRouter:
         self.clock = ctx.clock
         self.sites = self.adapter.attention_sites()
         if not self.sites:
-            raise ValueError(f"{self.adapter.display_name} exposes no attention modules to reroute")
+            raise ModelStateError(f"{self.adapter.display_name} exposes no attention modules to reroute")
         self._dense: Route | None = None  # None: SDPA as the model asked
         self._stages: list[Route] = []
         self.users = 0
@@ -203,7 +204,7 @@ class AttentionRouter:
         for site in self.sites:
             backend = _private.attention_backend(getattr(site.module, "processor", None))
             if backend not in (None, "native"):
-                raise ValueError(
+                raise ModelStateError(
                     f"{site.name} uses diffusers attention backend {backend!r}; accel reroutes attention from the "
                     "default backend: call model.reset_attention_backend() first, or leave attention= unset"
                 )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from .._unit import NotApplicable, PatchContext, Unit, register
-from ..errors import AlreadyPatchedError
+from ..errors import AlreadyPatchedError, UnsupportedModelError
 from ..pipelines.base import Adapter
 from ..report import Report
-from .config import CacheConfig
 from .base import CannotCache, StepCache
+from .config import CacheConfig
 from .controller import BranchStats, CacheController, CallStats
 from .dit import DiTCache
 from .unet import UNetCache
@@ -15,12 +15,12 @@ from .unet import UNetCache
 
 def build_cache(adapter: Adapter, config: CacheConfig, steps_hint) -> StepCache:
     """The cache for the adapter's kind of denoiser. Raises CannotCache for a denoiser too small for `config`,
-    TypeError for models caching cannot serve."""
+    UnsupportedModelError (a TypeError) for models caching cannot serve."""
     if adapter.kind == "dit":
         return DiTCache(adapter, config, steps_hint)
     if adapter.kind == "unet":
         return UNetCache(adapter, config, steps_hint)
-    raise TypeError(f"step caching applies to diffusion denoisers, not to a {adapter.display_name} model")
+    raise UnsupportedModelError(f"step caching applies to diffusion denoisers, not to a {adapter.display_name} model")
 
 
 class CacheUnit(Unit):

@@ -30,7 +30,7 @@ def quantize(model: nn.Module, config: QuantConfig | None = None) -> QuantResult
     from ..pipelines import find_adapter
 
     if not isinstance(model, nn.Module):
-        raise TypeError(
+        raise UnsupportedModelError(
             f"accel.quant.quantize takes a torch module (e.g. pipe.transformer), got {type(model).__name__}"
         )
     config = config or QuantConfig()
@@ -46,14 +46,7 @@ class QuantUnit(Unit):
         self.result = result
 
     def describe(self) -> str:
-        r = self.result
-        before = sum(layer.bytes_before for layer in r.layers)
-        after = sum(layer.quantized.nbytes() for layer in r.layers)
-        acts = ", int8 activations opted in" if r.config.activations == "int8" else ""
-        return (
-            f"{len(r.layers)} linear layers to int{r.config.bits} (group {r.config.group_size}{acts}), "
-            f"{before / max(after, 1):.2f}x fewer bytes; {r.kernel_path}"
-        )
+        return self.result.describe()
 
     def check_removable(self) -> None:
         self.result.check_reversible()

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import ConfigError, QuantFileError
+from ..errors import ConfigError, ModelStateError, QuantFileError
 from .apply import _slots, guard_saving
 from .config import ACTIVATIONS, GROUP_SIZES, KERNELS
 from .layer import W4Linear
@@ -60,7 +60,9 @@ def save_quantized(model: nn.Module, path: str | Path) -> None:
     the layers without re-quantizing and detect damaged bytes. The file appears complete or not at all."""
     layers = {name: m.spec() for name, m in model.named_modules() if isinstance(m, W4Linear)}
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no 4-bit layers; quantize it first with accel.quant.quantize")
+        raise ModelStateError(
+            f"{type(model).__name__} has no 4-bit layers; quantize it first with accel.quant.quantize"
+        )
     state = model.state_dict(keep_vars=True)
     tensors: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
@@ -225,18 +227,7 @@ def load_quantized(
         spec = info["layers"][name]
         dtype = _check_layer_tensors(path, name, spec, tensors)
         device = module.weight.device if module.weight.device.type != "meta" else torch.device("cpu")
-        built[name] = W4Linear(
-            spec["in_features"],
-            spec["out_features"],
-            group_size=spec["group_size"],
-            bias=spec["bias"],
-            rank=spec["rank"],
-            in_scale=spec["in_scale"],
-            dtype=dtype,
-            device=device,
-            kernel=kernel,
-            activations=activations,
-        )
+        built[name] = W4Linear.from_spec(spec, dtype=dtype, device=device, kernel=kernel, activations=activations)
 
     slots = _slots(model, {id(m) for m in targets.values()})
     swapped: list[tuple[nn.Module, str, nn.Module]] = []

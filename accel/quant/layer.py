@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import KernelInputError
 from . import kernels
 from .int4 import dequantize
 from .recipe import QuantizedWeight
@@ -37,7 +38,7 @@ class W4Linear(nn.Module):
     ):
         super().__init__()
         if in_features % group_size:
-            raise ValueError(f"group_size {group_size} does not divide in_features {in_features}")
+            raise KernelInputError(f"group_size {group_size} does not divide in_features {in_features}")
         self.in_features = in_features
         self.out_features = out_features
         self.group_size = group_size
@@ -79,6 +80,12 @@ class W4Linear(nn.Module):
         if bias is not None:
             layer.bias = bias.detach().to(q.scales.dtype).clone()
         return layer
+
+    @classmethod
+    def from_spec(cls, spec: dict, **options) -> W4Linear:
+        """An empty layer of the structure `spec()` describes; `options` are the other constructor arguments
+        (dtype, device, kernel, activations)."""
+        return cls(**spec, **options)
 
     def spec(self) -> dict:
         """What it takes to rebuild this layer's structure (saved as safetensors metadata)."""
