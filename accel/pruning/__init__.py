@@ -9,7 +9,8 @@ from __future__ import annotations
 from .._unit import NotApplicable, PatchContext, register
 from ..errors import UnsupportedModelError
 from .config import PruneConfig
-from .unit import PruneError, PruneUnit, resolve_score
+from .errors import PruneError
+from .unit import PruneUnit, resolve_score
 
 
 @register("prune", PruneConfig, order=50)
@@ -35,7 +36,7 @@ def _check_seams(adapter) -> None:
         attn = layer.self_attn
         for name in ("q_proj", "k_proj", "head_dim", "scaling"):
             getattr(attn, name)
-        layer.input_layernorm
+        _ = layer.input_layernorm
     except AttributeError as err:
         import transformers
 

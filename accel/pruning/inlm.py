@@ -22,8 +22,9 @@ import torch
 
 from .._transformers_compat import create_causal_mask, get_cache, supports_mask_layer
 from ..errors import ConfigError, UnsupportedModelError
+from .errors import PruneError
 from .select import keeps_all
-from .unit import PruneError, PruneUnit, _gather_rows, attention_mask_2d
+from .unit import PruneUnit, _gather_rows, attention_mask_2d
 
 
 def install_in_lm(unit: PruneUnit) -> None:

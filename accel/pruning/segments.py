@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import PruneError
+
 
 @dataclass
 class Segment:
@@ -49,8 +51,6 @@ def find_segments(
             if token == image_id:
                 step = per_image or end - pos
                 if (end - pos) % step:
-                    from .unit import PruneError  # unit imports this module
-
                     raise PruneError(
                         f"row {row}: a run of {end - pos} image placeholders is not a whole number of "
                         f"{step}-token images; the prompt does not match the model's image size"

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PruneConfig
+from .errors import PruneError
 
 
 @dataclass
@@ -95,8 +96,6 @@ def select_segment(
     threshold = config.temporal_threshold
     if frame_len and threshold is not None and threshold < 1.0 and not keeps_all(config):
         if cx.shape[0] % frame_len:
-            from .unit import PruneError  # unit imports this module
-
             raise PruneError(
                 f"video segment of {cx.shape[0]} tokens is not a whole number of {frame_len}-token frames; the "
                 "prompt's video placeholders do not match the video's frames"

@@ -28,7 +28,6 @@ A call that changes nothing (text only, or every visual token kept) is passed th
 
 from __future__ import annotations
 
-import functools
 import weakref
 from dataclasses import dataclass, field
 
@@ -36,50 +35,15 @@ import torch
 
 from .._transformers_compat import cache_length, crop_cache, get_cache, output_cache
 from .._unit import Unit
-from ..errors import AccelError, ConfigError
+from ..errors import ConfigError
 from ..report import Report
 from .config import PruneConfig
+from .errors import PruneError, compile_refusal
 from .segments import Segment, find_segments, left_pad
 from .select import Selection, keeps_all, sampled_attention, select_segment
 
 _MAX_PENDING_ROWS = 16  # vision-tower runs whose [CLS] rows wait for the projector
 _IGNORE_INDEX = -100  # transformers' label of positions without a loss
-
-
-class PruneError(AccelError, RuntimeError):
-    """The inputs of a call cannot be pruned consistently (the message says why and what to do)."""
-
-
-_COMPILE_MESSAGE = (
-    "visual token pruning cannot run inside torch.compile: it chooses tokens by value and changes the sequence "
-    "length. Compile an unpatched model (accel.unpatch first) or patch with prune=False"
-)
-
-
-@functools.lru_cache(maxsize=None)
-def _compile_refusal():
-    """A function that raises `PruneError` in a way torch.compile's tracer passes on unchanged.
-
-    Dynamo calls a function marked `assume_constant_result` for real while it traces, and re-raises its own
-    `UserError` as is; an ordinary exception would come out as a dynamo error (or a graph break)."""
-    try:
-        from torch._dynamo import assume_constant_result
-        from torch._dynamo.exc import UserError, UserErrorType
-    except ImportError:  # an older torch: the PruneError reaches the user wrapped in the tracer's error
-        def refuse():
-            raise PruneError(_COMPILE_MESSAGE)
-
-        return refuse
-
-    class PruneCompileError(PruneError, UserError):
-        def __init__(self, message: str):
-            UserError.__init__(self, UserErrorType.ANTI_PATTERN, message)
-
-    @assume_constant_result
-    def refuse():
-        raise PruneCompileError(_COMPILE_MESSAGE)
-
-    return refuse
 
 
 @dataclass
@@ -115,7 +79,7 @@ class PruneUnit(Unit):
         self._labels: dict | None = None  # labels taken out of the current top-level call
         self._changed: tuple[list[torch.Tensor], int] | None = None  # (kept per row, length) of a pruned call
         self.answer_tokens = 0  # tokens of the current call after its prompt (assisted generation's drafts)
-        self._refuse_compile = _compile_refusal()
+        self._refuse_compile = compile_refusal()
         self.last: CallStats | None = None
         self.calls = 0
         self.visual_in_total = 0
@@ -380,7 +344,9 @@ class PruneUnit(Unit):
             scores.append(rows[match].to(embeds.device))
         return scores
 
-    def _select(self, segment: Segment, x: torch.Tensor, score: torch.Tensor, config: PruneConfig | None = None) -> Selection:
+    def _select(
+        self, segment: Segment, x: torch.Tensor, score: torch.Tensor, config: PruneConfig | None = None
+    ) -> Selection:
         structural = self.adapter.structural_token_mask(x)
         frame_len = segment.frame_len if segment.video else None
         return select_segment(x, score, config or self.config, frame_len=frame_len, structural=structural)
