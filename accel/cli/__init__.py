@@ -1,5 +1,6 @@
-"""The `accel` command. One module per subcommand, each with `NAME`, `add_parser(subparsers)` (which sets
-`func`) and `run(args) -> exit status`; adding a subcommand is one module and one entry in `COMMANDS`.
+"""The `accel` command. One module per subcommand, each with `NAME`, `HELP`, `DESCRIPTION` (and `EPILOG`, shown
+as written, when it has examples), `add_arguments(parser)` and `run(args) -> exit status`; adding a subcommand
+is one module and one entry in `COMMANDS`.
 
     accel demo                                   every tiny family, baseline vs each preset (accel.cli.demo)
     accel bench --family flux | --pipeline M:F   one family or your own pipeline (accel.cli.bench)
@@ -28,8 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"accel.cli.{name}").add_parser(sub)
+        _add_command(sub, importlib.import_module(f"accel.cli.{name}"))
     return parser
+
+
+def _add_command(sub, command) -> None:
+    """The subparser of one subcommand module, its arguments, and its `run` as `func`."""
+    options = {"help": command.HELP, "description": command.DESCRIPTION}
+    epilog = getattr(command, "EPILOG", None)
+    if epilog:  # examples keep their line breaks and indentation
+        options.update(epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(command.NAME, **options)
+    command.add_arguments(p)
+    p.set_defaults(func=command.run)
 
 
 def _check_common(args: argparse.Namespace) -> None:

@@ -20,6 +20,8 @@ from accel.cli._common import (
 )
 
 NAME = "bench"
+HELP = "benchmark one tiny family or your own pipeline"
+DESCRIPTION = "Baseline vs presets for one tiny family (--family) or for your own pipeline (--pipeline)."
 EPILOG = """\
 --pipeline MODULE:FUNCTION (or path/to/file.py:FUNCTION) calls FUNCTION() with no arguments; it must return
 (obj, run_fn): obj is what accel.patch gets (a diffusers pipeline or a transformers model), and run_fn(seed)
@@ -44,16 +46,9 @@ Visual token pruning of a VLM family has its own command: accel bench-vlm --fami
 _MOVED = ("keep", "video", "prune_where")
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from accel.presets import PRESET_NAMES
 
-    p = sub.add_parser(
-        NAME,
-        help="benchmark one tiny family or your own pipeline",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Baseline vs presets for one tiny family (--family) or for your own pipeline (--pipeline).",
-        epilog=EPILOG,
-    )
     p.add_argument("--family", help="a tiny zoo family, e.g. flux")
     p.add_argument("--pipeline", metavar="MODULE:FUNCTION", help="your own pipeline (see below)")
     p.add_argument("--preset", default=",".join(PRESET_NAMES), help="comma-separated presets (default: %(default)s)")
@@ -69,8 +64,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--video", action="store_const", const=True, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prune-where", default=None, help=argparse.SUPPRESS)
     add_timing_args(p, repeats=3, warmup=1)
-    p.set_defaults(func=run)
-    return p
 
 
 def load_pipeline(spec: str) -> tuple[Any, Callable[[int], Any]]:

@@ -18,19 +18,18 @@ from accel.cli._common import (
 )
 
 NAME = "bench-vlm"
+HELP = "visual token pruning on one tiny VLM family"
+DESCRIPTION = (
+    "On CPU, for one tiny VLM family: the unpruned baseline, then PruneConfig(keep=k) for each --keep. Prints "
+    "visual tokens kept, the sequence length reaching the language model, prefill time, time to first token, "
+    "decode tokens/s, peak memory, first-token KL and greedy agreement with the baseline. For your own VLM call "
+    "accel.bench.vlm.compare_pruning(model, inputs, ...) or see benchmarks/pruning.py."
+)
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from accel.bench.family import VLM_NEW_TOKENS
 
-    p = sub.add_parser(
-        NAME,
-        help="visual token pruning on one tiny VLM family",
-        description="On CPU, for one tiny VLM family: the unpruned baseline, then PruneConfig(keep=k) for each --keep. "
-        "Prints visual tokens kept, the sequence length reaching the language model, prefill time, time to first "
-        "token, decode tokens/s, peak memory, first-token KL and greedy agreement with the baseline. For your own "
-        "VLM call accel.bench.vlm.compare_pruning(model, inputs, ...) or see benchmarks/pruning.py.",
-    )
     p.add_argument("--family", required=True, help="a tiny VLM family, e.g. llava")
     p.add_argument("--keep", required=True, metavar="K,K", help="visual tokens kept per image/video, comma-separated")
     p.add_argument("--prune-where", choices=("before_lm", "in_lm"), default="before_lm",
@@ -40,8 +39,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=VLM_NEW_TOKENS, help="tokens generated (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     add_timing_args(p, repeats=3, warmup=1)
-    p.set_defaults(func=run)
-    return p
 
 
 def run(args) -> int:

@@ -8,25 +8,22 @@ import time
 from accel.cli._common import TINY_WARNING, add_timing_args, check_names, check_output, out, settings, split
 
 NAME = "demo"
+HELP = "offline CPU demo: every tiny family, baseline vs each preset"
+DESCRIPTION = (
+    "Offline, on CPU: for each tiny random-weight family (accel.zoo) run the unpatched baseline and each preset "
+    "with the same seed, and print time, speed-up, computed/reused denoiser passes, fidelity to the baseline "
+    "output, and what was applied."
+)
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from accel.presets import PRESET_NAMES
 
-    p = sub.add_parser(
-        NAME,
-        help="offline CPU demo: every tiny family, baseline vs each preset",
-        description="Offline, on CPU: for each tiny random-weight family (accel.zoo) run the unpatched baseline and "
-        "each preset with the same seed, and print time, speed-up, computed/reused denoiser passes, fidelity to "
-        "the baseline output, and what was applied.",
-    )
     p.add_argument("--families", help="comma-separated families (default: all)")
     p.add_argument("--presets", default=",".join(PRESET_NAMES), help="comma-separated presets (default: %(default)s)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (VLMs: new tokens); default per family")
     p.add_argument("--json", default="accel-demo.json", help="where to write the results (default: %(default)s)")
     add_timing_args(p, repeats=1, warmup=1)
-    p.set_defaults(func=run)
-    return p
 
 
 def run(args) -> int:

@@ -19,6 +19,12 @@ from accel.cli._common import (
 )
 
 NAME = "eval"
+HELP = "accuracy of visual token pruning on VLM benchmarks (lmms-eval)"
+DESCRIPTION = (
+    "Score a Hugging Face VLM unpruned, then with PruneConfig(keep=k) for each --keep, on lmms-eval tasks, and "
+    "print a markdown table (rows: budgets, columns: tasks and % of baseline). Needs `pip install lmms-eval`; "
+    "lmms-eval downloads the data sets from the Hugging Face Hub. Image tasks only."
+)
 EPILOG = """\
 Example (LLaVA-1.5-7B, the standard table; --limit 100 for a quick look):
 
@@ -29,18 +35,9 @@ FUNCTION(model, processor, tasks, limit) -> {task: {metric: value}}; it is calle
 patched model."""
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from accel.bench.evaluate import DEFAULT_MAX_NEW_TOKENS, STANDARD_KEEP, STANDARD_TASKS
 
-    p = sub.add_parser(
-        NAME,
-        help="accuracy of visual token pruning on VLM benchmarks (lmms-eval)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Score a Hugging Face VLM unpruned, then with PruneConfig(keep=k) for each --keep, on lmms-eval "
-        "tasks, and print a markdown table (rows: budgets, columns: tasks and % of baseline). Needs "
-        "`pip install lmms-eval`; lmms-eval downloads the data sets from the Hugging Face Hub. Image tasks only.",
-        epilog=EPILOG,
-    )
     p.add_argument("--model", required=True, help="Hugging Face model id or local directory")
     p.add_argument("--tasks", default=",".join(STANDARD_TASKS), help="comma-separated lmms-eval tasks "
                    "(default: %(default)s)")
@@ -58,8 +55,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--runner", metavar="MODULE:FUNCTION", help="your own scoring function (see below)")
     p.add_argument("--json", default="accel-eval.json", help="default: %(default)s")
     p.add_argument("--markdown", default=None, help="also write the table here")
-    p.set_defaults(func=run)
-    return p
 
 
 def checked_runner(spec: str, runner: Callable) -> Callable:
