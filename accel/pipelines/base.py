@@ -123,19 +123,22 @@ class DiTAdapter(Adapter):
     kind = "dit"
     text_layout: ClassVar[TextLayout]
     attention_roles: ClassVar[dict[str, str]]  # attention submodule name in a block -> AttentionSite.role
+    block_list_attrs: ClassVar[tuple[str, ...]]  # the model's attributes holding its block lists, in call order
+    block_outputs: ClassVar[BlockIO]  # where the outputs of its blocks sit
 
     def attention_sites(self) -> list[AttentionSite]:
         return find_attention_sites(self.model, self.blocks(), self.attention_roles)
 
     def block_lists(self) -> list[nn.ModuleList]:
         """The block lists in the order the forward calls them."""
-        raise NotImplementedError
+        return [getattr(self.model, name) for name in self.block_list_attrs]
 
     def blocks(self) -> list[nn.Module]:
         return [block for blocks in self.block_lists() for block in blocks]
 
     def block_io(self, block: nn.Module) -> BlockIO:
-        raise NotImplementedError
+        """Where `block`'s outputs sit (in the families accel knows, the same for every block)."""
+        return self.block_outputs
 
     def latent_grid(self, args: tuple, kwargs: dict) -> LatentGrid:
         """Grid of visual tokens for one call of the denoiser, from that call's arguments."""

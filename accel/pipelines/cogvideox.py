@@ -14,12 +14,8 @@ class CogVideoXAdapter(DiTAdapter):
     model_classes = ("diffusers:CogVideoXTransformer3DModel",)
     text_layout = TextLayout("prefix")
     attention_roles = {"attn1": "joint"}
-
-    def block_lists(self):
-        return [self.model.transformer_blocks]
-
-    def block_io(self, block):
-        return BlockIO(hidden_index=0, encoder_index=1, num_outputs=2)
+    block_list_attrs = ("transformer_blocks",)
+    block_outputs = BlockIO(hidden_index=0, encoder_index=1, num_outputs=2)
 
     def latent_grid(self, args, kwargs) -> LatentGrid:
         latent = _hooks.get_arg(self.model, "hidden_states", args, kwargs)

@@ -13,12 +13,8 @@ class FluxAdapter(DiTAdapter):
     model_classes = ("diffusers:FluxTransformer2DModel",)
     text_layout = TextLayout("prefix")
     attention_roles = {"attn": "joint"}
-
-    def block_lists(self):
-        return [self.model.transformer_blocks, self.model.single_transformer_blocks]
-
-    def block_io(self, block):
-        return BlockIO(hidden_index=1, encoder_index=0, num_outputs=2)
+    block_list_attrs = ("transformer_blocks", "single_transformer_blocks")
+    block_outputs = BlockIO(hidden_index=1, encoder_index=0, num_outputs=2)
 
     def latent_grid(self, args, kwargs) -> LatentGrid:
         img_ids = _hooks.get_arg(self.model, "img_ids", args, kwargs)

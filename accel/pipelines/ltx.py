@@ -14,12 +14,8 @@ class LTXAdapter(DiTAdapter):
     model_classes = ("diffusers:LTXVideoTransformer3DModel",)
     text_layout = TextLayout("none")
     attention_roles = {"attn1": "self", "attn2": "cross"}
-
-    def block_lists(self):
-        return [self.model.transformer_blocks]
-
-    def block_io(self, block):
-        return BlockIO(hidden_index=None)
+    block_list_attrs = ("transformer_blocks",)
+    block_outputs = BlockIO(hidden_index=None)
 
     def latent_grid(self, args, kwargs) -> LatentGrid:
         def arg(name):

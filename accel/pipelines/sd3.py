@@ -13,12 +13,8 @@ class SD3Adapter(DiTAdapter):
     model_classes = ("diffusers:SD3Transformer2DModel",)
     text_layout = TextLayout("suffix")
     attention_roles = {"attn": "joint", "attn2": "self"}
-
-    def block_lists(self):
-        return [self.model.transformer_blocks]
-
-    def block_io(self, block):
-        return BlockIO(hidden_index=1, encoder_index=0, num_outputs=2)
+    block_list_attrs = ("transformer_blocks",)
+    block_outputs = BlockIO(hidden_index=1, encoder_index=0, num_outputs=2)
 
     def latent_grid(self, args, kwargs) -> LatentGrid:
         latent = _hooks.get_arg(self.model, "hidden_states", args, kwargs)

@@ -14,12 +14,8 @@ class WanAdapter(DiTAdapter):
     model_classes = ("diffusers:WanTransformer3DModel",)
     text_layout = TextLayout("none")
     attention_roles = {"attn1": "self", "attn2": "cross"}
-
-    def block_lists(self):
-        return [self.model.blocks]
-
-    def block_io(self, block):
-        return BlockIO(hidden_index=None)
+    block_list_attrs = ("blocks",)
+    block_outputs = BlockIO(hidden_index=None)
 
     def latent_grid(self, args, kwargs) -> LatentGrid:
         latent = _hooks.get_arg(self.model, "hidden_states", args, kwargs)
