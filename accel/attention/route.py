@@ -23,8 +23,9 @@ order and counts a failing call under its reason, and the call goes on to the ne
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +124,7 @@ class Route:
 class _Intercept(TorchFunctionMode):
     """Active only while one attention module runs: hands its SDPA call to the router."""
 
-    def __init__(self, router: "AttentionRouter", site: AttentionSite):
+    def __init__(self, router: AttentionRouter, site: AttentionSite):
         super().__init__()
         self.router, self.site, self.seen = router, site, 0
 
@@ -136,7 +137,7 @@ class _Intercept(TorchFunctionMode):
 
 
 class _SiteHook(_hooks.ModelHook):
-    def __init__(self, router: "AttentionRouter", site: AttentionSite):
+    def __init__(self, router: AttentionRouter, site: AttentionSite):
         super().__init__()
         self.router, self.site = router, site
 
@@ -152,7 +153,7 @@ class _SiteHook(_hooks.ModelHook):
 class _DenoiserHook(_hooks.ContextHook):
     """Per denoiser call: forget the cached grid, learn the CFG branch from diffusers' cache_context."""
 
-    def __init__(self, router: "AttentionRouter"):
+    def __init__(self, router: AttentionRouter):
         super().__init__()
         self.router = router
 

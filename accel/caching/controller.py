@@ -16,8 +16,8 @@ the controller prices a reuse with the forecaster's measured error per unit of c
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 

@@ -9,7 +9,8 @@ that measured error per unit of change of the cheap signal, which prices a reuse
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 

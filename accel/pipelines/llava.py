@@ -27,7 +27,7 @@ Facts pruning will need:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
