@@ -6,12 +6,18 @@ config and seeded random weights: untrained, offline, CPU-friendly. `BUILDERS` m
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from accel.zoo import image, video, vlm
-from accel.zoo._base import TinyModel, VLMOutput
+from accel.zoo._base import (
+    TinyModel,
+    UnknownModelError,
+    UnknownOverrideError,
+    UnsupportedInputError,
+    VLMOutput,
+)
 
 BUILDERS: dict[str, Callable[..., TinyModel]] = {**image.BUILDERS, **video.BUILDERS, **vlm.BUILDERS}
 
@@ -23,8 +29,17 @@ def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Tin
     try:
         builder = BUILDERS[family]
     except KeyError:
-        raise ValueError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}") from None
+        raise UnknownModelError(f"unknown family {family!r}; choose one of: {', '.join(FAMILIES)}") from None
     return builder(seed=seed, dtype=dtype)
 
 
-__all__ = ["BUILDERS", "FAMILIES", "TinyModel", "VLMOutput", "build"]
+__all__ = [
+    "BUILDERS",
+    "FAMILIES",
+    "TinyModel",
+    "UnknownModelError",
+    "UnknownOverrideError",
+    "UnsupportedInputError",
+    "VLMOutput",
+    "build",
+]

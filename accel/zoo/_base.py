@@ -7,10 +7,25 @@ app can exercise the real diffusers/transformers classes offline, on CPU, in sec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
+
+from accel.errors import AccelError
+
+
+class UnknownModelError(AccelError, ValueError):
+    """A family, benchmark scenario or model the zoo does not know; the message lists the known ones."""
+
+
+class UnsupportedInputError(AccelError, ValueError):
+    """An input a tiny model's family does not take (e.g. a video for LLaVA); the message says what it takes."""
+
+
+class UnknownOverrideError(UnsupportedInputError, TypeError):
+    """`TinyModel.run` got a keyword its family does not know (also a TypeError, like any unknown keyword)."""
 
 
 @dataclass
@@ -39,6 +54,11 @@ class TinyModel:
 
     def run(self, seed: int = 0, **overrides) -> Any:
         return self._run(seed, **overrides)
+
+    @classmethod
+    def of(cls, family: str, kind: str, obj: Any, run: Callable[..., Any], default_steps: int | None = None):
+        """The zoo's model of `family`, named "tiny-random-<family>"."""
+        return cls(f"tiny-random-{family}", family, kind, obj, run, default_steps)
 
 
 def seeded(seed: int, build: Callable[[], Any]) -> Any:

@@ -24,11 +24,12 @@ embeddings are repeated instead (same result: B images per prompt). Pixels come 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from accel.zoo._base import TinyModel, seeded
+from accel.zoo._diffusers import prompt_embeds
 
 DEFAULT_STEPS = 12
 
@@ -43,8 +44,6 @@ _SDXL_TXT_DIM = 64  # CLIP-L + CLIP-G hidden concat stand-in
 _SDXL_POOLED_DIM = 32  # CLIP-G pooled (text_embeds) stand-in
 _SDXL_TIME_DIM = 8  # addition_time_embed_dim
 
-
-
 # black-forest-labs/FLUX.1-dev, scheduler/scheduler_config.json (also used by accel/bench/scenarios.py).
 FLUX_DEV_SCHEDULER = dict(
     num_train_timesteps=1000,
@@ -56,48 +55,35 @@ FLUX_DEV_SCHEDULER = dict(
     max_image_seq_len=4096,
 )
 
-
-# The tiny FLUX transformer (also the --tiny stand-in of accel/bench/scenarios.py).
-TINY_FLUX_TRANSFORMER = dict(
+# black-forest-labs/FLUX.1-dev, transformer/config.json ("out_channels": null -> in_channels).
+FLUX_DEV_TRANSFORMER = dict(
     patch_size=1,
-    in_channels=64,  # 16 latent channels packed 2x2
+    in_channels=64,  # 16 VAE latent channels packed 2x2
+    out_channels=None,
+    num_layers=19,  # double-stream blocks
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,  # inner dim 3072
+    joint_attention_dim=4096,  # T5-XXL hidden size
+    pooled_projection_dim=768,  # CLIP-L pooled
+    guidance_embeds=True,  # guidance-distilled
+    axes_dims_rope=(16, 56, 56),
+)
+
+# The tiny FLUX transformer: the released one, narrow and shallow (also the --tiny stand-in of
+# accel/bench/scenarios.py).
+TINY_FLUX_TRANSFORMER = dict(
+    FLUX_DEV_TRANSFORMER,
     num_layers=2,
     num_single_layers=3,
     attention_head_dim=16,
     num_attention_heads=2,
     joint_attention_dim=_FLUX_TXT_DIM,
     pooled_projection_dim=_FLUX_POOLED_DIM,
-    guidance_embeds=True,
     axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
 )
 
-
-def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(*shape, generator=gen, dtype=torch.float32).to(dtype)
-
-
 _POOLED_KEYS = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
-
-
-def _pooled_embeds(gen: torch.Generator, txt_dim: int, pooled_dim: int, dtype: torch.dtype) -> dict:
-    """Prompt, pooled and negative embeddings in place of text encoders (in this order: seeds depend on it)."""
-    return dict(
-        prompt_embeds=_randn(gen, 1, _TXT_LEN, txt_dim, dtype=dtype),
-        pooled_prompt_embeds=_randn(gen, 1, pooled_dim, dtype=dtype),
-        negative_prompt_embeds=_randn(gen, 1, _TXT_LEN, txt_dim, dtype=dtype),
-        negative_pooled_prompt_embeds=_randn(gen, 1, pooled_dim, dtype=dtype),
-    )
-
-
-def _finish(pipe, dtype: torch.dtype):
-    for comp in pipe.components.values():
-        if isinstance(comp, torch.nn.Module):
-            # Plain nn.Module.to: diffusers' ModelMixin.to(dtype) logs a "should be kept in float32: []" warning
-            # on every dtype cast even when nothing must stay in fp32 (these tiny models have no such modules).
-            torch.nn.Module.to(comp, dtype=dtype)
-            comp.eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _vae(latent_channels: int, *, quant_conv: bool, scaling_factor: float, shift_factor: float | None):
@@ -150,6 +136,33 @@ def _make_run(pipe, defaults: dict, repeat_keys: tuple[str, ...] = ()) -> Callab
     return _run
 
 
+def _tiny_image(
+    family: str,
+    seed: int,
+    dtype: torch.dtype,
+    build: Callable[[], object],
+    text_dim: int,
+    pooled_dim: int | None = None,
+    repeat_keys: tuple[str, ...] = (),
+    **call,
+) -> TinyModel:
+    """The family's TinyModel: `build()` makes the pipeline with weights drawn from `seed`, cast to `dtype`; the
+    default call passes prompt embeddings drawn from `seed + 1` (pooled ones with `pooled_dim`), 64x64 pixels,
+    DEFAULT_STEPS steps and `call`."""
+    pipe = seeded(seed, build)
+    for comp in pipe.components.values():
+        if isinstance(comp, torch.nn.Module):
+            # Plain nn.Module.to: diffusers' ModelMixin.to(dtype) logs a "should be kept in float32: []" warning
+            # on every dtype cast even when nothing must stay in fp32 (these tiny models have no such modules).
+            torch.nn.Module.to(comp, dtype=dtype)
+            comp.eval()
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator("cpu").manual_seed(seed + 1)
+    defaults = prompt_embeds(gen, _TXT_LEN, text_dim, dtype, pooled_dim)
+    defaults.update(num_inference_steps=DEFAULT_STEPS, height=64, width=64, num_images_per_prompt=1, **call)
+    return TinyModel.of(family, "image", pipe, _make_run(pipe, defaults, repeat_keys), DEFAULT_STEPS)
+
+
 # --------------------------------------------------------------------------------------------------- flux
 
 
@@ -171,25 +184,8 @@ def tiny_flux(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             transformer=transformer,
         )
 
-    pipe = _finish(seeded(seed, build), dtype)
-    gen = torch.Generator("cpu").manual_seed(seed + 1)
-    defaults = dict(
-        **_pooled_embeds(gen, _FLUX_TXT_DIM, _FLUX_POOLED_DIM, dtype),
-        true_cfg_scale=4.0,
-        guidance_scale=3.5,
-        num_inference_steps=DEFAULT_STEPS,
-        height=64,
-        width=64,
-        num_images_per_prompt=1,
-    )
-    return TinyModel(
-        name="tiny-random-flux",
-        family="flux",
-        kind="image",
-        obj=pipe,
-        _run=_make_run(pipe, defaults, _POOLED_KEYS),
-        default_steps=DEFAULT_STEPS,
-    )
+    call = dict(true_cfg_scale=4.0, guidance_scale=3.5)
+    return _tiny_image("flux", seed, dtype, build, _FLUX_TXT_DIM, _FLUX_POOLED_DIM, _POOLED_KEYS, **call)
 
 
 # ---------------------------------------------------------------------------------------------------- sd3
@@ -227,24 +223,7 @@ def tiny_sd3(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             tokenizer_3=None,
         )
 
-    pipe = _finish(seeded(seed, build), dtype)
-    gen = torch.Generator("cpu").manual_seed(seed + 1)
-    defaults = dict(
-        **_pooled_embeds(gen, _SD3_TXT_DIM, _SD3_POOLED_DIM, dtype),
-        guidance_scale=5.0,
-        num_inference_steps=DEFAULT_STEPS,
-        height=64,
-        width=64,
-        num_images_per_prompt=1,
-    )
-    return TinyModel(
-        name="tiny-random-sd3",
-        family="sd3",
-        kind="image",
-        obj=pipe,
-        _run=_make_run(pipe, defaults, _POOLED_KEYS),
-        default_steps=DEFAULT_STEPS,
-    )
+    return _tiny_image("sd3", seed, dtype, build, _SD3_TXT_DIM, _SD3_POOLED_DIM, _POOLED_KEYS, guidance_scale=5.0)
 
 
 # --------------------------------------------------------------------------------------------------- sd15
@@ -288,25 +267,7 @@ def tiny_sd15(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             requires_safety_checker=False,
         )
 
-    pipe = _finish(seeded(seed, build), dtype)
-    gen = torch.Generator("cpu").manual_seed(seed + 1)
-    defaults = dict(
-        prompt_embeds=_randn(gen, 1, _TXT_LEN, _SD15_TXT_DIM, dtype=dtype),
-        negative_prompt_embeds=_randn(gen, 1, _TXT_LEN, _SD15_TXT_DIM, dtype=dtype),
-        guidance_scale=7.5,
-        num_inference_steps=DEFAULT_STEPS,
-        height=64,
-        width=64,
-        num_images_per_prompt=1,
-    )
-    return TinyModel(
-        name="tiny-random-sd15",
-        family="sd15",
-        kind="image",
-        obj=pipe,
-        _run=_make_run(pipe, defaults),
-        default_steps=DEFAULT_STEPS,
-    )
+    return _tiny_image("sd15", seed, dtype, build, _SD15_TXT_DIM, guidance_scale=7.5)
 
 
 # --------------------------------------------------------------------------------------------------- sdxl
@@ -355,24 +316,7 @@ def tiny_sdxl(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             add_watermarker=False,
         )
 
-    pipe = _finish(seeded(seed, build), dtype)
-    gen = torch.Generator("cpu").manual_seed(seed + 1)
-    defaults = dict(
-        **_pooled_embeds(gen, _SDXL_TXT_DIM, _SDXL_POOLED_DIM, dtype),
-        guidance_scale=5.0,
-        num_inference_steps=DEFAULT_STEPS,
-        height=64,
-        width=64,
-        num_images_per_prompt=1,
-    )
-    return TinyModel(
-        name="tiny-random-sdxl",
-        family="sdxl",
-        kind="image",
-        obj=pipe,
-        _run=_make_run(pipe, defaults),
-        default_steps=DEFAULT_STEPS,
-    )
+    return _tiny_image("sdxl", seed, dtype, build, _SDXL_TXT_DIM, _SDXL_POOLED_DIM, guidance_scale=5.0)
 
 
 BUILDERS: dict[str, Callable[..., TinyModel]] = {

@@ -16,118 +16,45 @@ The "prompt" embeddings are fixed per built model (drawn from the build seed); t
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
 
 import torch
 
-from accel.zoo._base import TinyModel, seeded
-
-DEFAULT_STEPS = 10
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# helpers
-
-
-
-def _prepare(modules, dtype: torch.dtype) -> None:
-    """eval() (parameters keep requires_grad=True, as from `from_pretrained`), and cast to `dtype` the way
-    `from_pretrained(torch_dtype=dtype)` would: floating parameters and persistent buffers go to `dtype`,
-    except those under the class's `_keep_in_fp32_modules`
-    (e.g. Wan's rope / time_embedder / norms / scale_shift_table), which stay float32. Non-persistent buffers
-    stay as built. (`ModelMixin.to(dtype)` would cast everything and warn.)"""
-    for m in modules:
-        m.eval()
-        if dtype == torch.float32:
-            continue
-        keep = getattr(m, "_keep_in_fp32_modules", None) or []
-        state_names = set(m.state_dict().keys())
-        for mod_name, mod in m.named_modules():
-            prefix = f"{mod_name}." if mod_name else ""
-            for pname, p in list(mod.named_parameters(recurse=False)):
-                if torch.is_floating_point(p):
-                    full = prefix + pname
-                    target = torch.float32 if any(k in full.split(".") for k in keep) else dtype
-                    p.data = p.data.to(target)
-            for bname, b in list(mod.named_buffers(recurse=False)):
-                full = prefix + bname
-                if b is not None and torch.is_floating_point(b) and full in state_names:
-                    target = torch.float32 if any(k in full.split(".") for k in keep) else dtype
-                    setattr(mod, bname, b.to(target))
-
-
-def _embeds(gen: torch.Generator, batch: int, seq: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(batch, seq, dim, generator=gen, dtype=torch.float32).to(dtype)
-
-
-def _mask(batch: int, seq: int, valid: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Attention mask with `valid` leading ones, like a padded tokenizer output."""
-    m = torch.zeros(batch, seq, dtype=dtype)
-    m[:, :valid] = 1
-    return m
-
-
-def _to_pixels(frames: Any) -> Any:
-    """Pipeline output -> float32 [B, F, C, H, W] in [0, 1] (for output_type "pt" / "np")."""
-    if isinstance(frames, torch.Tensor):
-        return frames.float().cpu()
-    try:
-        import numpy as np
-
-        if isinstance(frames, np.ndarray):  # np: [B, F, H, W, C]
-            return torch.from_numpy(frames).float().permute(0, 1, 4, 2, 3).contiguous()
-    except ImportError:  # pragma: no cover
-        pass
-    return frames  # "pil" / "latent": return as the pipeline gave it
-
-
-def _make_run(pipe, defaults: dict[str, Any]) -> Callable[..., Any]:
-    """`run(seed, **overrides)`: call the pipeline as a user would; overrides win over defaults."""
-
-    def _run(seed: int = 0, **overrides: Any) -> Any:
-        # The stored embeddings live on CPU; follow the pipeline if it was moved (`pipe.to("cuda")`), since these
-        # pipelines do not move user-given embeddings themselves. The generator stays on CPU (as in diffusers docs),
-        # so the initial noise is the same on every device.
-        device = pipe.device
-        kwargs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in defaults.items()}
-        kwargs["output_type"] = "pt"
-        kwargs.update(overrides)
-        if "generator" not in overrides:
-            kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
-        # Not every pipeline repeats user-given embeddings by num_videos_per_prompt (CogVideoX does not):
-        # repeat them here so a batch of n videos works the same for all families.
-        copies = int(kwargs.pop("num_videos_per_prompt", None) or 1)
-        if copies > 1:
-            for key, value in list(kwargs.items()):
-                if key != "latents" and isinstance(value, torch.Tensor) and ("embeds" in key or "mask" in key):
-                    kwargs[key] = value.repeat_interleave(copies, dim=0)
-        out = pipe(**kwargs)  # the pipelines' __call__ already runs under torch.no_grad()
-        frames = out[0] if isinstance(out, tuple) else out.frames
-        return _to_pixels(frames)
-
-    return _run
-
+from accel.zoo._base import TinyModel
+from accel.zoo._video import DEFAULT_STEPS, TEXT_DIM, TEXT_LEN, tiny_video
 
 # --------------------------------------------------------------------------------------------------------------------
 # Wan 2.1 (T2V)
 
-WAN_TEXT_DIM = 32
-WAN_TEXT_LEN = 16
-
-# The tiny Wan transformer (also the --tiny stand-in of accel/bench/scenarios.py).
-TINY_WAN_TRANSFORMER = dict(
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json (hidden size 12 x 128 = 1536).
+WAN21_T2V_1_3B_TRANSFORMER = dict(
     patch_size=(1, 2, 2),
-    num_attention_heads=2,
-    attention_head_dim=16,
+    num_attention_heads=12,
+    attention_head_dim=128,
     in_channels=16,
     out_channels=16,
-    text_dim=WAN_TEXT_DIM,
-    freq_dim=32,
-    ffn_dim=64,
-    num_layers=3,
+    text_dim=4096,  # umT5-XXL hidden size
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
     cross_attn_norm=True,
     qk_norm="rms_norm_across_heads",
     eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,
+    rope_max_seq_len=1024,
+)
+
+# The tiny Wan transformer: the released one, narrow and 3 blocks deep (also the --tiny stand-in of
+# accel/bench/scenarios.py).
+TINY_WAN_TRANSFORMER = dict(
+    WAN21_T2V_1_3B_TRANSFORMER,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    text_dim=TEXT_DIM,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=3,
     rope_max_seq_len=64,
 )
 
@@ -140,7 +67,7 @@ def tiny_wan(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
     (`cache_context("cond")`, then `cache_context("uncond")`)."""
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
-    def build():
+    def modules():
         transformer = WanTransformer3DModel(**TINY_WAN_TRANSFORMER)
         vae = AutoencoderKLWan(
             base_dim=4,
@@ -150,13 +77,8 @@ def tiny_wan(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             attn_scales=[],
             temperal_downsample=[False, True, True],
         )
-        gen = torch.Generator("cpu").manual_seed(seed)
-        emb = _embeds(gen, 1, WAN_TEXT_LEN, WAN_TEXT_DIM, dtype)
-        neg = _embeds(gen, 1, WAN_TEXT_LEN, WAN_TEXT_DIM, dtype)
-        return transformer, vae, emb, neg
+        return transformer, vae
 
-    transformer, vae, emb, neg = seeded(seed, build)
-    _prepare([transformer, vae], dtype)
     # Wan-AI/Wan2.1-T2V-1.3B-Diffusers scheduler/scheduler_config.json
     scheduler = UniPCMultistepScheduler(
         num_train_timesteps=1000,
@@ -172,34 +94,17 @@ def tiny_wan(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
         timestep_spacing="linspace",
         final_sigmas_type="zero",
     )
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    defaults = dict(
-        prompt_embeds=emb,
-        negative_prompt_embeds=neg,
-        height=64,
-        width=64,
-        num_frames=9,
-        num_inference_steps=DEFAULT_STEPS,
-        guidance_scale=5.0,
-    )
-    return TinyModel(
-        name="tiny-random-wan",
-        family="wan",
-        kind="video",
-        obj=pipe,
-        _run=_make_run(pipe, defaults),
-        default_steps=DEFAULT_STEPS,
-    )
+
+    def pipeline(transformer, vae):
+        return WanPipeline(tokenizer=None, text_encoder=None, transformer=transformer, vae=vae, scheduler=scheduler)
+
+    return tiny_video("wan", seed, dtype, modules, pipeline, height=64, width=64, guidance_scale=5.0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # HunyuanVideo (T2V)
 
-HY_TEXT_DIM = 32
-HY_TEXT_LEN = 16
-HY_TEXT_VALID = 12
-HY_POOLED_DIM = 16
+_HY_POOLED_DIM = 16
 
 
 def tiny_hunyuan_video(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
@@ -218,7 +123,7 @@ def tiny_hunyuan_video(seed: int = 0, dtype: torch.dtype = torch.float32) -> Tin
         HunyuanVideoTransformer3DModel,
     )
 
-    def build():
+    def modules():
         transformer = HunyuanVideoTransformer3DModel(
             in_channels=4,
             out_channels=4,
@@ -232,8 +137,8 @@ def tiny_hunyuan_video(seed: int = 0, dtype: torch.dtype = torch.float32) -> Tin
             patch_size_t=1,
             qk_norm="rms_norm",
             guidance_embeds=True,
-            text_embed_dim=HY_TEXT_DIM,
-            pooled_projection_dim=HY_POOLED_DIM,
+            text_embed_dim=TEXT_DIM,
+            pooled_projection_dim=_HY_POOLED_DIM,
             rope_theta=256.0,
             rope_axes_dim=(4, 6, 6),
         )
@@ -252,56 +157,20 @@ def tiny_hunyuan_video(seed: int = 0, dtype: torch.dtype = torch.float32) -> Tin
             temporal_compression_ratio=4,
             mid_block_add_attention=True,
         )
-        gen = torch.Generator("cpu").manual_seed(seed)
-        emb = _embeds(gen, 1, HY_TEXT_LEN, HY_TEXT_DIM, dtype)
-        pooled = torch.randn(1, HY_POOLED_DIM, generator=gen).to(dtype)
-        neg = _embeds(gen, 1, HY_TEXT_LEN, HY_TEXT_DIM, dtype)
-        neg_pooled = torch.randn(1, HY_POOLED_DIM, generator=gen).to(dtype)
-        return transformer, vae, emb, pooled, neg, neg_pooled
+        return transformer, vae
 
-    transformer, vae, emb, pooled, neg, neg_pooled = seeded(seed, build)
-    _prepare([transformer, vae], dtype)
-    # hunyuanvideo-community/HunyuanVideo scheduler/scheduler_config.json
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=7.0)
-    pipe = HunyuanVideoPipeline(
-        text_encoder=None,
-        tokenizer=None,
-        transformer=transformer,
-        vae=vae,
-        scheduler=scheduler,
-        text_encoder_2=None,
-        tokenizer_2=None,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    defaults = dict(
-        prompt_embeds=emb,
-        pooled_prompt_embeds=pooled,
-        prompt_attention_mask=_mask(1, HY_TEXT_LEN, HY_TEXT_VALID),
-        negative_prompt_embeds=neg,
-        negative_pooled_prompt_embeds=neg_pooled,
-        negative_prompt_attention_mask=_mask(1, HY_TEXT_LEN, HY_TEXT_VALID // 2),
-        height=64,
-        width=64,
-        num_frames=9,
-        num_inference_steps=DEFAULT_STEPS,
-        guidance_scale=6.0,
-        true_cfg_scale=4.0,
-    )
-    return TinyModel(
-        name="tiny-random-hunyuan_video",
-        family="hunyuan_video",
-        kind="video",
-        obj=pipe,
-        _run=_make_run(pipe, defaults),
-        default_steps=DEFAULT_STEPS,
-    )
+    def pipeline(transformer, vae):
+        # hunyuanvideo-community/HunyuanVideo scheduler/scheduler_config.json
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=7.0)
+        no_text = dict.fromkeys(("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"))
+        return HunyuanVideoPipeline(transformer=transformer, vae=vae, scheduler=scheduler, **no_text)
+
+    call = dict(height=64, width=64, guidance_scale=6.0, true_cfg_scale=4.0)
+    return tiny_video("hunyuan_video", seed, dtype, modules, pipeline, _HY_POOLED_DIM, masks=True, **call)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # CogVideoX (1.0, 5b-style: rotary positions)
-
-COG_TEXT_DIM = 32
-COG_TEXT_LEN = 16
 
 
 def tiny_cogvideox(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
@@ -318,21 +187,21 @@ def tiny_cogvideox(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyMod
         CogVideoXTransformer3DModel,
     )
 
-    def build():
+    def modules():
         transformer = CogVideoXTransformer3DModel(
             num_attention_heads=2,
             attention_head_dim=16,
             in_channels=4,
             out_channels=4,
             time_embed_dim=16,
-            text_embed_dim=COG_TEXT_DIM,
+            text_embed_dim=TEXT_DIM,
             num_layers=3,
             sample_width=8,  # latent grid of the default 64x64 run
             sample_height=8,
             sample_frames=9,
             patch_size=2,
             temporal_compression_ratio=4,
-            max_text_seq_length=COG_TEXT_LEN,
+            max_text_seq_length=TEXT_LEN,
             use_rotary_positional_embeddings=True,
             use_learned_positional_embeddings=False,
         )
@@ -350,13 +219,8 @@ def tiny_cogvideox(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyMod
             sample_width=64,
             scaling_factor=0.7,
         )
-        gen = torch.Generator("cpu").manual_seed(seed)
-        emb = _embeds(gen, 1, COG_TEXT_LEN, COG_TEXT_DIM, dtype)
-        neg = _embeds(gen, 1, COG_TEXT_LEN, COG_TEXT_DIM, dtype)
-        return transformer, vae, emb, neg
+        return transformer, vae
 
-    transformer, vae, emb, neg = seeded(seed, build)
-    _prepare([transformer, vae], dtype)
     # THUDM/CogVideoX-5b scheduler/scheduler_config.json
     scheduler = CogVideoXDDIMScheduler(
         num_train_timesteps=1000,
@@ -371,33 +235,17 @@ def tiny_cogvideox(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyMod
         rescale_betas_zero_snr=True,
         snr_shift_scale=1.0,
     )
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    defaults = dict(
-        prompt_embeds=emb,
-        negative_prompt_embeds=neg,
-        height=64,
-        width=64,
-        num_frames=9,
-        num_inference_steps=DEFAULT_STEPS,
-        guidance_scale=6.0,
-    )
-    return TinyModel(
-        name="tiny-random-cogvideox",
-        family="cogvideox",
-        kind="video",
-        obj=pipe,
-        _run=_make_run(pipe, defaults),
-        default_steps=DEFAULT_STEPS,
-    )
+
+    def pipeline(transformer, vae):
+        return CogVideoXPipeline(
+            transformer=transformer, vae=vae, scheduler=scheduler, text_encoder=None, tokenizer=None
+        )
+
+    return tiny_video("cogvideox", seed, dtype, modules, pipeline, height=64, width=64, guidance_scale=6.0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # LTX-Video (0.9.0)
-
-LTX_TEXT_DIM = 32
-LTX_TEXT_LEN = 16
-LTX_TEXT_VALID = 12
 
 
 def tiny_ltx(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
@@ -416,7 +264,7 @@ def tiny_ltx(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
         LTXVideoTransformer3DModel,
     )
 
-    def build():
+    def modules():
         transformer = LTXVideoTransformer3DModel(
             in_channels=8,
             out_channels=8,
@@ -426,7 +274,7 @@ def tiny_ltx(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             attention_head_dim=16,
             cross_attention_dim=32,
             num_layers=3,
-            caption_channels=LTX_TEXT_DIM,
+            caption_channels=TEXT_DIM,
         )
         vae = AutoencoderKLLTXVideo(
             in_channels=3,
@@ -447,13 +295,8 @@ def tiny_ltx(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
             encoder_causal=True,
             decoder_causal=False,
         )
-        gen = torch.Generator("cpu").manual_seed(seed)
-        emb = _embeds(gen, 1, LTX_TEXT_LEN, LTX_TEXT_DIM, dtype)
-        neg = _embeds(gen, 1, LTX_TEXT_LEN, LTX_TEXT_DIM, dtype)
-        return transformer, vae, emb, neg
+        return transformer, vae
 
-    transformer, vae, emb, neg = seeded(seed, build)
-    _prepare([transformer, vae], dtype)
     # Lightricks/LTX-Video scheduler/scheduler_config.json
     scheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
@@ -465,27 +308,11 @@ def tiny_ltx(seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
         max_image_seq_len=4096,
         shift_terminal=0.1,
     )
-    pipe = LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    defaults = dict(
-        prompt_embeds=emb,
-        prompt_attention_mask=_mask(1, LTX_TEXT_LEN, LTX_TEXT_VALID),
-        negative_prompt_embeds=neg,
-        negative_prompt_attention_mask=_mask(1, LTX_TEXT_LEN, LTX_TEXT_VALID // 2),
-        height=128,
-        width=128,
-        num_frames=9,
-        num_inference_steps=DEFAULT_STEPS,
-        guidance_scale=3.0,
-    )
-    return TinyModel(
-        name="tiny-random-ltx",
-        family="ltx",
-        kind="video",
-        obj=pipe,
-        _run=_make_run(pipe, defaults),
-        default_steps=DEFAULT_STEPS,
-    )
+
+    def pipeline(transformer, vae):
+        return LTXPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+
+    return tiny_video("ltx", seed, dtype, modules, pipeline, masks=True, height=128, width=128, guidance_scale=3.0)
 
 
 BUILDERS: dict[str, Callable[..., TinyModel]] = {
@@ -495,4 +322,13 @@ BUILDERS: dict[str, Callable[..., TinyModel]] = {
     "ltx": tiny_ltx,
 }
 
-__all__ = ["BUILDERS", "DEFAULT_STEPS", "tiny_cogvideox", "tiny_hunyuan_video", "tiny_ltx", "tiny_wan"]
+__all__ = [
+    "BUILDERS",
+    "DEFAULT_STEPS",
+    "TINY_WAN_TRANSFORMER",
+    "WAN21_T2V_1_3B_TRANSFORMER",
+    "tiny_cogvideox",
+    "tiny_hunyuan_video",
+    "tiny_ltx",
+    "tiny_wan",
+]
