@@ -20,46 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from accel.zoo.image import FLUX_DEV_SCHEDULER, TINY_FLUX_TRANSFORMER
-from accel.zoo.video import TINY_WAN_TRANSFORMER
+from accel.zoo._diffusers import cast_like_from_pretrained
+from accel.zoo.image import FLUX_DEV_SCHEDULER, FLUX_DEV_TRANSFORMER, TINY_FLUX_TRANSFORMER
+from accel.zoo.video import TINY_WAN_TRANSFORMER, WAN21_T2V_1_3B_TRANSFORMER
 
-# black-forest-labs/FLUX.1-dev, transformer/config.json ("out_channels": null -> in_channels).
-FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1,
-    in_channels=64,  # 16 VAE latent channels packed 2x2
-    out_channels=None,
-    num_layers=19,  # double-stream blocks
-    num_single_layers=38,
-    attention_head_dim=128,
-    num_attention_heads=24,  # inner dim 3072
-    joint_attention_dim=4096,  # T5-XXL hidden size
-    pooled_projection_dim=768,  # CLIP-L pooled
-    guidance_embeds=True,  # guidance-distilled
-    axes_dims_rope=(16, 56, 56),
-)
-# Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/config.json (hidden size 12 x 128 = 1536).
-WAN21_T2V_1_3B_TRANSFORMER = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,  # umT5-XXL hidden size
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    image_dim=None,
-    added_kv_proj_dim=None,
-    rope_max_seq_len=1024,
-)
 # The released Wan2.1 pipeline uses UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
 # flow_shift=3.0); the benchmarks step with flow-matching Euler at the same shift.
 WAN_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
-
-
 
 
 @dataclass(frozen=True)
@@ -90,29 +57,6 @@ INT8_TILE_SWEEP = [(128, 64, 8, None), (128, 64, 4, 3), (128, 128, 8, 2), (128, 
                    (64, 128, 4, 2)]
 
 
-def cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast the way ``from_pretrained(torch_dtype=dtype)`` loads: floating parameters and persistent buffers go to
-    ``dtype`` except those under the class's ``_keep_in_fp32_modules`` (Wan: rope, time_embedder,
-    scale_shift_table, norm1-3), which stay float32. Non-persistent buffers (e.g. Wan's rope tables) stay as built."""
-    if dtype == torch.float32:
-        return
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
-    persistent = set(model.state_dict().keys())
-
-    def target(name: str) -> torch.dtype:
-        return torch.float32 if keep & set(name.split(".")) else dtype
-
-    for mod_name, mod in model.named_modules():
-        prefix = f"{mod_name}." if mod_name else ""
-        for pname, p in list(mod.named_parameters(recurse=False)):
-            if p.is_floating_point():
-                p.data = p.data.to(target(prefix + pname))
-        for bname, b in list(mod.named_buffers(recurse=False)):
-            full = prefix + bname
-            if b is not None and b.is_floating_point() and full in persistent:
-                mod._buffers[bname] = b.to(target(full))
-
-
 def build_model(cls: type, config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
     """Random init directly on `device` (no 12B-parameter init on the CPU), then the from_pretrained-style cast."""
     torch.manual_seed(seed)
@@ -125,6 +69,14 @@ def build_model(cls: type, config: dict, device: torch.device, dtype: torch.dtyp
     return model
 
 
+def _end_of_call(model: nn.Module) -> None:
+    """What `DiffusionPipeline.maybe_free_model_hooks()` does to the denoiser at the end of a pipeline call: reset
+    the state of its stateful hooks (a step cache's, for one), through the public hook registry."""
+    from diffusers.hooks import HookRegistry
+
+    HookRegistry.check_if_exists_or_initialize(model).reset_stateful_hooks(recurse=True)
+
+
 class Scenario:
     """One released model's transformer at its real shapes; subclasses fill in the model and its pipeline loop."""
 
@@ -132,9 +84,13 @@ class Scenario:
     title: str
     branches: tuple[str, ...]  # cache contexts per denoising step (CFG: "cond", "uncond")
     default_steps: int
+    guidance_scale: float
     released: dict  # the transformer's released config
     tiny_config: dict
     checkpoint: str
+    transformer_class: str  # the diffusers class of `released`
+    scheduler_name: str  # the scheduler `denoise` steps with (and how it differs from the released pipeline's)
+    scheduler_config: dict
 
     def __init__(self, tiny: bool, device: torch.device, dtype: torch.dtype, seed: int, **size: Any):
         self.tiny, self.device, self.dtype, self.seed = tiny, torch.device(device), dtype, seed
@@ -145,7 +101,10 @@ class Scenario:
         raise NotImplementedError
 
     def build(self) -> nn.Module:
-        raise NotImplementedError
+        import diffusers
+
+        cls = getattr(diffusers, self.transformer_class)
+        return build_model(cls, self.config, self.device, self.dtype, self.seed)
 
     def make_inputs(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -154,8 +113,15 @@ class Scenario:
         """One conditional denoiser call on the initial noise (default: the schedule's middle timestep)."""
         raise NotImplementedError
 
+    @torch.no_grad()
     def denoise(self, model: nn.Module, inputs: dict[str, Any], steps: int) -> torch.Tensor:
         """The released pipeline's denoising loop on the transformer alone; returns the final latent."""
+        latents = self._loop(model, inputs, steps)
+        _end_of_call(model)
+        return latents
+
+    def _loop(self, model: nn.Module, inputs: dict[str, Any], steps: int) -> torch.Tensor:
+        """The loop of the released pipeline's `__call__` (without the end-of-call reset)."""
         raise NotImplementedError
 
     def probe(self, model: nn.Module) -> nn.Module:
@@ -165,6 +131,20 @@ class Scenario:
 
     def describe(self) -> dict[str, Any]:
         """The scenario's shapes and configs, for a result's JSON."""
+        return dict(
+            model=self.transformer_class,
+            checkpoint_config=self._checkpoint(),
+            transformer_config=dict(self.config),
+            scheduler=self.scheduler_name,
+            scheduler_config=dict(self.scheduler_config),
+            pixels=f"{self.width}x{self.height}",
+            **self._shapes(),
+            guidance=self.guidance_scale,
+            calls_per_step=len(self.branches),
+        )
+
+    def _shapes(self) -> dict[str, Any]:
+        """The latent and embedding shapes of `describe`."""
         raise NotImplementedError
 
     def _checkpoint(self) -> str:
@@ -192,6 +172,8 @@ class FluxScenario(Scenario):
     guidance_scale = 3.5  # FluxPipeline default
     released, tiny_config = FLUX_DEV_TRANSFORMER, TINY_FLUX_TRANSFORMER
     checkpoint = "black-forest-labs/FLUX.1-dev"
+    transformer_class = "FluxTransformer2DModel"
+    scheduler_name, scheduler_config = "FlowMatchEulerDiscreteScheduler", FLUX_DEV_SCHEDULER
 
     def _size(self, height: int | None = None, width: int | None = None, text_len: int | None = None) -> None:
         self.height = height or (256 if self.tiny else 1024)
@@ -203,10 +185,14 @@ class FluxScenario(Scenario):
         self.lat_h, self.lat_w = 2 * (self.height // 16), 2 * (self.width // 16)
         self.image_tokens = (self.lat_h // 2) * (self.lat_w // 2)
 
-    def build(self) -> nn.Module:
-        from diffusers import FluxTransformer2DModel
-
-        return build_model(FluxTransformer2DModel, self.config, self.device, self.dtype, self.seed)
+    def _shapes(self) -> dict[str, Any]:
+        return dict(
+            latent_shape=[1, self.image_tokens, 64],
+            image_tokens=self.image_tokens,
+            text_tokens=self.text_len,
+            prompt_embeds_shape=[1, self.text_len, self.text_dim],
+            pooled_shape=[1, self.pooled_dim],
+        )
 
     def make_inputs(self) -> dict[str, Any]:
         gen = torch.Generator("cpu").manual_seed(self.seed + 1)
@@ -245,7 +231,7 @@ class FluxScenario(Scenario):
         import numpy as np
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        sched = FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER)
+        sched = FlowMatchEulerDiscreteScheduler(**self.scheduler_config)
         # diffusers.pipelines.flux.pipeline_flux.calculate_shift (inlined: importing the pipeline module pulls in
         # transformers): mu grows linearly from base_shift at 256 image tokens to max_shift at 4096.
         cfg = sched.config
@@ -255,8 +241,7 @@ class FluxScenario(Scenario):
         sched.set_begin_index(0)
         return sched
 
-    @torch.no_grad()
-    def denoise(self, model: nn.Module, inputs: dict[str, Any], steps: int) -> torch.Tensor:
+    def _loop(self, model: nn.Module, inputs: dict[str, Any], steps: int) -> torch.Tensor:
         # The loop of FluxPipeline.__call__ (diffusers 0.42), true CFG off (FLUX.1-dev is guidance-distilled).
         sched = self._scheduler(steps)
         latents = inputs["noise"].clone()
@@ -265,28 +250,10 @@ class FluxScenario(Scenario):
             with model.cache_context("cond"):
                 noise_pred = self._call(model, inputs, latents, timestep / 1000)
             latents = sched.step(noise_pred, t, latents, return_dict=False)[0]
-        model._reset_stateful_cache()  # what DiffusionPipeline.maybe_free_model_hooks() does at the end of a call
         return latents
 
     def probe(self, model: nn.Module) -> nn.Module:
         return model.single_transformer_blocks[-1].proj_out
-
-    def describe(self) -> dict[str, Any]:
-        return dict(
-            model="FluxTransformer2DModel",
-            checkpoint_config=self._checkpoint(),
-            transformer_config=dict(self.config),
-            scheduler="FlowMatchEulerDiscreteScheduler",
-            scheduler_config=dict(FLUX_DEV_SCHEDULER),
-            pixels=f"{self.width}x{self.height}",
-            latent_shape=[1, self.image_tokens, 64],
-            image_tokens=self.image_tokens,
-            text_tokens=self.text_len,
-            prompt_embeds_shape=[1, self.text_len, self.text_dim],
-            pooled_shape=[1, self.pooled_dim],
-            guidance=self.guidance_scale,
-            calls_per_step=len(self.branches),
-        )
 
 
 class WanScenario(Scenario):
@@ -300,6 +267,9 @@ class WanScenario(Scenario):
     guidance_scale = 5.0  # WanPipeline default
     released, tiny_config = WAN21_T2V_1_3B_TRANSFORMER, TINY_WAN_TRANSFORMER
     checkpoint = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    transformer_class = "WanTransformer3DModel"
+    scheduler_name = "FlowMatchEulerDiscreteScheduler (released pipeline: UniPCMultistepScheduler, flow_shift 3.0)"
+    scheduler_config = WAN_SCHEDULER
 
     def _size(self, height: int | None = None, width: int | None = None, frames: int | None = None,
               text_len: int | None = None) -> None:
@@ -313,10 +283,13 @@ class WanScenario(Scenario):
         pt, ph, pw = self.config["patch_size"]
         self.video_tokens = (self.latent_shape[2] // pt) * (self.latent_shape[3] // ph) * (self.latent_shape[4] // pw)
 
-    def build(self) -> nn.Module:
-        from diffusers import WanTransformer3DModel
-
-        return build_model(WanTransformer3DModel, self.config, self.device, self.dtype, self.seed)
+    def _shapes(self) -> dict[str, Any]:
+        return dict(
+            frames=self.frames,
+            latent_shape=self.latent_shape,
+            video_tokens=self.video_tokens,
+            prompt_embeds_shape=[1, self.text_len, self.text_dim],
+        )
 
     def make_inputs(self) -> dict[str, Any]:
         gen = torch.Generator("cpu").manual_seed(self.seed + 1)
@@ -336,12 +309,11 @@ class WanScenario(Scenario):
         t = torch.full([1], 500.0 if timestep is None else timestep, device=self.device)
         return self._call(model, inputs["noise"].to(self.dtype), t, inputs["prompt_embeds"])
 
-    @torch.no_grad()
-    def denoise(self, model: nn.Module, inputs: dict[str, Any], steps: int) -> torch.Tensor:
+    def _loop(self, model: nn.Module, inputs: dict[str, Any], steps: int) -> torch.Tensor:
         # The loop of WanPipeline.__call__ (diffusers 0.42, Wan2.1: one transformer, no expand_timesteps).
         from diffusers import FlowMatchEulerDiscreteScheduler
 
-        sched = FlowMatchEulerDiscreteScheduler(**WAN_SCHEDULER)
+        sched = FlowMatchEulerDiscreteScheduler(**self.scheduler_config)
         sched.set_timesteps(steps, device=self.device)
         sched.set_begin_index(0)
         timesteps = sched.timesteps
@@ -357,27 +329,10 @@ class WanScenario(Scenario):
                 noise_uncond = self._call(model, latent_model_input, timestep, inputs["negative_prompt_embeds"])
             noise_pred = noise_uncond + self.guidance_scale * (noise_pred - noise_uncond)
             latents = sched.step(noise_pred, t, latents, return_dict=False)[0]
-        model._reset_stateful_cache()  # what DiffusionPipeline.maybe_free_model_hooks() does at the end of a call
         return latents
 
     def probe(self, model: nn.Module) -> nn.Module:
         return model.blocks[-1].ffn
-
-    def describe(self) -> dict[str, Any]:
-        return dict(
-            model="WanTransformer3DModel",
-            checkpoint_config=self._checkpoint(),
-            transformer_config=dict(self.config),
-            scheduler="FlowMatchEulerDiscreteScheduler (released pipeline: UniPCMultistepScheduler, flow_shift 3.0)",
-            scheduler_config=dict(WAN_SCHEDULER),
-            pixels=f"{self.width}x{self.height}",
-            frames=self.frames,
-            latent_shape=self.latent_shape,
-            video_tokens=self.video_tokens,
-            prompt_embeds_shape=[1, self.text_len, self.text_dim],
-            guidance=self.guidance_scale,
-            calls_per_step=len(self.branches),
-        )
 
 
 SCENARIOS: dict[str, type[Scenario]] = {"wan": WanScenario, "flux": FluxScenario}

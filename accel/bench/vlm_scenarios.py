@@ -14,45 +14,48 @@ from __future__ import annotations
 
 import torch
 
+from accel.zoo import UnknownModelError
+
 VLM_SCENARIOS = ("llava", "qwen2_vl_image", "qwen2_vl_video")
 IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID = 32000, 32001, 32002, 32003  # inside both vocabularies below
 
 
-def _llava(attn: str):
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def _llava_config():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                               image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
     text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID, image_seq_length=576,
-                         vision_feature_select_strategy="default", vision_feature_layer=-2)
-    return LlavaForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID, image_seq_length=576,
+                       vision_feature_select_strategy="default", vision_feature_layer=-2)
 
 
-def _qwen2_vl(attn: str):
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def _qwen2_vl_config():
+    from transformers import Qwen2VLConfig
 
     vision = dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2)
     text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-    config = Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
-                           vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID)
-    return Qwen2VLForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
+    return Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+                         vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID)
 
 
 def build_vlm(scenario: str, tiny: bool, attn: str = "sdpa"):
     """The scenario's model (random weights, on the CPU: move it yourself); `tiny`: the zoo's tiny model."""
     if scenario not in VLM_SCENARIOS:
-        raise ValueError(f"unknown VLM scenario {scenario!r}; choose from {', '.join(VLM_SCENARIOS)}")
+        raise UnknownModelError(f"unknown VLM scenario {scenario!r}; choose from {', '.join(VLM_SCENARIOS)}")
     llava = scenario == "llava"
     if tiny:
         from accel.zoo import vlm
 
         return (vlm.tiny_llava() if llava else vlm.tiny_qwen2_vl()).obj
-    return _llava(attn) if llava else _qwen2_vl(attn)
+    from transformers import AutoModelForImageTextToText
+
+    config = _llava_config() if llava else _qwen2_vl_config()
+    return AutoModelForImageTextToText.from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
 
 
 def _qwen2_vl_inputs(scenario: str, model, text, gen: torch.Generator, device) -> dict:
