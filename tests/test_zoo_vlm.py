@@ -7,6 +7,8 @@ import torch
 import transformers
 from torch import nn
 
+from accel import zoo
+from accel.errors import AccelError
 from accel.pipelines.llava import LlavaAdapter
 from accel.pipelines.llava_onevision import LlavaOnevisionAdapter
 from accel.pipelines.qwen2_vl import Qwen2_5_VLAdapter, Qwen2VLAdapter
@@ -120,10 +122,20 @@ def test_run_video(family):
 
 
 def test_llava_has_no_video():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="video=False") as info:
         vlm.make_inputs(tiny("llava"), video=True)
-    with pytest.raises(TypeError):
+    assert isinstance(info.value, AccelError)
+    with pytest.raises(TypeError, match="steps") as info:
         tiny("llava").run(0, steps=3)
+    assert isinstance(info.value, AccelError)
+
+
+def test_unknown_family_or_model_is_an_accel_error():
+    with pytest.raises(zoo.UnknownModelError, match="unknown family 'bogus'; choose one of: flux"):
+        zoo.build("bogus")
+    with pytest.raises(ValueError, match=r"not a supported VLM: Linear \(model_type=None\)") as info:
+        vlm.make_inputs(nn.Linear(2, 2))
+    assert isinstance(info.value, AccelError)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
