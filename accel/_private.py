@@ -93,3 +93,9 @@ def tensor_version(tensor: torch.Tensor) -> int:
     """torch's in-place modification counter of a tensor: tells a reused tensor whose values changed from
     one that did not, without reading it (no public API exposes it)."""
     return tensor._version
+
+
+def keep_in_fp32_modules(model: nn.Module) -> list[str]:
+    """Submodule names a diffusers or transformers class keeps in float32 when loaded in another dtype: a class
+    attribute from_pretrained reads, with no public getter (the zoo casts its tiny models the same way)."""
+    return list(getattr(model, "_keep_in_fp32_modules", None) or [])

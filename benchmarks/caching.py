@@ -36,7 +36,7 @@ Scenarios (``--scenario``):
   scheduler config (dynamic shift, mu from the image sequence length).
 
 Call boundaries: like the real pipelines (``DiffusionPipeline.maybe_free_model_hooks``), every denoising loop ends
-with ``transformer._reset_stateful_cache()``. That resets diffusers' FBC state and closes accel's call, so every run
+with a reset of the transformer's stateful hooks (the scenario's ``denoise``). That resets diffusers' FBC state and closes accel's call, so every run
 is its own call in ``handle.report().stats["cache"]["calls"]`` (the script checks that there is one call per run,
 each with all the passes of one run). accel is given the bare transformer here, so ``CacheConfig(num_steps=steps)``
 is set for its final-step protection.

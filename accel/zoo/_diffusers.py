@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from accel import _private
+
 
 def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype) -> torch.Tensor:
     """Normal draws from `gen` made in float32, then cast: the same values at every dtype."""
@@ -33,7 +35,7 @@ def cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> None:
     (``ModelMixin.to(dtype)`` would cast everything, and warn.)"""
     if dtype == torch.float32:
         return
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    keep = set(_private.keep_in_fp32_modules(model))
     persistent = set(model.state_dict().keys())
 
     def target(name: str) -> torch.dtype:
