@@ -6,8 +6,9 @@ Standard library only (Python 3.11+): it runs before the job's venv has anything
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parents[1] / "pyproject.toml"
 project = tomllib.loads(path.read_text())["project"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +23,7 @@ from .errors import UnsupportedModelError
 CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _parameters(fn: Callable) -> tuple[str, ...]:
     return tuple(inspect.signature(fn).parameters)
 
@@ -121,6 +122,13 @@ def supports_mask_layer() -> bool:
 
 
 __all__ = [
-    "CACHE_NAMES", "accepts", "cache_kwarg_name", "cache_length", "create_causal_mask", "crop_cache", "get_cache",
-    "output_cache", "supports_mask_layer",
+    "CACHE_NAMES",
+    "accepts",
+    "cache_kwarg_name",
+    "cache_length",
+    "create_causal_mask",
+    "crop_cache",
+    "get_cache",
+    "output_cache",
+    "supports_mask_layer",
 ]

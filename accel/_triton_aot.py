@@ -115,8 +115,12 @@ def _ptxas_report(ptx: str, arch_name: str, arch: int, fp_fusion: bool) -> dict[
             cmd.insert(2, "--fmad=false")
         log = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
     num = lambda pattern: int(re.search(pattern, log).group(1))  # noqa: E731
-    return dict(registers=num(r"Used (\d+) registers"), stack=num(r"(\d+) bytes stack frame"),
-                spill_stores=num(r"(\d+) bytes spill stores"), spill_loads=num(r"(\d+) bytes spill loads"))
+    return dict(
+        registers=num(r"Used (\d+) registers"),
+        stack=num(r"(\d+) bytes stack frame"),
+        spill_stores=num(r"(\d+) bytes spill stores"),
+        spill_loads=num(r"(\d+) bytes spill loads"),
+    )
 
 
 def compile_kernel(jit_fn, args, grid, target: int = 90, **kwargs) -> CompileInfo:
@@ -137,5 +141,12 @@ def compile_kernel(jit_fn, args, grid, target: int = 90, **kwargs) -> CompileInf
     md = k.metadata
     arch_name = sm_arch_from_capability(target)  # "sm_90a": what Triton hands ptxas
     regs = _ptxas_report(k.asm["ptx"], arch_name, target, md.enable_fp_fusion)
-    return CompileInfo(target=arch_name, shared=md.shared, mma=mma_kinds(k.asm["ptx"]),
-                       cubin_bytes=len(k.asm["cubin"]), num_warps=md.num_warps, num_stages=md.num_stages, **regs)
+    return CompileInfo(
+        target=arch_name,
+        shared=md.shared,
+        mma=mma_kinds(k.asm["ptx"]),
+        cubin_bytes=len(k.asm["cubin"]),
+        num_warps=md.num_warps,
+        num_stages=md.num_stages,
+        **regs,
+    )

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -44,8 +45,9 @@ class Registration:
 _REGISTRY: dict[str, Registration] = {}
 
 
-def register(keyword: str, config_class: type, *, order: int, parse: Callable[[Any], Any] | None = None,
-             accepts: str = ""):
+def register(
+    keyword: str, config_class: type, *, order: int, parse: Callable[[Any], Any] | None = None, accepts: str = ""
+):
     """Decorator for an accelerator's `install(ctx, config) -> Unit`: makes `accel.patch(keyword=config)` work."""
 
     def decorator(install: Callable[[PatchContext, Any], Unit]):

@@ -58,8 +58,9 @@ def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _typed_value(config: Any, name: str, accept: Callable[[Any], bool], expected: str, optional: bool,
-                 hint: str | None) -> Any:
+def _typed_value(
+    config: Any, name: str, accept: Callable[[Any], bool], expected: str, optional: bool, hint: str | None
+) -> Any:
     """`config.<name>` if `accept` takes it (None when it is None and `optional`); else ConfigTypeError saying
     it must be `expected` (plus " or None" when `optional`)."""
     value = getattr(config, name)
@@ -71,8 +72,15 @@ def _typed_value(config: Any, name: str, accept: Callable[[Any], bool], expected
     return value
 
 
-def check_int(config: Any, name: str, *, low: int | None = None, high: int | None = None, optional: bool = False,
-              hint: str | None = None) -> int | None:
+def check_int(
+    config: Any,
+    name: str,
+    *,
+    low: int | None = None,
+    high: int | None = None,
+    optional: bool = False,
+    hint: str | None = None,
+) -> int | None:
     """An int in [low, high] (either bound may be None); None too if `optional`."""
     value = _typed_value(config, name, is_int, "an int", optional, hint)
     if value is None:
@@ -83,9 +91,17 @@ def check_int(config: Any, name: str, *, low: int | None = None, high: int | Non
     return _set(config, name, value)
 
 
-def check_float(config: Any, name: str, *, low: float | None = None, high: float | None = None,
-                open_low: bool = False, open_high: bool = False, optional: bool = False,
-                hint: str | None = None) -> float | None:
+def check_float(
+    config: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+    open_high: bool = False,
+    optional: bool = False,
+    hint: str | None = None,
+) -> float | None:
     """A finite number (ints accepted, stored as float) in the range given; `open_*` excludes that bound."""
     value = _typed_value(config, name, is_real, "a number", optional, hint)
     if value is None:
@@ -109,8 +125,7 @@ def check_bool(config: Any, name: str, *, optional: bool = False, hint: str | No
     return _set(config, name, bool(value))
 
 
-def check_choice(config: Any, name: str, choices: tuple, *, optional: bool = False,
-                 hint: str | None = None) -> Any:
+def check_choice(config: Any, name: str, choices: tuple, *, optional: bool = False, hint: str | None = None) -> Any:
     """One of `choices` (of the same type: 64.0 is not the group size 64); None too if `optional`."""
     value = getattr(config, name)
     if value is None and optional:
@@ -151,8 +166,9 @@ def check_int_tuple(config: Any, name: str, *, optional: bool = False, hint: str
     return _set(config, name, tuple(int(item) for item in items))
 
 
-def check_str_tuple(config: Any, name: str, *, choices: tuple | None = None, optional: bool = False,
-                    hint: str | None = None) -> tuple | None:
+def check_str_tuple(
+    config: Any, name: str, *, choices: tuple | None = None, optional: bool = False, hint: str | None = None
+) -> tuple | None:
     """A tuple (or list) of strings, each one of `choices` if given, stored as a tuple. A lone string is refused:
     it would be read as a tuple of its characters."""
     value = getattr(config, name)
@@ -161,17 +177,29 @@ def check_str_tuple(config: Any, name: str, *, choices: tuple | None = None, opt
     items = _check_sequence(config, name, value, "strings", optional, hint)
     bad = [item for item in items if not isinstance(item, str)]
     if bad:
-        fail(config, name, value, f"items must be strings, got {_type_name(bad[0])} {bad[0]!r}", hint,
-              wrong_type=True)
+        fail(config, name, value, f"items must be strings, got {_type_name(bad[0])} {bad[0]!r}", hint, wrong_type=True)
     if choices is not None:
         unknown = [item for item in items if item not in choices]
         if unknown:
-            fail(config, name, value, f"unknown {', '.join(map(repr, unknown))}; choose from "
-                  f"{', '.join(map(repr, choices))}", hint)
+            fail(
+                config,
+                name,
+                value,
+                f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(map(repr, choices))}",
+                hint,
+            )
     return _set(config, name, items)
 
 
 __all__ = [
-    "check_bool", "check_callable", "check_choice", "check_float", "check_int", "check_int_tuple",
-    "check_str_tuple", "fail", "is_int", "is_real",
+    "check_bool",
+    "check_callable",
+    "check_choice",
+    "check_float",
+    "check_int",
+    "check_int_tuple",
+    "check_str_tuple",
+    "fail",
+    "is_int",
+    "is_real",
 ]

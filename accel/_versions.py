@@ -35,8 +35,10 @@ def _message(package: str, text: str, lowest: str, newest: str) -> str | None:
     try:
         installed = Version(text)
     except InvalidVersion:
-        return (f"{package} reports version {text!r}, which accel cannot compare with the versions it is "
-                f"tested with ({tested}); if patching fails, {fix}")
+        return (
+            f"{package} reports version {text!r}, which accel cannot compare with the versions it is "
+            f"tested with ({tested}); if patching fails, {fix}"
+        )
     # Patch releases of the newest tested minor count as tested: they fix bugs, they do not move internals.
     if installed.release < low.release:
         side = "older than"
@@ -44,8 +46,10 @@ def _message(package: str, text: str, lowest: str, newest: str) -> str | None:
         side = "newer than"
     else:
         return None
-    return (f"{package} {text} is {side} the versions accel is tested with ({tested}); it may work, but if "
-            f"patching fails or outputs change, {fix}")
+    return (
+        f"{package} {text} is {side} the versions accel is tested with ({tested}); it may work, but if "
+        f"patching fails or outputs change, {fix}"
+    )
 
 
 @functools.cache

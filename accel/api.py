@@ -310,9 +310,7 @@ def _resolve(target: Any) -> tuple[nn.Module, Any | None]:
             model = getattr(target, name, None)
             if isinstance(model, nn.Module):
                 return _unwrap_compiled(model), target
-        raise UnsupportedModelError(
-            f"{type(target).__name__} has no transformer or unet component for accel to patch"
-        )
+        raise UnsupportedModelError(f"{type(target).__name__} has no transformer or unet component for accel to patch")
     model = getattr(target, "model", None)
     if not isinstance(target, nn.Module) and isinstance(model, nn.Module):
         return _unwrap_compiled(model), None  # a transformers pipeline

@@ -25,6 +25,7 @@ _PRESETS = {
 
 PRESET_NAMES = tuple(_PRESETS)
 
+
 def preset_configs(name: str) -> dict:
     if name not in _PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")

@@ -50,8 +50,9 @@ import os
 import statistics
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 # Tiny stand-ins for --tiny (Triton interpreter on CPU): few heads and tokens, head dim 128 as on a GPU.
 TINY_SHAPES = {"wan": (2, 70, False), "hunyuan": (2, 56, False), "flux": (2, 48, False), "vlm": (2, 48, True)}
@@ -79,7 +80,9 @@ def make_inputs(heads: int, n: int, dtype, device, seed: int = 0):
     g = torch.Generator(device=device).manual_seed(seed)
     shape = (1, heads, n, HEAD_DIM)
     q = torch.randn(shape, generator=g, device=device, dtype=dtype)
-    k = (torch.randn(shape, generator=g, device=device) + 3.0 * torch.randn(HEAD_DIM, generator=g, device=device)).to(dtype)
+    k = (torch.randn(shape, generator=g, device=device) + 3.0 * torch.randn(HEAD_DIM, generator=g, device=device)).to(
+        dtype
+    )
     v = torch.randn(shape, generator=g, device=device, dtype=dtype)
     return q, k, v
 
@@ -96,7 +99,9 @@ def accuracy(out, q, k, v, causal: bool, n_rows: int) -> dict[str, float]:
         mask = torch.arange(n, device=q.device)[None, :] <= rows[:, None]
     gold = F.scaled_dot_product_attention(q[:, :, rows].float(), k.float(), v.float(), attn_mask=mask)
     o, gold = out[:, :, rows].float().flatten(), gold.flatten()
-    return dict(cos=F.cosine_similarity(o, gold, dim=0).item(), rel_l1=((o - gold).abs().sum() / gold.abs().sum()).item())
+    return dict(
+        cos=F.cosine_similarity(o, gold, dim=0).item(), rel_l1=((o - gold).abs().sum() / gold.abs().sum()).item()
+    )
 
 
 def timer(fn: Callable[[], Any], warmup: int, repeats: int, device) -> list[float]:
@@ -114,6 +119,7 @@ def baselines(cuda: bool) -> dict[str, Callable]:
         def run(q, k, v, causal):
             with sdpa_kernel(backend):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
         return run
 
     out: dict[str, Callable] = {}
@@ -198,8 +204,13 @@ def bench_shape(name, heads, n, causal, args, device, dtype) -> dict[str, Any]:
             rows.append(dict(variant=variant, kwargs=kwargs, error=f"{type(exc).__name__}: {exc}"[:500]))
             print(format_row(name, rows[-1]), flush=True)
             continue
-        record(variant, lambda kw=dict(kwargs, **cfg): int8_attention(q, k, v, causal=causal, **kw),
-               kwargs=kwargs, config=cfg, tuning=tried)
+        record(
+            variant,
+            lambda kw=dict(kwargs, **cfg): int8_attention(q, k, v, causal=causal, **kw),
+            kwargs=kwargs,
+            config=cfg,
+            tuning=tried,
+        )
 
     ref = next((r for r in rows if r["variant"] in ("sdpa-flash", "sdpa") and "median_s" in r), None)
     for r in rows:
@@ -213,8 +224,10 @@ def format_row(shape: str, r: dict[str, Any]) -> str:
         return f"{shape:8s} {r['variant']:16s} ERROR {r['error'][:160]}"
     cfg = r.get("config")
     cfg_s = f"  [bq={cfg['block_q']} bk={cfg['block_k']} w={cfg['num_warps']} s={cfg['num_stages']}]" if cfg else ""
-    return (f"{shape:8s} {r['variant']:16s} {r['median_s'] * 1e3:10.3f} ms {r['tflops']:9.1f} TFLOP/s  "
-            f"cos {r['cos']:.6f}  relL1 {r['rel_l1']:.4f}{cfg_s}")
+    return (
+        f"{shape:8s} {r['variant']:16s} {r['median_s'] * 1e3:10.3f} ms {r['tflops']:9.1f} TFLOP/s  "
+        f"cos {r['cos']:.6f}  relL1 {r['rel_l1']:.4f}{cfg_s}"
+    )
 
 
 def wan_transformer_step(args, device, dtype) -> dict[str, Any]:
@@ -227,8 +240,15 @@ def wan_transformer_step(args, device, dtype) -> dict[str, Any]:
 
     tiny = {}
     if args.tiny:  # head dim 64: int8_attention takes 64, 80, 96 or 128 (the zoo's tiny Wan has 16)
-        config = dict(WAN21_T2V_1_3B_TRANSFORMER, num_attention_heads=2, attention_head_dim=64, text_dim=32,
-                      freq_dim=32, ffn_dim=64, num_layers=2)
+        config = dict(
+            WAN21_T2V_1_3B_TRANSFORMER,
+            num_attention_heads=2,
+            attention_head_dim=64,
+            text_dim=32,
+            freq_dim=32,
+            ffn_dim=64,
+            num_layers=2,
+        )
         tiny = dict(config=config, frames=17, height=128, width=128, text_len=8)
     scenario = WanScenario(args.tiny, device, dtype, args.seed, **tiny)
     model, inputs = scenario.build(), scenario.make_inputs()
@@ -246,10 +266,13 @@ def wan_transformer_step(args, device, dtype) -> dict[str, Any]:
         try:
             times = timer(step, args.warmup, repeats, device)
             out = step().float()
-            result["int8"] = dict(median_s=statistics.median(times), times_s=times,
-                                  speedup=result["sdpa"]["median_s"] / statistics.median(times),
-                                  cos=torch.nn.functional.cosine_similarity(out.flatten(), base.flatten(), dim=0).item(),
-                                  report=str(handle))
+            result["int8"] = dict(
+                median_s=statistics.median(times),
+                times_s=times,
+                speedup=result["sdpa"]["median_s"] / statistics.median(times),
+                cos=torch.nn.functional.cosine_similarity(out.flatten(), base.flatten(), dim=0).item(),
+                report=str(handle),
+            )
         finally:
             accel.unpatch(model)
     except Exception as exc:
@@ -270,14 +293,19 @@ def headline(doc: dict[str, Any]) -> str:
         parts.append(f"{shape}: " + ", ".join(cells))
     if "e2e_wan" in doc:
         sdpa, int8 = doc["e2e_wan"]["sdpa"], doc["e2e_wan"]["int8"]
-        tail = (f"int8 {int8['median_s'] * 1e3:.1f} ms ({int8['speedup']:.2f}x, cos {int8['cos']:.4f})"
-                if "median_s" in int8 else f"int8 ERROR {int8['error'][:80]}")
+        tail = (
+            f"int8 {int8['median_s'] * 1e3:.1f} ms ({int8['speedup']:.2f}x, cos {int8['cos']:.4f})"
+            if "median_s" in int8
+            else f"int8 ERROR {int8['error'][:80]}"
+        )
         parts.append(f"Wan step: SDPA {sdpa['median_s'] * 1e3:.1f} ms, {tail}")
     return "; ".join(parts) + ((" (vs SDPA)" if doc["tiny"] else " (vs SDPA flash)") if doc["shapes"] else "")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shapes", default="all", help="comma list of wan,hunyuan,flux,vlm; all; or none (with --e2e)")
     p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     p.add_argument("--repeats", type=int, default=10)
@@ -319,22 +347,35 @@ def main(argv=None) -> int:
     env = environment(device)
     table = shape_table(args.tiny)
     path = Path(args.json or default_json_path(Path(__file__).parent / "results", "attention", env, args.tiny))
-    doc: dict[str, Any] = dict(tiny=args.tiny, dtype=args.dtype, env=env, args=vars(args),
-                               date=_dt.datetime.now(_dt.timezone.utc).isoformat(), shapes={})
+    doc: dict[str, Any] = dict(
+        tiny=args.tiny,
+        dtype=args.dtype,
+        env=env,
+        args=vars(args),
+        date=_dt.datetime.now(_dt.timezone.utc).isoformat(),
+        shapes={},
+    )
     print(f"# {env['gpu'] or 'CPU (Triton interpreter)'}  torch {env['torch']}  triton {env['triton']}  {args.dtype}")
     failed = False
     for name in args.shape_names:
         heads, n, causal = table[name]
-        print(f"## {name}: B=1 H={heads} N={n} d={HEAD_DIM}{' causal' if causal else ''}  "
-              f"({flops(heads, n, causal) / 1e12:.2f} TFLOP per call)")
+        print(
+            f"## {name}: B=1 H={heads} N={n} d={HEAD_DIM}{' causal' if causal else ''}  "
+            f"({flops(heads, n, causal) / 1e12:.2f} TFLOP per call)"
+        )
         doc["shapes"][name] = bench_shape(name, heads, n, causal, args, device, dtype)
         failed |= any("error" in r for r in doc["shapes"][name]["rows"])
         write_json(path, doc, indent=1)
     if args.e2e:
         doc["e2e_wan"] = e = wan_transformer_step(args, device, dtype)
-        print(f"## Wan transformer step: sdpa {e['sdpa']['median_s'] * 1e3:.1f} ms; int8 "
-              + (f"{e['int8']['median_s'] * 1e3:.1f} ms ({e['int8']['speedup']:.2f}x, cos {e['int8']['cos']:.5f})"
-                 if "median_s" in e["int8"] else f"ERROR {e['int8']['error'][:200]}"))
+        print(
+            f"## Wan transformer step: sdpa {e['sdpa']['median_s'] * 1e3:.1f} ms; int8 "
+            + (
+                f"{e['int8']['median_s'] * 1e3:.1f} ms ({e['int8']['speedup']:.2f}x, cos {e['int8']['cos']:.5f})"
+                if "median_s" in e["int8"]
+                else f"ERROR {e['int8']['error'][:200]}"
+            )
+        )
     doc["headline"] = headline(doc)
     write_json(path, doc, indent=1)
     print(f"# JSON: {path}")

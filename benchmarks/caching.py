@@ -53,7 +53,6 @@ picks the variants and writes the table and the JSON.
 Results: a table on stdout and JSON at ``--json`` (default ``benchmarks/results/caching-<gpu>.json``).
 """
 
-
 from __future__ import annotations
 
 import argparse
@@ -87,8 +86,9 @@ def make_variants(args: argparse.Namespace, steps: int) -> list:
     # Threshold 0 never reuses: against the baseline these show the hooks' own overhead, and against each
     # other the cost of the one host-device sync per step that decision="current" adds.
     for decision in ("lagged", "current"):
-        variants.append(ours(f"accel overhead {decision}", CacheConfig(threshold=0.0, decision=decision,
-                                                                       num_steps=steps)))
+        variants.append(
+            ours(f"accel overhead {decision}", CacheConfig(threshold=0.0, decision=decision, num_steps=steps))
+        )
     if args.variants:
         wanted = set(args.variants)
         variants = [v for v in variants if v.kind == "baseline" or v.name in wanted]
@@ -114,8 +114,16 @@ def run_scenario(key: str, args: argparse.Namespace, device, dtype) -> dict[str,
     inputs = scn.make_inputs()
     if device.type == "cuda":
         info["weights_bytes"] = torch.cuda.memory_allocated(device)
-    info["rows"] = compare_denoise(scn, model, inputs, make_variants(args, steps), steps, repeats=args.repeats,
-                                   warmup=args.warmup, log=lambda row: print(f"[{key}] {format_row(row)}", flush=True))
+    info["rows"] = compare_denoise(
+        scn,
+        model,
+        inputs,
+        make_variants(args, steps),
+        steps,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        log=lambda row: print(f"[{key}] {format_row(row)}", flush=True),
+    )
     if not info["rows"][0]["finite"]:
         print(f"[{key}] WARNING: the baseline's final latent is not finite; fidelity is meaningless", flush=True)
     del model, inputs
@@ -174,7 +182,9 @@ def _names(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--scenario", choices=["wan", "flux", "all"], default="all")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported; default 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs per variant before timing (default 1)")
@@ -183,10 +193,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 (fp32 with --tiny)")
     p.add_argument("--device", default=None, help="default: cuda (cpu with --tiny)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fbc-thresholds", type=_floats, default=[0.05, 0.1], help="diffusers FBC thresholds (default 0.05,0.1)")
-    p.add_argument("--accel-presets", type=_names, default=["balanced", "fast"], help="accel presets (default balanced,fast)")
-    p.add_argument("--accel-thresholds", type=_floats, default=[0.05, 0.1], help="accel raw thresholds (default 0.05,0.1)")
-    p.add_argument("--variants", type=_names, default=None, help="only these variant names (comma-separated; baseline always runs)")
+    p.add_argument(
+        "--fbc-thresholds", type=_floats, default=[0.05, 0.1], help="diffusers FBC thresholds (default 0.05,0.1)"
+    )
+    p.add_argument(
+        "--accel-presets", type=_names, default=["balanced", "fast"], help="accel presets (default balanced,fast)"
+    )
+    p.add_argument(
+        "--accel-thresholds", type=_floats, default=[0.05, 0.1], help="accel raw thresholds (default 0.05,0.1)"
+    )
+    p.add_argument(
+        "--variants", type=_names, default=None, help="only these variant names (comma-separated; baseline always runs)"
+    )
     p.add_argument("--no-rerun", action="store_true", help="skip the final baseline re-run")
     p.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/caching-<gpu>.json")
     args = p.parse_args(argv)
@@ -218,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from accel.bench.host import default_json_path, environment, write_json
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype or ("fp32" if args.tiny else "bf16")]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("fp32" if args.tiny else "bf16")
+    ]
     env = environment(device)
     print(
         f"accel step-caching benchmark | {env['device_name']} | torch {env['torch']} | diffusers {env['diffusers']} "
@@ -236,8 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         weights="random (released configs, nothing downloaded): timings are real, fidelity is closeness to the "
         "baseline",
         settings=dict(
-            repeats=args.repeats, warmup=args.warmup, seed=args.seed, dtype=str(dtype).replace("torch.", ""),
-            steps=args.steps, fbc_thresholds=args.fbc_thresholds, accel_presets=args.accel_presets,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            seed=args.seed,
+            dtype=str(dtype).replace("torch.", ""),
+            steps=args.steps,
+            fbc_thresholds=args.fbc_thresholds,
+            accel_presets=args.accel_presets,
             accel_thresholds=args.accel_thresholds,
         ),
         env=env,

@@ -27,9 +27,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile, do not interpret
 
@@ -70,8 +71,20 @@ def strides(*shape):
     return tuple(out)
 
 
-def int8_attention(name, *, per_token=False, bias=False, fp8=False, causal=False, d=D, block_q=128, block_k=64,
-                   num_warps=None, num_stages=None, note=""):
+def int8_attention(
+    name,
+    *,
+    per_token=False,
+    bias=False,
+    fp8=False,
+    causal=False,
+    d=D,
+    block_q=128,
+    block_k=64,
+    num_warps=None,
+    num_stages=None,
+    note="",
+):
     """`accel.attention.int8.int8_attention` on bf16 [B, H, N, d] inputs, as launched on a GPU."""
     from accel.attention import int8
 
@@ -80,25 +93,83 @@ def int8_attention(name, *, per_token=False, bias=False, fp8=False, causal=False
     v_dtype, vs = (torch.float8_e4m3fn, (H * d * N, d * N, 1, N)) if fp8 else (torch.bfloat16, qk)  # fp8 V: transposed
     nbq, nbk = (N, N) if per_token else (cdiv(N, block_q), cdiv(N, block_k))
     f32 = torch.float32
-    args = (torch.int8, torch.int8, v_dtype, f32, f32, f32, f32, f32, torch.bfloat16,
-            *qk, *qk, *vs, *qk, *((N, 0) if bias else (0, 0)), H, H, 1, N, N, d, nbq, nbk, 0)
+    args = (
+        torch.int8,
+        torch.int8,
+        v_dtype,
+        f32,
+        f32,
+        f32,
+        f32,
+        f32,
+        torch.bfloat16,
+        *qk,
+        *qk,
+        *vs,
+        *qk,
+        *((N, 0) if bias else (0, 0)),
+        H,
+        H,
+        1,
+        N,
+        N,
+        d,
+        nbq,
+        nbk,
+        0,
+    )
     opts = dict(num_warps=num_warps or (8 if block_q * block_d >= 128 * 128 else 4))
     if num_stages is not None:
         opts["num_stages"] = num_stages
-    kwargs = dict(CAUSAL=causal, BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d, PER_TOKEN=per_token,
-                  HAS_BIAS=bias, PV_FP8=fp8, PV_FP32=False, EMULATE_FP8=False, **opts)
-    return KernelVariant(name, lambda: _kernel("accel.attention.int8_kernel", "int8_attention_kernel"), args, (cdiv(N, block_q), B * H), kwargs,
-                   ("s8", "e4m3" if fp8 else "bf16"), (89, 90) if fp8 else ALL_TARGETS, note)
+    kwargs = dict(
+        CAUSAL=causal,
+        BLOCK_M=block_q,
+        BLOCK_N=block_k,
+        BLOCK_D=block_d,
+        PER_TOKEN=per_token,
+        HAS_BIAS=bias,
+        PV_FP8=fp8,
+        PV_FP32=False,
+        EMULATE_FP8=False,
+        **opts,
+    )
+    return KernelVariant(
+        name,
+        lambda: _kernel("accel.attention.int8_kernel", "int8_attention_kernel"),
+        args,
+        (cdiv(N, block_q), B * H),
+        kwargs,
+        ("s8", "e4m3" if fp8 else "bf16"),
+        (89, 90) if fp8 else ALL_TARGETS,
+        note,
+    )
 
 
 def quant_int8(name, per_row):
     """`_quantize_per_block_triton`: Q/K (bf16, contiguous) -> int8, block 128 or per token (tile 32)."""
 
     tile = 32 if per_row else 128
-    args = (torch.bfloat16, torch.float32, torch.int8, torch.float32, *strides(B, H, N, D), H, N, D,
-            N if per_row else cdiv(N, tile), 1.0)
+    args = (
+        torch.bfloat16,
+        torch.float32,
+        torch.int8,
+        torch.float32,
+        *strides(B, H, N, D),
+        H,
+        N,
+        D,
+        N if per_row else cdiv(N, tile),
+        1.0,
+    )
     kwargs = dict(HAS_MEAN=True, PER_ROW=per_row, BLOCK=tile, BLOCK_D=D, num_warps=4)
-    return KernelVariant(name, lambda: _kernel("accel.attention.int8_quant_kernel", "quantize_int8_kernel"), args, (cdiv(N, tile), B * H), kwargs, ())
+    return KernelVariant(
+        name,
+        lambda: _kernel("accel.attention.int8_quant_kernel", "quantize_int8_kernel"),
+        args,
+        (cdiv(N, tile), B * H),
+        kwargs,
+        (),
+    )
 
 
 def block_sparse(name, *, int8=False, valid=False, dtype=torch.bfloat16, note=""):
@@ -109,12 +180,51 @@ def block_sparse(name, *, int8=False, valid=False, dtype=torch.bfloat16, note=""
     qk_dtype = torch.int8 if int8 else dtype
     v_dtype = sparse_kernel._pv_dtype(dtype) if int8 or dtype != torch.float32 else dtype  # as the wrapper casts V
     nbq, nbk = cdiv(N, 128), cdiv(N, 64)
-    args = (qk_dtype, qk_dtype, v_dtype, dtype, torch.int16, torch.int32, torch.int8, torch.float32, torch.float32,
-            *s, *s, *s, *s, 0, *((N, 0) if valid else (0, 0)), H, 1, N, N, D, nbq, nbk, D ** -0.5 * 1.4426950408889634)
-    kwargs = dict(INT8=int8, HAS_VALID=valid, UPCAST=False, PRECISION="ieee" if dtype == torch.float32 else "tf32",
-                  BLOCK_M=128, BLOCK_N=64, BLOCK_D=128, num_warps=8)
+    args = (
+        qk_dtype,
+        qk_dtype,
+        v_dtype,
+        dtype,
+        torch.int16,
+        torch.int32,
+        torch.int8,
+        torch.float32,
+        torch.float32,
+        *s,
+        *s,
+        *s,
+        *s,
+        0,
+        *((N, 0) if valid else (0, 0)),
+        H,
+        1,
+        N,
+        N,
+        D,
+        nbq,
+        nbk,
+        D**-0.5 * 1.4426950408889634,
+    )
+    kwargs = dict(
+        INT8=int8,
+        HAS_VALID=valid,
+        UPCAST=False,
+        PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        BLOCK_M=128,
+        BLOCK_N=64,
+        BLOCK_D=128,
+        num_warps=8,
+    )
     mma = ("s8", "bf16") if int8 else () if dtype == torch.float32 else ("bf16",)
-    return KernelVariant(name, lambda: _kernel("accel.attention.block_sparse_kernel", "block_sparse_attention_kernel"), args, (nbq, B * H), kwargs, mma, note=note)
+    return KernelVariant(
+        name,
+        lambda: _kernel("accel.attention.block_sparse_kernel", "block_sparse_attention_kernel"),
+        args,
+        (nbq, B * H),
+        kwargs,
+        mma,
+        note=note,
+    )
 
 
 def w4a16(name, m, ins=False, note=""):
@@ -124,9 +234,18 @@ def w4a16(name, m, ins=False, note=""):
     bm, bn, bk = kernels._blocks(m, GROUP)  # the GPU branch: TRITON_INTERPRET is unset here
     bf = torch.bfloat16
     args = (bf, torch.uint8, bf, bf, bf, bf, bf, m, NK, NK, NK, 1, NK, 1)
-    kwargs = dict(GROUP=GROUP, HAS_INS=ins, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWIZZLE=8,
-                  DOT_FP32=False)
-    return KernelVariant(name, lambda: _kernel("accel.quant.w4a16_kernel", "w4a16_gemm_kernel"), args, (cdiv(m, bm) * cdiv(NK, bn),), kwargs, ("bf16",), note=note)
+    kwargs = dict(
+        GROUP=GROUP, HAS_INS=ins, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SWIZZLE=8, DOT_FP32=False
+    )
+    return KernelVariant(
+        name,
+        lambda: _kernel("accel.quant.w4a16_kernel", "w4a16_gemm_kernel"),
+        args,
+        (cdiv(m, bm) * cdiv(NK, bn),),
+        kwargs,
+        ("bf16",),
+        note=note,
+    )
 
 
 def dequant(name):
@@ -134,7 +253,14 @@ def dequant(name):
     bf = torch.bfloat16
     args = (torch.uint8, bf, bf, bf, bf, NK, NK)
     kwargs = dict(GROUP=GROUP, HAS_INS=True, BLOCK_N=32, BLOCK_K=128)
-    return KernelVariant(name, lambda: _kernel("accel.quant.w4_dequant_kernel", "w4_dequantize_kernel"), args, (cdiv(NK, 32), cdiv(NK, 128)), kwargs, ())
+    return KernelVariant(
+        name,
+        lambda: _kernel("accel.quant.w4_dequant_kernel", "w4_dequantize_kernel"),
+        args,
+        (cdiv(NK, 32), cdiv(NK, 128)),
+        kwargs,
+        (),
+    )
 
 
 def quant_rows(name):
@@ -142,7 +268,14 @@ def quant_rows(name):
 
     args = (torch.bfloat16, torch.bfloat16, torch.int8, torch.float32, torch.float32, M_PREFILL, NK, NK, 1)
     kwargs = dict(HAS_INS=True, GROUP=GROUP, BLOCK_M=8, AMAX_MIN=kernels._AMAX_MIN)
-    return KernelVariant(name, lambda: _kernel("accel.quant.int8_rows_kernel", "quantize_rows_int8_kernel"), args, (cdiv(M_PREFILL, 8),), kwargs, ())
+    return KernelVariant(
+        name,
+        lambda: _kernel("accel.quant.int8_rows_kernel", "quantize_rows_int8_kernel"),
+        args,
+        (cdiv(M_PREFILL, 8),),
+        kwargs,
+        (),
+    )
 
 
 def w4a8(name, m):
@@ -153,9 +286,24 @@ def w4a8(name, m):
     bm = 32 if m <= 32 else 64
     bf = torch.bfloat16
     args = (torch.int8, torch.float32, torch.float32, torch.uint8, bf, bf, bf, bf, m, NK, NK, NK, 1)
-    kwargs = dict(GROUP=GROUP, HAS_BIAS=True, BLOCK_M=bm, BLOCK_N=128, BLOCK_K=min(GROUP, kernels._W4A8_BLOCK_K_MAX),
-                  SWIZZLE=8, num_warps=8, num_stages=3)
-    return KernelVariant(name, lambda: _kernel("accel.quant.w4a8_kernel", "w4a8_gemm_kernel"), args, (cdiv(m, bm) * cdiv(NK, 128),), kwargs, ("s8",))
+    kwargs = dict(
+        GROUP=GROUP,
+        HAS_BIAS=True,
+        BLOCK_M=bm,
+        BLOCK_N=128,
+        BLOCK_K=min(GROUP, kernels._W4A8_BLOCK_K_MAX),
+        SWIZZLE=8,
+        num_warps=8,
+        num_stages=3,
+    )
+    return KernelVariant(
+        name,
+        lambda: _kernel("accel.quant.w4a8_kernel", "w4a8_gemm_kernel"),
+        args,
+        (cdiv(m, bm) * cdiv(NK, 128),),
+        kwargs,
+        ("s8",),
+    )
 
 
 def variants() -> list[KernelVariant]:
@@ -181,8 +329,16 @@ def variants() -> list[KernelVariant]:
         w4a8("w4a8-gemm-m32", 32),
     ]
     for bq, bk, warps, stages in INT8_TILE_SWEEP[1:]:  # [0] is attn-int8
-        out.append(int8_attention(f"tune-{bq}x{bk}-w{warps}-s{stages}", block_q=bq, block_k=bk, num_warps=warps,
-                                  num_stages=stages, note="benchmarks/attention.py sweep"))
+        out.append(
+            int8_attention(
+                f"tune-{bq}x{bk}-w{warps}-s{stages}",
+                block_q=bq,
+                block_k=bk,
+                num_warps=warps,
+                num_stages=stages,
+                note="benchmarks/attention.py sweep",
+            )
+        )
     return out
 
 
@@ -217,16 +373,22 @@ def fmt(row: dict[str, Any]) -> str:
     spill = f"{row['spill_stores']}/{row['spill_loads']}"
     status = "ok" if not row["problems"] else "; ".join(row["problems"])
     cfg = f"w{row['num_warps']} s{row['num_stages']}"
-    return (f"| {row['variant']} | {t} | {cfg} | {shared} | {row['registers']} | {spill} | "
-            f"{', '.join(row['mma']) or '-'} | {status} |")
+    return (
+        f"| {row['variant']} | {t} | {cfg} | {shared} | {row['registers']} | {spill} | "
+        f"{', '.join(row['mma']) or '-'} | {status} |"
+    )
 
 
-HEADER = ("| variant | target | warps, stages | shared KiB / limit | regs/thread | spill B st/ld | MMA instructions | check |\n"
-          "|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| variant | target | warps, stages | shared KiB / limit | regs/thread | spill B st/ld | MMA instructions | check |\n"
+    "|---|---|---|---|---|---|---|---|"
+)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--only", help="comma-separated variant names (default: all)")
     p.add_argument("--targets", default=",".join(map(str, ALL_TARGETS)), help="compute capabilities, e.g. 80,90")
     p.add_argument("--json", type=Path, help="write the rows here")

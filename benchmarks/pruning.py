@@ -53,9 +53,13 @@ def run(args) -> dict:
         variants = {f"keep {k}": PruneConfig(keep=k) for k in keeps}
         layer = 1 if args.tiny else 2
         variants[f"in_lm keep {min(keeps)} (layer {layer})"] = PruneConfig(keep=min(keeps), where="in_lm", layer=layer)
-        rows = compare_pruning(model, inputs, variants, new_tokens=args.new_tokens, repeats=args.repeats,
-                               warmup=args.warmup, device=device)
-        doc["scenarios"][scenario] = {"prompt_tokens": inputs["input_ids"].shape[1], "rows": [r.to_dict() for r in rows]}
+        rows = compare_pruning(
+            model, inputs, variants, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, device=device
+        )
+        doc["scenarios"][scenario] = {
+            "prompt_tokens": inputs["input_ids"].shape[1],
+            "rows": [r.to_dict() for r in rows],
+        }
         _print(scenario, rows)
         del model
         if device == "cuda":
@@ -67,15 +71,19 @@ def _print(scenario: str, rows) -> None:
     from accel.bench.measure import format_bytes
 
     print(f"\n{scenario}")
-    head = (f"{'variant':<26}{'visual in->kept':>16}{'to LM':>7}{'prefill ms':>11}{'speedup':>8}{'TTFT ms':>9}"
-            f"{'decode tok/s':>13}{'peak mem':>11}{'KL':>9}{'agree':>7}")
+    head = (
+        f"{'variant':<26}{'visual in->kept':>16}{'to LM':>7}{'prefill ms':>11}{'speedup':>8}{'TTFT ms':>9}"
+        f"{'decode tok/s':>13}{'peak mem':>11}{'KL':>9}{'agree':>7}"
+    )
     print(head + "\n" + "-" * len(head))
     for r in rows:
         vis = f"{r.visual_tokens_in}->{r.visual_tokens_kept}" if r.visual_tokens_in is not None else "all"
         dec = f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "-"
-        print(f"{r.variant:<26}{vis:>16}{r.sequence_to_lm:>7}{r.prefill_s * 1e3:>11.2f}{r.prefill_speedup:>7.2f}x"
-              f"{r.ttft_s * 1e3:>9.2f}{dec:>13}{format_bytes(r.peak_memory_bytes):>11}{r.first_token_kl:>9.3g}"
-              f"{r.token_agreement:>7.0%}")
+        print(
+            f"{r.variant:<26}{vis:>16}{r.sequence_to_lm:>7}{r.prefill_s * 1e3:>11.2f}{r.prefill_speedup:>7.2f}x"
+            f"{r.ttft_s * 1e3:>9.2f}{dec:>13}{format_bytes(r.peak_memory_bytes):>11}{r.first_token_kl:>9.3g}"
+            f"{r.token_agreement:>7.0%}"
+        )
 
 
 def headline(doc: dict) -> str:
@@ -96,7 +104,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"])
-    parser.add_argument("--tiny", action="store_true", help="tiny zoo models on CPU (checks the script, measures nothing)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny zoo models on CPU (checks the script, measures nothing)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     import torch
@@ -110,8 +120,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(1)  # tiny matmuls on 2 shared cores thrash
     doc = run(args)
     doc["headline"] = headline(doc)
-    path = write_json(args.json or default_json_path(Path(__file__).parent / "results", "pruning", doc["env"], args.tiny),
-                      doc)
+    path = write_json(
+        args.json or default_json_path(Path(__file__).parent / "results", "pruning", doc["env"], args.tiny), doc
+    )
     print(f"\nwrote {path}")
     return 0
 

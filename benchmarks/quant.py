@@ -35,8 +35,9 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 DIFFUSION_M = (4096, 16384, 32768)
 DIFFUSION_KN = ((3072, 3072), (3072, 12288), (12288, 3072), (1536, 1536), (1536, 8960), (5120, 5120))
@@ -44,12 +45,25 @@ DECODE_M = (1, 4, 16)
 DECODE_KN = ((4096, 4096), (4096, 11008), (11008, 4096))
 TINY_SHAPES = [(1, 64, 96), (33, 128, 64)]  # (M, K, N)
 # The rows of the GEMM table in benchmarks/RESULTS.md (--gemm-shapes results): a short run that fills it.
-RESULTS_SHAPES = [(1, 4096, 4096), (1, 4096, 11008), (16, 11008, 4096), (4096, 3072, 3072), (4096, 3072, 12288),
-                  (16384, 3072, 3072), (32768, 1536, 1536), (32768, 5120, 5120)]
+RESULTS_SHAPES = [
+    (1, 4096, 4096),
+    (1, 4096, 11008),
+    (16, 11008, 4096),
+    (4096, 3072, 3072),
+    (4096, 3072, 12288),
+    (16384, 3072, 3072),
+    (32768, 1536, 1536),
+    (32768, 5120, 5120),
+]
 MODELS = ("flux", "wan")
 # (label, QuantConfig.kernel, QuantConfig.activations); --tiny: the interpreter runs the Triton kernels on CPU
-GEMM_VARIANTS = [("auto", "auto", "16bit"), ("triton", "triton", "16bit"), ("dequant", "dequant", "16bit"),
-                 ("w4a8", "w4a8", "int8"), ("auto int8", "auto", "int8")]
+GEMM_VARIANTS = [
+    ("auto", "auto", "16bit"),
+    ("triton", "triton", "16bit"),
+    ("dequant", "dequant", "16bit"),
+    ("w4a8", "w4a8", "int8"),
+    ("auto int8", "auto", "int8"),
+]
 
 
 def _timer(device, repeats: int, warmup: int) -> Callable[[Callable[[], Any]], float]:
@@ -174,8 +188,11 @@ def bench_model(scenario, args, device) -> dict:
         with PeakMemory(device) as mem:
             out = scenario.forward(model, inputs).float()
             median_s = time_it(lambda: scenario.forward(model, inputs))
-        entry[variant] = {"median_s": median_s, "module_bytes": _module_bytes(model),
-                          "peak_bytes": mem.peak_bytes if mem.device_kind == "cuda" else None}
+        entry[variant] = {
+            "median_s": median_s,
+            "module_bytes": _module_bytes(model),
+            "peak_bytes": mem.peak_bytes if mem.device_kind == "cuda" else None,
+        }
         if variant == "bf16":
             ref = out
         else:
@@ -215,16 +232,20 @@ def headline(doc: dict) -> str:
     each model's speed-up, size and error."""
     parts = []
     for label in ("accel auto", "accel w4a8"):
-        for kind, rows in (("decode", [r for r in doc.get("gemm", []) if r["M"] <= 16]),
-                           ("diffusion", [r for r in doc.get("gemm", []) if r["M"] > 16])):
+        for kind, rows in (
+            ("decode", [r for r in doc.get("gemm", []) if r["M"] <= 16]),
+            ("diffusion", [r for r in doc.get("gemm", []) if r["M"] > 16]),
+        ):
             values = [r["variants"][label]["vs_bf16"] for r in rows if "vs_bf16" in r["variants"].get(label, {})]
             if values:
                 parts.append(f"{label.removeprefix('accel ')} {kind} {_span(values)}")
     if parts:
         parts[-1] += " vs bf16"
     for key, e in doc.get("models", {}).items():
-        parts.append(f"{key}: W4 {e['speedup']:.2f}x, W4A8 {e['speedup_w4a8']:.2f}x vs bf16, "
-                     f"{e['memory_ratio']:.2f}x smaller, rel err {e['w4']['rel_err_vs_bf16']:.3f}")
+        parts.append(
+            f"{key}: W4 {e['speedup']:.2f}x, W4A8 {e['speedup_w4a8']:.2f}x vs bf16, "
+            f"{e['memory_ratio']:.2f}x smaller, rel err {e['w4']['rel_err_vs_bf16']:.3f}"
+        )
     return "; ".join(parts)
 
 
@@ -254,9 +275,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--gemm-shapes", default="all",
-                   help="all (decode and diffusion sets), results (the RESULTS.md table rows), or MxKxN,... "
-                        "(--tiny: its toy shapes unless MxKxN are given)")
+    p.add_argument(
+        "--gemm-shapes",
+        default="all",
+        help="all (decode and diffusion sets), results (the RESULTS.md table rows), or MxKxN,... "
+        "(--tiny: its toy shapes unless MxKxN are given)",
+    )
     p.add_argument("--models", default=",".join(MODELS), help=f"--part model: comma list of {', '.join(MODELS)}")
     p.add_argument("--tiny", action="store_true", help="toy sizes on CPU (Triton interpreter): checks the script")
     p.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/quant-<gpu>.json")
@@ -290,8 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.part in ("model", "all"):
         doc["models"] = bench_models(args, device, dtype)
     doc["headline"] = headline(doc)
-    out = write_json(args.json or default_json_path(Path(__file__).parent / "results", "quant", doc["env"], args.tiny),
-                     doc)
+    out = write_json(
+        args.json or default_json_path(Path(__file__).parent / "results", "quant", doc["env"], args.tiny), doc
+    )
     print(f"wrote {out}")
     return 0
 

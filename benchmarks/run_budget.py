@@ -87,11 +87,17 @@ class Item:
     def estimate(self, tiny: bool) -> float:
         return self.tiny_estimate_s if tiny else self.estimate_s
 
+    def record(self, tiny: bool, **fields: Any) -> dict[str, Any]:
+        """The item's entry in the summary: who it is, then what happened to it."""
+        return dict(item=self.name, phase=self.phase, what=self.what, estimate_s=self.estimate(tiny), **fields)
+
 
 def _item(name, phase, what, script, args, tiny_args, estimate_s, tiny_estimate_s) -> Item:
     return Item(name, phase, what, f"benchmarks/{script}", tuple(args), tuple(tiny_args), estimate_s, tiny_estimate_s)
 
 
+# A table: one item per row reads better than one argument per line.
+# fmt: off
 PLAN: list[Item] = [
     _item("attention-int8", 1, "INT8 attention vs SDPA flash/cuDNN (+ sageattention), Wan/FLUX/VLM shapes, default tiles",
           "attention.py", ["--shapes", "wan,flux,vlm", "--no-tune", "--repeats", "10", "--warmup", "3"],
@@ -142,6 +148,7 @@ PLAN: list[Item] = [
                          "--warmup", "1", "--new-tokens", "16"],
           ["--scenario", "qwen2_vl_image", "qwen2_vl_video", "--repeats", "1"], 150, 25),
 ]
+# fmt: on
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -192,12 +199,18 @@ def run_item(item: Item, out: Path, tiny: bool, python: str, timeout_s: float) -
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     if tiny:
         env["TRITON_INTERPRET"] = "1"
-    record: dict[str, Any] = dict(item=item.name, phase=item.phase, what=item.what, estimate_s=item.estimate(tiny),
-                                  timeout_s=round(timeout_s, 1), command=shlex.join(cmd), log=log.name)
+    record = item.record(tiny, timeout_s=round(timeout_s, 1), command=shlex.join(cmd), log=log.name)
     t0 = time.monotonic()
     with log.open("w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             code = proc.wait(timeout_s)
             timed_out = False
@@ -209,8 +222,9 @@ def run_item(item: Item, out: Path, tiny: bool, python: str, timeout_s: float) -
     record["exit_code"] = code
     if timed_out:
         record["status"] = "timeout"
-        record["note"] = (f"stopped by the budget after {record['elapsed_s']:.0f} s "
-                          f"(estimate {item.estimate(tiny):.0f} s)")
+        record["note"] = (
+            f"stopped by the budget after {record['elapsed_s']:.0f} s (estimate {item.estimate(tiny):.0f} s)"
+        )
     elif code == 0:
         record["status"] = "ok"
     else:
@@ -272,24 +286,41 @@ def _summary_md(summary: dict[str, Any]) -> str:
     for r in summary["items"]:
         text = " ".join(x for x in (r.get("headline"), r.get("note")) if x).replace("|", "/")
         elapsed = f"{r['elapsed_s']:.0f}" if "elapsed_s" in r else ""
-        lines.append(f"| {r['phase']} {PHASES.get(r['phase'], '')} | {r['item']} | {r['status']} | {elapsed} "
-                     f"| {r['estimate_s']:.0f} | {text} |")
-    lines += ["", "Per item: `<item>.json` (`result` is the script's JSON), `<item>.log`. How the JSON maps into the "
-              "tables: benchmarks/RESULTS.md, \"Budgeted GPU run\"."]
+        lines.append(
+            f"| {r['phase']} {PHASES.get(r['phase'], '')} | {r['item']} | {r['status']} | {elapsed} "
+            f"| {r['estimate_s']:.0f} | {text} |"
+        )
+    lines += [
+        "",
+        "Per item: `<item>.json` (`result` is the script's JSON), `<item>.log`. How the JSON maps into the "
+        'tables: benchmarks/RESULTS.md, "Budgeted GPU run".',
+    ]
     return "\n".join(lines) + "\n"
 
 
-def run_plan(items: list[Item], budget_s: float, out: Path, tiny: bool, python: str = sys.executable,
-             env: dict[str, Any] | None = None, optional_missing: dict[str, str] | None = None,
-             clock_start: float | None = None) -> dict[str, Any]:
+def run_plan(
+    items: list[Item],
+    budget_s: float,
+    out: Path,
+    tiny: bool,
+    python: str = sys.executable,
+    env: dict[str, Any] | None = None,
+    optional_missing: dict[str, str] | None = None,
+    clock_start: float | None = None,
+) -> dict[str, Any]:
     """Run `items` in order within `budget_s` seconds from `clock_start` (default: now); return the summary."""
     start = time.monotonic() if clock_start is None else clock_start
     deadline = start + budget_s
     out = out.resolve()  # the items run in the repository root
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = dict(
-        started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), budget_s=budget_s, tiny=tiny,
-        env=env or environment(tiny), optional_missing=optional_missing or {}, items=[], elapsed_s=0.0,
+        started=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        budget_s=budget_s,
+        tiny=tiny,
+        env=env or environment(tiny),
+        optional_missing=optional_missing or {},
+        items=[],
+        elapsed_s=0.0,
     )
 
     def save() -> None:
@@ -302,14 +333,17 @@ def run_plan(items: list[Item], budget_s: float, out: Path, tiny: bool, python: 
         need = item.estimate(tiny)
         stamp = f"[{time.monotonic() - start:6.0f} s | {max(left, 0):4.0f} s left]"
         if need > left:
-            record = dict(item=item.name, phase=item.phase, what=item.what, estimate_s=need, status="skipped",
-                          note=f"skipped: {max(left, 0):.0f} s left, needs ~{need:.0f} s")
+            note = f"skipped: {max(left, 0):.0f} s left, needs ~{need:.0f} s"
+            record = item.record(tiny, status="skipped", note=note)
             print(f"{stamp} {item.name}: {record['note']}", flush=True)
         else:
             print(f"{stamp} {item.name}: {item.what} (estimate {need:.0f} s) ...", flush=True)
             record = run_item(item, out, tiny, python, timeout_s=max(left - RESERVE_S, 1.0))
-            print(f"{' ' * len(stamp)} {item.name}: {record['status']} in {record['elapsed_s']:.0f} s"
-                  + (f": {record['note']}" if record.get("note") else ""), flush=True)
+            print(
+                f"{' ' * len(stamp)} {item.name}: {record['status']} in {record['elapsed_s']:.0f} s"
+                + (f": {record['note']}" if record.get("note") else ""),
+                flush=True,
+            )
             if record.get("headline"):
                 print(f"{' ' * len(stamp)}   {record['headline']}", flush=True)
             if record["status"] == "failed":
@@ -328,18 +362,26 @@ def print_table(summary: dict[str, Any]) -> None:
         text = " ".join(x for x in (r.get("headline"), r.get("note")) if x)
         print(f"{r['item']:<18} {r['status']:<8} {elapsed:>5} {r['estimate_s']:>5.0f}  {text}")
     counts = {s: sum(r["status"] == s for r in summary["items"]) for s in ("ok", "failed", "timeout", "skipped")}
-    print(f"{summary['elapsed_s']:.0f} of {summary['budget_s']:.0f} s used; "
-          + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    print(
+        f"{summary['elapsed_s']:.0f} of {summary['budget_s']:.0f} s used; "
+        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=INSTALL_HINT)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=INSTALL_HINT
+    )
     p.add_argument("--budget", type=float, help="seconds for the whole run (required unless --plan)")
-    p.add_argument("--out", type=Path, default=None,
-                   help="folder for <item>.json, <item>.log and summary.*; default benchmarks/results/budget-<time>")
-    p.add_argument("--tiny", action="store_true",
-                   help="the same plan at tiny shapes on CPU: checks it, measures nothing")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for <item>.json, <item>.log and summary.*; default benchmarks/results/budget-<time>",
+    )
+    p.add_argument(
+        "--tiny", action="store_true", help="the same plan at tiny shapes on CPU: checks it, measures nothing"
+    )
     p.add_argument("--only", default=None, help="comma list of item names: run these, in plan order")
     p.add_argument("--plan", action="store_true", help="print the plan (estimates, commands) and exit")
     args = p.parse_args(argv)
@@ -363,8 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     items = [i for i in PLAN if args.only is None or i.name in args.only]
     if args.plan:
         for i in items:
-            print(f"{i.phase} {PHASES[i.phase]:<16} {i.name:<18} ~{i.estimate(args.tiny):4.0f} s  {i.what}\n"
-                  f"    {shlex.join(i.command('python', args.tiny, Path(f'<out>/{i.name}.raw.json')))}")
+            print(
+                f"{i.phase} {PHASES[i.phase]:<16} {i.name:<18} ~{i.estimate(args.tiny):4.0f} s  {i.what}\n"
+                f"    {shlex.join(i.command('python', args.tiny, Path(f'<out>/{i.name}.raw.json')))}"
+            )
         total = sum(i.estimate(args.tiny) for i in items)
         print(f"total estimate {total:.0f} s ({'tiny, CPU' if args.tiny else 'GPU, a guess until measured'})")
         return 0
@@ -372,13 +416,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.tiny:  # both only add GPU rows
         optional = {}
     if required:
-        print(f"run_budget.py: missing Python package(s): {', '.join(required)}; every item needs them.\n"
-              f"{INSTALL_HINT}", file=sys.stderr)
+        print(
+            f"run_budget.py: missing Python package(s): {', '.join(required)}; every item needs them.\n{INSTALL_HINT}",
+            file=sys.stderr,
+        )
         return 2
     env = environment(args.tiny)
     if not args.tiny and env["gpu"] is None:
-        print("run_budget.py needs a CUDA GPU (nvidia-smi lists none); use --tiny to check the plan on CPU",
-              file=sys.stderr)
+        print(
+            "run_budget.py needs a CUDA GPU (nvidia-smi lists none); use --tiny to check the plan on CPU",
+            file=sys.stderr,
+        )
         return 2
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = args.out or REPO / "benchmarks" / "results" / f"budget-{stamp}{'-tiny' if args.tiny else ''}"

@@ -46,8 +46,9 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 STEPS, DENSE_FRACTION, SEARCH_INTERVAL = 50, 0.25, 10  # SparseConfig defaults over a 50-step generation
 
@@ -56,8 +57,10 @@ def shapes(tiny: bool) -> dict:
     from accel.bench.scenarios import ATTENTION_SHAPES, AttentionShape
 
     if tiny:
-        return {"wan": AttentionShape("tiny wan-like", 2, (2, 4, 16), head_dim=64),
-                "hunyuan": AttentionShape("tiny hunyuan-like", 2, (2, 4, 12), text=32, head_dim=64)}
+        return {
+            "wan": AttentionShape("tiny wan-like", 2, (2, 4, 16), head_dim=64),
+            "hunyuan": AttentionShape("tiny hunyuan-like", 2, (2, 4, 12), text=32, head_dim=64),
+        }
     return {key: ATTENTION_SHAPES[key] for key in ("wan", "hunyuan")}
 
 
@@ -103,10 +106,18 @@ def kernel_rows(q, k, v, args, device) -> list[dict]:
         blocks = BlockIndex.from_mask(mask)  # built once per search in the patched model
         memory = dict(pattern_mb=blocks.nbytes / 1e6, bool_mask_mb=mask.numel() / 1e6)
         del mask
-        add(f"sparse {sparsity:.0%}", lambda b=blocks: block_sparse_attention(q, k, v, b, block_q=bq, block_k=bk),
-            real, **memory)
-        add(f"sparse {sparsity:.0%} + INT8",
-            lambda b=blocks: block_sparse_attention(q, k, v, b, int8=True, block_q=bq, block_k=bk), real, **memory)
+        add(
+            f"sparse {sparsity:.0%}",
+            lambda b=blocks: block_sparse_attention(q, k, v, b, block_q=bq, block_k=bk),
+            real,
+            **memory,
+        )
+        add(
+            f"sparse {sparsity:.0%} + INT8",
+            lambda b=blocks: block_sparse_attention(q, k, v, b, int8=True, block_q=bq, block_k=bk),
+            real,
+            **memory,
+        )
     return rows
 
 
@@ -144,18 +155,43 @@ def bench_attention(shape, args, device, dtype) -> dict:
 
     def search(method):  # what SparseAttention runs at a search step
         qq, kk, _, _, _ = apply_orders(orders, probe(), q, k, v, None)
-        mask = search_pattern(qq, kk, target=0.95, block_q=bq, block_k=bk, sm_scale=dim**-0.5, method=method,
-                              stride=args.stride, text_position="suffix" if text else "none", text_tokens=text)
+        mask = search_pattern(
+            qq,
+            kk,
+            target=0.95,
+            block_q=bq,
+            block_k=bk,
+            sm_scale=dim**-0.5,
+            method=method,
+            stride=args.stride,
+            text_position="suffix" if text else "none",
+            text_tokens=text,
+        )
         return BlockIndex.from_mask(mask)
 
     def overhead(method, fn):
         t = statistics.median(timed(fn, device, min(args.warmup, 1), max(1, args.repeats // 2)))
-        return dict(method=method, median_s=t, share_of_dense_call=t / dense,
-                    amortised_share=searches * t / (STEPS * dense), searches_per_generation=searches)
+        return dict(
+            method=method,
+            median_s=t,
+            share_of_dense_call=t / dense,
+            amortised_share=searches * t / (STEPS * dense),
+            searches_per_generation=searches,
+        )
 
     search_rows = [overhead(m, lambda m=m: search(m)) for m in args.methods]
-    return dict(name=shape.title, tokens=n, heads=heads, head_dim=dim, block_q=bq, block_k=bk, rows=rows,
-                search=search_rows, probe=overhead("order probe", probe), orders=list(orders.names))
+    return dict(
+        name=shape.title,
+        tokens=n,
+        heads=heads,
+        head_dim=dim,
+        block_q=bq,
+        block_k=bk,
+        rows=rows,
+        search=search_rows,
+        probe=overhead("order probe", probe),
+        orders=list(orders.names),
+    )
 
 
 def bench_wan_step(args, device, dtype) -> dict:
@@ -175,8 +211,14 @@ def bench_wan_step(args, device, dtype) -> dict:
     reference = step().float()
     rows.append(dict(name="dense", median_s=statistics.median(dense_times), times_s=dense_times))
     for target in args.targets:
-        cfg = SparseConfig(target=target, dense_fraction=0.0, search_interval=10**9, block_q=args.block_q,
-                           block_k=args.block_k, stride=args.stride)
+        cfg = SparseConfig(
+            target=target,
+            dense_fraction=0.0,
+            search_interval=10**9,
+            block_q=args.block_q,
+            block_k=args.block_k,
+            stride=args.stride,
+        )
         handle = accel.patch(model, cache=False, sparse=cfg)
         try:
             first = timed(step, device, 0, 1)[0]  # searches every attention module
@@ -185,14 +227,25 @@ def bench_wan_step(args, device, dtype) -> dict:
             stats = handle.report().stats["sparse"]
         finally:
             accel.unpatch(model)
-        rows.append(dict(name=f"sparse target {target}", target=target, first_call_s=first,
-                         median_s=statistics.median(times), times_s=times, mean_sparsity=stats["mean_sparsity"],
-                         search_s=stats["search_s"],
-                         rel_l1=((out - reference).abs().sum() / reference.abs().sum()).item()))
+        rows.append(
+            dict(
+                name=f"sparse target {target}",
+                target=target,
+                first_call_s=first,
+                median_s=statistics.median(times),
+                times_s=times,
+                mean_sparsity=stats["mean_sparsity"],
+                search_s=stats["search_s"],
+                rel_l1=((out - reference).abs().sum() / reference.abs().sum()).item(),
+            )
+        )
     for row in rows:
         row["speedup"] = rows[0]["median_s"] / row["median_s"]
-    return dict(name="Wan2.1-1.3B-shaped transformer step, 480p" if not args.tiny else "tiny Wan step",
-                latent=scenario.latent_shape, rows=rows)
+    return dict(
+        name="Wan2.1-1.3B-shaped transformer step, 480p" if not args.tiny else "tiny Wan step",
+        latent=scenario.latent_shape,
+        rows=rows,
+    )
 
 
 def _print_kernels(sc: dict) -> None:
@@ -204,12 +257,16 @@ def _print_kernels(sc: dict) -> None:
         print(f"   {r['name']:<24} {sp:>8} {r['median_s'] * 1e3:>10.3f} {r['speedup_vs_sdpa']:>7.2f}x {mem:>18}")
     for s in [sc["probe"]] + sc["search"]:
         label = s["method"] if s is sc["probe"] else f"search {s['method']}"
-        print(f"   {label:<20} {s['median_s'] * 1e3:>10.3f} ms = {s['share_of_dense_call']:.1%} of a dense "
-              f"call, {s['amortised_share']:.2%} amortised ({s['searches_per_generation']} per {STEPS} steps)")
+        print(
+            f"   {label:<20} {s['median_s'] * 1e3:>10.3f} ms = {s['share_of_dense_call']:.1%} of a dense "
+            f"call, {s['amortised_share']:.2%} amortised ({s['searches_per_generation']} per {STEPS} steps)"
+        )
     main = next((s for s in sc["search"] if s["method"] == "antidiagonal"), None)
     if main is not None:
-        print(f"   => search overhead (antidiagonal, per-head orders, {main['searches_per_generation']} searches over "
-              f"{STEPS} steps): {main['amortised_share']:.2%} of dense attention time (target: under 5%)")
+        print(
+            f"   => search overhead (antidiagonal, per-head orders, {main['searches_per_generation']} searches over "
+            f"{STEPS} steps): {main['amortised_share']:.2%} of dense attention time (target: under 5%)"
+        )
 
 
 def print_tables(doc: dict) -> None:
@@ -229,15 +286,21 @@ def headline(doc: dict) -> str:
     parts = []
     for key, sc in doc["scenarios"].items():
         if "search" in sc:
-            cells = [f"{r['name'].removeprefix('sparse ')} {r['speedup_vs_sdpa']:.2f}x" for r in sc["rows"]
-                     if r["name"].startswith("sparse")]
+            cells = [
+                f"{r['name'].removeprefix('sparse ')} {r['speedup_vs_sdpa']:.2f}x"
+                for r in sc["rows"]
+                if r["name"].startswith("sparse")
+            ]
             main = next((s for s in sc["search"] if s["method"] == "antidiagonal"), None)
             search = f"; search {main['amortised_share']:.1%} amortised" if main else ""
             parts.append(f"{key}: " + ", ".join(cells) + " vs SDPA" + search)
         else:
             dense, *rest = sc["rows"]
-            cells = [f"target {r['target']}: {r['median_s'] * 1e3:.1f} ms ({r['speedup']:.2f}x, "
-                     f"sparsity {r['mean_sparsity']:.0%})" for r in rest]
+            cells = [
+                f"target {r['target']}: {r['median_s'] * 1e3:.1f} ms ({r['speedup']:.2f}x, "
+                f"sparsity {r['mean_sparsity']:.0%})"
+                for r in rest
+            ]
             parts.append(f"{key}: dense {dense['median_s'] * 1e3:.1f} ms, " + ", ".join(cells))
     return "; ".join(parts)
 
@@ -247,14 +310,20 @@ def parse_args(argv=None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--scenario", choices=("wan", "hunyuan", "wan-step", "all"), default="all")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5, 0.75, 0.9])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.95, 0.8])
-    parser.add_argument("--methods", nargs="+", default=None,
-                        help="search methods to time (default: all of accel.attention.pattern.METHODS)")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="search methods to time (default: all of accel.attention.pattern.METHODS)",
+    )
     parser.add_argument("--block-q", type=int, default=None, help="default 128 (GPU), 32 (--tiny)")
     parser.add_argument("--block-k", type=int, default=None, help="default 64 (GPU), 16 (--tiny)")
     parser.add_argument("--stride", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--tiny", action="store_true", help="tiny shapes on CPU (Triton interpreter): checks the script")
+    parser.add_argument(
+        "--tiny", action="store_true", help="tiny shapes on CPU (Triton interpreter): checks the script"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     args.block_q = args.block_q or (32 if args.tiny else 128)
@@ -293,8 +362,9 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
     print_tables(doc)
     doc["headline"] = headline(doc)
-    out = write_json(args.json or default_json_path(Path(__file__).parent / "results", "sparse", doc["env"], args.tiny),
-                     doc)
+    out = write_json(
+        args.json or default_json_path(Path(__file__).parent / "results", "sparse", doc["env"], args.tiny), doc
+    )
     print(f"\nwrote {out}")
     return 0
 

@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from helpers import DIFFUSION_FAMILIES, tiny
 
 from accel import _hooks
 from accel.pipelines import find_adapter
 from accel.pipelines.base import DiTAdapter
-
-from helpers import DIFFUSION_FAMILIES, tiny
 
 DIT_FAMILIES = [f for f in DIFFUSION_FAMILIES if f not in ("sd15", "sdxl")]
 
@@ -34,8 +33,14 @@ def test_block_io_and_latent_grid_match_the_real_forward(family):
     seen, grids = [], []
 
     def on_block(module, args, kwargs, output):
-        seen.append((module, _hooks.get_arg(module, "hidden_states", args, kwargs),
-                     _hooks.get_arg(module, "encoder_hidden_states", args, kwargs), output))
+        seen.append(
+            (
+                module,
+                _hooks.get_arg(module, "hidden_states", args, kwargs),
+                _hooks.get_arg(module, "encoder_hidden_states", args, kwargs),
+                output,
+            )
+        )
 
     def on_denoiser(module, args, kwargs):
         grids.append(adapter.latent_grid(args, kwargs))

@@ -4,13 +4,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny
 from torch import nn
 
 import accel
 from accel import AlreadyPatchedError, CacheConfig, NotPatchedError, UnsupportedModelError
 from accel.zoo import build
-
-from helpers import tiny
 
 
 def test_unsupported_model_error_names_class_and_families():
@@ -18,7 +17,12 @@ def test_unsupported_model_error_names_class_and_families():
         accel.patch(nn.Linear(2, 2))
     message = str(err.value)
     assert "torch.nn.modules.linear.Linear" in message
-    for family in ("FluxTransformer2DModel", "UNet2DConditionModel", "WanTransformer3DModel", "Qwen2VLForConditionalGeneration"):
+    for family in (
+        "FluxTransformer2DModel",
+        "UNet2DConditionModel",
+        "WanTransformer3DModel",
+        "Qwen2VLForConditionalGeneration",
+    ):
         assert family in message
     assert "strict=False" in message
 
@@ -137,7 +141,9 @@ def test_composes_with_peft_lora(patched):
     peft = pytest.importorskip("peft")
     model = build("flux")
     transformer = model.obj.transformer
-    transformer.add_adapter(peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False))
+    transformer.add_adapter(
+        peft.LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], init_lora_weights=False)
+    )
     lora_baseline = model.run(0)
     patched(model.obj, cache=CacheConfig(threshold=0.0))
     assert torch.equal(model.run(0), lora_baseline)
@@ -155,7 +161,10 @@ def test_composes_with_diffusers_group_offloading(patched):
     model = build("wan")
     baseline = model.run(0)
     model.obj.transformer.enable_group_offload(
-        onload_device=torch.device("cpu"), offload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+        onload_device=torch.device("cpu"),
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
     )
     patched(model.obj, cache=CacheConfig(threshold=0.0))
     assert torch.equal(model.run(0), baseline)

@@ -15,8 +15,11 @@ from accel.attention.int8_quant_kernel import quantize_int8
 BLOCKS = dict(block_q=16, block_k=16)  # small tiles: ragged tails and several K blocks on tiny shapes
 # Same INT8 tensors on both sides; the rest is accumulation order and P's 16-bit rounding against the
 # running vs the final row max (the interpreter also truncates fp32->bf16 where a GPU rounds).
-TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-       torch.float32: dict(atol=2e-3, rtol=2e-3)}
+TOL = {
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float32: dict(atol=2e-3, rtol=2e-3),
+}
 
 
 def _qkv(b, hq, hkv, nq, nk, d, dtype, seed=0):
@@ -38,7 +41,9 @@ def test_kernel_matches_reference(dtype, causal, b, hq, hkv, n):
     torch.testing.assert_close(out, ref, **TOL[dtype])
 
 
-@pytest.mark.parametrize("d,dtype", [(128, torch.float16), (96, torch.float16), (80, torch.bfloat16), (64, torch.float32)])
+@pytest.mark.parametrize(
+    "d,dtype", [(128, torch.float16), (96, torch.float16), (80, torch.bfloat16), (64, torch.float32)]
+)
 def test_kernel_head_dims_and_fp32(d, dtype):
     """128 natively, 96 (and 80) as masked 128-wide tiles; fp32 inputs run P·V in fp16."""
     q, k, v = _qkv(1, 2, 1, 33, 33, d, dtype, seed=1)
@@ -100,7 +105,9 @@ def test_kernel_accuracy_vs_sdpa():
     q = _student_t(g, (1, 1, 64, 64)).half()
     k = (_student_t(g, (1, 1, 64, 64)) + 8.0 * torch.randn(64, generator=g)).half()
     v = torch.randn(1, 1, 64, 64, generator=g).half()
-    cos, l1 = _accuracy(int8_attention(q, k, v, block_q=32, block_k=32), F.scaled_dot_product_attention(q.float(), k.float(), v.float()))
+    cos, l1 = _accuracy(
+        int8_attention(q, k, v, block_q=32, block_k=32), F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    )
     print(f"\nkernel: cos={cos:.6f} relL1={l1:.4f}")
     assert cos >= 0.999
 
@@ -156,7 +163,7 @@ def test_triton_quantisation_is_identical_to_torch(dtype, block):
 def _key_mask(b, nk):
     """Batch 0 keeps its first 3/4 of keys (text padding at the end), batch 1 drops its first 5."""
     m = torch.ones(b, nk, dtype=torch.bool)
-    m[0, 3 * nk // 4:] = False
+    m[0, 3 * nk // 4 :] = False
     m[1, :5] = False
     return m
 
@@ -179,11 +186,15 @@ def test_key_padding_mask_kernel_matches_reference_and_sdpa(form, causal, hkv, d
     # (With LTX's finite -10000 bias those rows are an ordinary softmax over masked keys, as in SDPA.)
     sdpa_mask = m[:, None, None, :] if form == "bool" else mask
     if causal:
-        sdpa_mask = (sdpa_mask & torch.ones(n, n, dtype=torch.bool).tril() if form == "bool"
-                     else sdpa_mask + torch.full((n, n), float("-inf")).triu(1))
+        sdpa_mask = (
+            sdpa_mask & torch.ones(n, n, dtype=torch.bool).tril()
+            if form == "bool"
+            else sdpa_mask + torch.full((n, n), float("-inf")).triu(1)
+        )
     g = hq // hkv
-    gold = F.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1),
-                                          attn_mask=sdpa_mask)
+    gold = F.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(g, 1), v.float().repeat_interleave(g, 1), attn_mask=sdpa_mask
+    )
     ref, gold = ref[:, :, n_dead:], gold[:, :, n_dead:]
     assert _accuracy(ref, gold)[0] >= 0.999
 
@@ -220,7 +231,9 @@ def test_key_padding_from_sdpa_mask():
 # ---- Q smoothing, per-token scales, FP8 P·V --------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw", [dict(smooth_q=True), dict(granularity="token"), dict(smooth_q=True, granularity="token")])
+@pytest.mark.parametrize(
+    "kw", [dict(smooth_q=True), dict(granularity="token"), dict(smooth_q=True, granularity="token")]
+)
 @pytest.mark.parametrize("causal,hkv", [(False, 2), (True, 1)])
 def test_kernel_options_match_reference(kw, causal, hkv):
     q, k, v = _qkv(1, 2, hkv, 37, 37, 64, torch.float16, seed=7)
@@ -270,7 +283,9 @@ def test_hard_heavy_tailed_qk_with_k_bias(dtype):
     gold = _gold(q, k, v)
     cos_tok, l1_tok = _accuracy(int8_attention_reference(q, k, v, granularity="token"), gold)
     cos_blk, l1_blk = _accuracy(int8_attention_reference(q, k, v), gold)
-    print(f"\nheavy-tailed {dtype}: token cos={cos_tok:.6f} relL1={l1_tok:.4f}  block cos={cos_blk:.6f} relL1={l1_blk:.4f}")
+    print(
+        f"\nheavy-tailed {dtype}: token cos={cos_tok:.6f} relL1={l1_tok:.4f}  block cos={cos_blk:.6f} relL1={l1_blk:.4f}"
+    )
     assert cos_tok >= 0.999 and l1_tok < 0.03
     assert cos_blk >= 0.997 and (1 - cos_blk) > 2 * (1 - cos_tok)
 

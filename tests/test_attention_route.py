@@ -4,13 +4,12 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny
 
 import accel
 from accel._private import attention_implementations
 from accel.attention import AttentionConfig
 from accel.bench.metrics import psnr
-
-from helpers import tiny
 
 DIT_AND_UNET = ["flux", "sd3", "wan", "hunyuan_video", "cogvideox", "ltx", "sd15"]
 VLMS = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
@@ -72,8 +71,12 @@ def test_step_and_block_policy_counts(patched):
     model.run(seed=0)
     stats = handle.report().stats["attention"]
     # Blocks 0 and 4 are checked first; steps apply to the 3 blocks in between.
-    assert stats["sdpa_by_rule"] == {"first steps": 2 * 2 * 3, "block 0": 12 * 2, "block 4": 12 * 2,
-                                     "last steps": 1 * 2 * 3}
+    assert stats["sdpa_by_rule"] == {
+        "first steps": 2 * 2 * 3,
+        "block 0": 12 * 2,
+        "block 4": 12 * 2,
+        "last steps": 1 * 2 * 3,
+    }
     assert _int8_calls(stats) == (12 - 3) * 2 * 3 and stats["sdpa_fallback"] == {}
 
 
@@ -199,8 +202,10 @@ def test_kernel_options_reach_the_kernel(patched):
 
 def _qkv(heads=2, kv_heads=2, q_len=32, k_len=32, dim=16, dtype=torch.float32, batch=1):
     g = torch.Generator().manual_seed(0)
-    return tuple(torch.randn(batch, h, n, dim, generator=g).to(dtype)
-                 for h, n in ((heads, q_len), (kv_heads, k_len), (kv_heads, k_len)))
+    return tuple(
+        torch.randn(batch, h, n, dim, generator=g).to(dtype)
+        for h, n in ((heads, q_len), (kv_heads, k_len), (kv_heads, k_len))
+    )
 
 
 def _router_and_site(handle, unit="attention", role="self"):
@@ -244,9 +249,11 @@ def test_routes_plug_into_the_router_through_its_methods(patched):
     q, k, v = _qkv()
     seen = []
     stage = Route(
-        "test", compute=lambda call: seen.append(call.layer) or (torch.zeros_like(call.query) if seen[1:] else None),
+        "test",
+        compute=lambda call: seen.append(call.layer) or (torch.zeros_like(call.query) if seen[1:] else None),
         constraints=(lambda call: "odd length" if call.query.shape[-2] % 2 else None,),
-        exempt=lambda call: "cross" if call.role == "cross" else None, on_decline=seen.append,
+        exempt=lambda call: "cross" if call.role == "cross" else None,
+        on_decline=seen.append,
     )
     router.add_stage(stage)
     first = router.dispatch(site, q, k, v)  # the stage passes (None): the dense route computes it
@@ -288,4 +295,3 @@ def test_calls_carry_the_cfg_branch_the_pipeline_names(patched):
     branches.clear()
     model.obj.transformer(**_wan_inputs(model.obj.transformer))  # a bare call: no cache_context around it
     assert branches == {None}
-

@@ -168,8 +168,9 @@ def test_latent_fidelity() -> None:
     assert shifted["rel_l1"] == pytest.approx(relative_l1(ref + 0.04, ref))
     bad = ref.clone()
     bad[0, 0, 0] = float("nan")
-    assert latent_fidelity(bad, ref) == dict(psnr_db=None, rel_l1=None, max_abs_diff=None, identical=False,
-                                             finite=False)
+    assert latent_fidelity(bad, ref) == dict(
+        psnr_db=None, rel_l1=None, max_abs_diff=None, identical=False, finite=False
+    )
     with pytest.raises(ValueError, match="shapes differ"):
         latent_fidelity(ref[:1], ref)
 
@@ -184,8 +185,13 @@ def test_results_json_and_environment(tmp_path) -> None:
         shape: tuple
 
     doc = {"config": Config(0.1, (1, 2)), "psnr": float("inf"), "nan": float("nan"), "dtype": torch.bfloat16, 3: None}
-    assert to_json(doc) == {"config": {"threshold": 0.1, "shape": [1, 2]}, "psnr": "inf", "nan": "nan",
-                            "dtype": "torch.bfloat16", "3": None}
+    assert to_json(doc) == {
+        "config": {"threshold": 0.1, "shape": [1, 2]},
+        "psnr": "inf",
+        "nan": "nan",
+        "dtype": "torch.bfloat16",
+        "3": None,
+    }
     path = write_json(tmp_path / "new" / "result.json", doc)  # folders are created
     assert json.loads(path.read_text()) == to_json(doc) and [p.name for p in path.parent.iterdir()] == ["result.json"]
 
@@ -193,5 +199,7 @@ def test_results_json_and_environment(tmp_path) -> None:
     assert env["device"] == "cpu" and env["gpu"] is None and env["torch"] == torch.__version__
     assert {"accel", "diffusers", "transformers", "triton", "python", "cpu_count", "torch_threads"} <= set(env)
     assert default_json_path(tmp_path, "caching", env, tiny=True) == tmp_path / "caching-cpu-tiny.json"
-    assert default_json_path(tmp_path, "quant", dict(gpu="NVIDIA H100 80GB HBM3"), tiny=False).name == \
-        "quant-nvidia-h100-80gb-hbm3.json"
+    assert (
+        default_json_path(tmp_path, "quant", dict(gpu="NVIDIA H100 80GB HBM3"), tiny=False).name
+        == "quant-nvidia-h100-80gb-hbm3.json"
+    )

@@ -25,10 +25,18 @@ SKIP_NOTE = re.compile(r"skipped: \d+ s left, needs ~\d+ s")
 def run_all(out: Path, budget: float) -> tuple[float, str]:
     env = dict(os.environ, PYTHON=sys.executable)
     t0 = time.monotonic()
-    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "run_all.sh"), "--budget", str(budget), "--tiny",
-                           "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=budget + 60)
+    proc = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "run_all.sh"), "--budget", str(budget), "--tiny", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=budget + 60,
+    )
     wall = time.monotonic() - t0
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-6000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    )
     return wall, proc.stdout
 
 

@@ -2,15 +2,15 @@
 
 import pytest
 import torch
+from helpers import DIFFUSION_FAMILIES, TWO_CALL_CFG, baseline, tiny
 
 import accel
 from accel import CacheConfig
 from accel._private import hook_registry
 from accel.bench.metrics import psnr
 
-from helpers import DIFFUSION_FAMILIES, TWO_CALL_CFG, baseline, tiny
-
 pytestmark = pytest.mark.parametrize("family", DIFFUSION_FAMILIES)
+
 
 @pytest.mark.compat
 def test_patch_run_unpatch_is_bit_exact(family):

@@ -98,8 +98,14 @@ def test_compare_always_unpatches_and_records_errors():
             raise RuntimeError("boom")
         return tiny.run(seed, num_inference_steps=3)
 
-    rows = compare(tiny.obj, run, [Variant("bad", {"preset": "fast"}), Variant("typo", {"preset": "nope"}), "lossless"],
-                   repeats=1, warmup=1, progress=False)
+    rows = compare(
+        tiny.obj,
+        run,
+        [Variant("bad", {"preset": "fast"}), Variant("typo", {"preset": "nope"}), "lossless"],
+        repeats=1,
+        warmup=1,
+        progress=False,
+    )
     assert [r.variant for r in rows] == ["baseline", "bad", "typo", "lossless"]
     assert rows[1].error == "RuntimeError: boom" and "unknown preset" in rows[2].error
     assert rows[3].error is None and rows[3].psnr == float("inf")
@@ -109,8 +115,23 @@ def test_compare_always_unpatches_and_records_errors():
 
 def test_bench_vlm_pruning_table(tmp_path, capsys):
     path = tmp_path / "prune.json"
-    argv = ["bench-vlm", "--family", "qwen2_vl", "--keep", "8,3", "--video", "--new-tokens", "4", "--repeats", "1",
-            "--warmup", "0", "--quiet", "--json", str(path)]
+    argv = [
+        "bench-vlm",
+        "--family",
+        "qwen2_vl",
+        "--keep",
+        "8,3",
+        "--video",
+        "--new-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--json",
+        str(path),
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "TINY RANDOM-WEIGHT MODELS" in out and "qwen2_vl (video), pruning before_lm, 4 new tokens" in out
@@ -136,8 +157,10 @@ def test_bench_vlm_pruning_table(tmp_path, capsys):
         (["bench-vlm", "--family", "llava", "--keep", "4", "--new-tokens", "0"], "--new-tokens must be >= 1"),
         (["bench-vlm", "--family", "nope", "--keep", "4"], "unknown family 'nope'"),
         # the pruning flags that `accel bench` had point to the command that has them now
-        (["bench", "--family", "llava", "--keep", "4"], "--keep: visual token pruning has its own command now: "
-                                                        "accel bench-vlm"),
+        (
+            ["bench", "--family", "llava", "--keep", "4"],
+            "--keep: visual token pruning has its own command now: accel bench-vlm",
+        ),
         (["bench", "--family", "llava", "--video", "--prune-where", "in_lm"], "--video, --prune-where: visual token"),
     ],
 )
@@ -146,9 +169,14 @@ def test_bench_vlm_mistakes_are_one_line_errors(capsys, argv, message):
     assert capsys.readouterr().out == ""  # nothing ran
 
 
-@pytest.mark.parametrize("argv", [["bench-vlm", "--family", "llava", "--keep", "4", "--attention", "int8"],
-                                  ["bench-vlm", "--family", "llava", "--keep", "4", "--preset", "fast"],
-                                  ["bench-vlm", "--family", "llava"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench-vlm", "--family", "llava", "--keep", "4", "--attention", "int8"],
+        ["bench-vlm", "--family", "llava", "--keep", "4", "--preset", "fast"],
+        ["bench-vlm", "--family", "llava"],
+    ],
+)
 def test_bench_vlm_refuses_flags_that_do_not_apply(capsys, argv):
     with pytest.raises(SystemExit) as err:
         main(argv)
@@ -166,8 +194,22 @@ def test_help_lists_every_subcommand(capsys):
 
 def test_bench_attention_routes(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    argv = ["bench", "--family", "wan", "--preset", "lossless", "--attention", "sdpa,int8", "--repeats", "1",
-            "--warmup", "0", "--quiet", "--json", str(path)]
+    argv = [
+        "bench",
+        "--family",
+        "wan",
+        "--preset",
+        "lossless",
+        "--attention",
+        "sdpa,int8",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--quiet",
+        "--json",
+        str(path),
+    ]
     assert main(argv) == 0
     rows = {r["variant"]: r for r in json.loads(path.read_text())["rows"]}
     assert set(rows) == {"baseline", "lossless", "attn-sdpa", "attn-int8"}
@@ -211,8 +253,10 @@ def run_returns_text():
         (["bench", "--pipeline", "make"], "takes MODULE:FUNCTION or path/to/file.py:FUNCTION"),
         (["bench", "--pipeline", "{tmp}/missing.py:make"], "no such file"),
         (["bench", "--pipeline", "{tmp}/needs_dep.py:make"], "importing '{tmp}/needs_dep.py' failed: No module named"),
-        (["bench", "--pipeline", "{tmp}/pipes.py:returns_a_number"], "must return (obj, run_fn) with run_fn(seed) "
-                                                                      "callable, got int"),
+        (
+            ["bench", "--pipeline", "{tmp}/pipes.py:returns_a_number"],
+            "must return (obj, run_fn) with run_fn(seed) callable, got int",
+        ),
         (["bench", "--pipeline", "{tmp}/pipes.py:returns_three"], "got a tuple of 3"),
         (["bench", "--pipeline", "{tmp}/pipes.py:returns_an_unpatchable_object"], "accel.patch takes a diffusers"),
         (["bench", "--pipeline", "{tmp}/pipes.py:run_returns_text"], "cannot compare outputs of type str"),
@@ -270,8 +314,21 @@ def text_metric(model, processor, tasks, limit):
     ],
 )
 def test_eval_mistakes_are_one_line_errors(tmp_path, capsys, extra, message):
-    argv = ["eval", "--model", str(tmp_path), "--tasks", "a,b", "--keep", "4", "--device", "cpu", "--runner",
-            "json:dumps", "--json", str(tmp_path / "eval.json")]
+    argv = [
+        "eval",
+        "--model",
+        str(tmp_path),
+        "--tasks",
+        "a,b",
+        "--keep",
+        "4",
+        "--device",
+        "cpu",
+        "--runner",
+        "json:dumps",
+        "--json",
+        str(tmp_path / "eval.json"),
+    ]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in extra]
     assert message.replace("{tmp}", str(tmp_path)) in usage_error(capsys, argv)
 
@@ -289,7 +346,20 @@ def test_eval_runner_returning_the_wrong_shape_is_a_usage_error(tmp_path, capsys
 
     monkeypatch.setattr(evaluate, "load_model", lambda *args, **kwargs: (torch.nn.Linear(1, 1), None))
     (tmp_path / "runners.py").write_text(RUNNERS)
-    argv = ["eval", "--model", "m", "--tasks", "a,b", "--keep", "4", "--device", "cpu", "--runner",
-            f"{tmp_path / 'runners.py'}:{runner}", "--json", str(tmp_path / "eval.json")]
+    argv = [
+        "eval",
+        "--model",
+        "m",
+        "--tasks",
+        "a,b",
+        "--keep",
+        "4",
+        "--device",
+        "cpu",
+        "--runner",
+        f"{tmp_path / 'runners.py'}:{runner}",
+        "--json",
+        str(tmp_path / "eval.json"),
+    ]
     assert message in usage_error(capsys, argv)
     assert not (tmp_path / "eval.json").exists()

@@ -49,8 +49,9 @@ def test_video_dit_with_quant_int8_sparse_and_cache(family):
 def test_vlm_with_quant_int8_attention_and_pruning(family):
     model = build(family)
     base = _run(model, max_new_tokens=12)
-    handle = _patch(model.obj, quant=QuantConfig(group_size=16, min_features=0), attention="int8",
-                    prune=PruneConfig(keep_ratio=0.5))
+    handle = _patch(
+        model.obj, quant=QuantConfig(group_size=16, min_features=0), attention="int8", prune=PruneConfig(keep_ratio=0.5)
+    )
     out = _run(model, max_new_tokens=12)
     report = handle.report()
     assert [a.accelerator for a in report.applied] == ["quant", "attention", "prune"]

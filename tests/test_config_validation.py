@@ -129,25 +129,88 @@ def test_non_finite_numbers_are_refused_with_finite_in_the_message(value):
 
 VALID = [
     (CacheConfig, dict()),
-    (CacheConfig, dict(threshold=0, target=0.1, head_blocks=2, taylor_order=0, warmup=3, cooldown=0.0,
-                       max_consecutive=1, decision="current", num_steps=20)),
+    (
+        CacheConfig,
+        dict(
+            threshold=0,
+            target=0.1,
+            head_blocks=2,
+            taylor_order=0,
+            warmup=3,
+            cooldown=0.0,
+            max_consecutive=1,
+            decision="current",
+            num_steps=20,
+        ),
+    ),
     (CacheConfig, dict(threshold=100, target=0, warmup=0.25, cooldown=2)),
     (AttentionConfig, dict()),
-    (AttentionConfig, dict(kernel="sdpa", dense_blocks=(0, -1), dense_first_steps=2, dense_last_steps=1,
-                           dense_roles=("cross", "vision"), min_query_len=0, sdpa_backend="math", smooth_q=True,
-                           granularity="block", pv="fp8")),
+    (
+        AttentionConfig,
+        dict(
+            kernel="sdpa",
+            dense_blocks=(0, -1),
+            dense_first_steps=2,
+            dense_last_steps=1,
+            dense_roles=("cross", "vision"),
+            min_query_len=0,
+            sdpa_backend="math",
+            smooth_q=True,
+            granularity="block",
+            pv="fp8",
+        ),
+    ),
     (SparseConfig, dict()),
-    (SparseConfig, dict(target=1, block_q=16, block_k=16, dense_fraction=0, search_interval=1, method="exact",
-                        stride=4, reorder=False, int8=True)),
+    (
+        SparseConfig,
+        dict(
+            target=1,
+            block_q=16,
+            block_k=16,
+            dense_fraction=0,
+            search_interval=1,
+            method="exact",
+            stride=4,
+            reorder=False,
+            int8=True,
+        ),
+    ),
     (PruneConfig, dict()),
-    (PruneConfig, dict(keep=64, min_keep=1, where="in_lm", layer=1, text_queries=2, score="cls",
-                       sampled_queries=1, contextual=0, temporal_threshold=None)),
+    (
+        PruneConfig,
+        dict(
+            keep=64,
+            min_keep=1,
+            where="in_lm",
+            layer=1,
+            text_queries=2,
+            score="cls",
+            sampled_queries=1,
+            contextual=0,
+            temporal_threshold=None,
+        ),
+    ),
     (PruneConfig, dict(keep_ratio=1)),
     (PruneConfig, dict(mass=0.5, temporal_threshold=-1)),
     (QuantConfig, dict()),
-    (QuantConfig, dict(bits=4, group_size=32, search=False, calibration=lambda: None, calibration_tokens=1, rank=4,
-                       exclude=["*.proj_out"], include=["blocks.*"], default_exclusions=False, min_features=0,
-                       activations="int8", kernel="w4a8-reference", keep_original=False)),
+    (
+        QuantConfig,
+        dict(
+            bits=4,
+            group_size=32,
+            search=False,
+            calibration=lambda: None,
+            calibration_tokens=1,
+            rank=4,
+            exclude=["*.proj_out"],
+            include=["blocks.*"],
+            default_exclusions=False,
+            min_features=0,
+            activations="int8",
+            kernel="w4a8-reference",
+            keep_original=False,
+        ),
+    ),
 ]
 
 
@@ -179,4 +242,3 @@ def test_cross_field_rules_still_hold():
         QuantConfig(kernel="w4a8")
     with pytest.raises(ConfigError, match="group_size >= 32"):
         QuantConfig(activations="int8", group_size=16)
-

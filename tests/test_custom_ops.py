@@ -24,8 +24,14 @@ from accel.quant.kernels import (
     w4a16_matmul,
 )
 
-OPS = ("int8_attention", "block_sparse_attention", "w4a16_matmul", "w4_dequantize", "quantize_activations_int8",
-       "w4a8_matmul")
+OPS = (
+    "int8_attention",
+    "block_sparse_attention",
+    "w4a16_matmul",
+    "w4_dequantize",
+    "quantize_activations_int8",
+    "w4a8_matmul",
+)
 
 
 def _qkv(seed=0, n=20, hkv=2):
@@ -52,11 +58,37 @@ def _opcheck_cases():
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(1)).half()
     return {
         "int8_attention": (q, k, v, None, False, 0.125, True, False, "fp16", "block", 16, 16, None, None),
-        "int8_attention fp8 P·V, per token, masked, causal, GQA": (q, k1, v1, key_valid, True, 0.125, True, True,
-                                                                  "fp8", "token", 16, 16, None, None),
+        "int8_attention fp8 P·V, per token, masked, causal, GQA": (
+            q,
+            k1,
+            v1,
+            key_valid,
+            True,
+            0.125,
+            True,
+            True,
+            "fp8",
+            "token",
+            16,
+            16,
+            None,
+            None,
+        ),
         "block_sparse_attention": (q, k, v, blocks.index, blocks.offsets, None, True, 0.125, False, 16, 16, True),
-        "block_sparse_attention int8, key_valid": (q, k, v, blocks.index, blocks.offsets, key_valid, True, 0.125,
-                                                   True, 16, 16, True),
+        "block_sparse_attention int8, key_valid": (
+            q,
+            k,
+            v,
+            blocks.index,
+            blocks.offsets,
+            key_valid,
+            True,
+            0.125,
+            True,
+            16,
+            16,
+            True,
+        ),
         "w4a16_matmul": (x, qweight, scales, offsets, in_scale, bias),
         "w4_dequantize": (qweight, scales, offsets, None, torch.float32),
         "quantize_activations_int8": (x, in_scale, 32),
@@ -142,8 +174,10 @@ def test_graph_breaks_unchanged_by_the_int8_and_sparse_kernels():
     x = torch.randn(1, 32, 64)
     before = _explain(_TinyAttention(), x)
     blocks = BlockIndex.from_mask(torch.ones(1, 1, 2, 2, dtype=torch.bool).tril())
-    for kernel in (lambda q, k, v: int8_attention(q, k, v, block_q=16, block_k=16),
-                   lambda q, k, v: block_sparse_attention(q, k, v, blocks, block_q=16, block_k=16)):
+    for kernel in (
+        lambda q, k, v: int8_attention(q, k, v, block_q=16, block_k=16),
+        lambda q, k, v: block_sparse_attention(q, k, v, blocks, block_q=16, block_k=16),
+    ):
         after = _explain(_TinyAttention(kernel), x)
         assert (after.graph_count, after.graph_break_count) == (before.graph_count, before.graph_break_count) == (1, 0)
 
@@ -178,8 +212,10 @@ def test_eager_calls_skip_the_op_dispatcher(monkeypatch):
         monkeypatch.setattr(op, "op", None)  # calling the op now would fail
     qweight, scales, offsets, in_scale, bias = _packed()
     x = torch.randn(2, 64).half()
-    assert torch.equal(w4a16_matmul(x, qweight, scales, offsets, in_scale, bias),
-                       torch.ops.accel.w4a16_matmul(x, qweight, scales, offsets, in_scale, bias))
+    assert torch.equal(
+        w4a16_matmul(x, qweight, scales, offsets, in_scale, bias),
+        torch.ops.accel.w4a16_matmul(x, qweight, scales, offsets, in_scale, bias),
+    )
     q, k, v = _qkv()
     int8_attention(q, k, v, block_q=16, block_k=16)
     assert dispatched == [False, False]

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import DIFFUSION_FAMILIES, tiny
 
 import accel
 from accel import CacheConfig
-from helpers import DIFFUSION_FAMILIES, tiny
 
 LOSSLESS = [("lossless", {}), ("threshold0", {"cache": CacheConfig(threshold=0.0)})]
 LOSSLESS_IDS = [name for name, _ in LOSSLESS]
@@ -73,8 +73,9 @@ def scheduler_swap():
 @pytest.mark.compat
 @pytest.mark.parametrize("variant,kwargs", LOSSLESS, ids=LOSSLESS_IDS)
 @pytest.mark.parametrize("family,scheduler,extra,call", SCHEDULERS, ids=[f"{f}-{s}" for f, s, _, _ in SCHEDULERS])
-def test_seeded_output_is_unchanged_with_every_scheduler(family, scheduler, extra, call, variant, kwargs,
-                                                          patched, scheduler_swap):
+def test_seeded_output_is_unchanged_with_every_scheduler(
+    family, scheduler, extra, call, variant, kwargs, patched, scheduler_swap
+):
     model = tiny(family)
     scheduler_swap(model, scheduler, extra)
     reference, out = _same_patched_and_not(model, patched, kwargs, **call)

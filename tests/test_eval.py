@@ -8,12 +8,13 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import tiny
+
 import accel
 from accel.bench import evaluate
 from accel.bench.evaluate import HFAnswerer, answer_requests, evaluate_pruning
 from accel.cli import main
 from accel.zoo import vlm
-from helpers import tiny
 
 IMAGE_TOKENS = 16  # tiny LLaVA: 56 px, patch 14
 
@@ -27,15 +28,27 @@ def tiny_processor():
     vocab.update({f"w{i}": i for i in range(3, vlm.VOCAB_SIZE) if i not in vocab.values()})
     core = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<pad>", extra_special_tokens={"image_token": "<image>"})
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
     tokenizer.padding_side = "left"
-    template = ("{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}")
-    return LlavaProcessor(image_processor=CLIPImageProcessorPil(size={"shortest_edge": 56},
-                                                                crop_size={"height": 56, "width": 56}),
-                          tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=template)
+    template = (
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    )
+    return LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=template,
+    )
 
 
 def images(n: int, seed: int = 0):
@@ -73,7 +86,7 @@ def test_answerer_generates_and_scores_continuations(llava):
     inputs = answerer.inputs(answerer.prompt(DOCS[0]["question"], [DOCS[0]["image"]]), [DOCS[0]["image"]])
     assert int((inputs["input_ids"] == vlm.IMAGE_TOKEN_ID).sum()) == IMAGE_TOKENS
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    assert answers[0] == " ".join(f"w{int(t)}" for t in out[0, inputs["input_ids"].shape[1]:])
+    assert answers[0] == " ".join(f"w{int(t)}" for t in out[0, inputs["input_ids"].shape[1] :])
 
     stop = answers[1].split()[2]
     cut = answer_requests(answerer, TASK_DOCS, generate_args(until=[stop]), "generate_until")
@@ -81,8 +94,10 @@ def test_answerer_generates_and_scores_continuations(llava):
 
     # loglikelihood: the greedy answer is greedy; a different one is not, and is less likely.
     other = " ".join(f"w{(int(w[1:]) + 1) % 240 + 3}" for w in answers[0].split())
-    ll = [(d["question"], cont, doc_to_visual, 0, "tiny_vqa", "test") for d, cont in ((DOCS[0], answers[0]),
-                                                                                     (DOCS[0], other))]
+    ll = [
+        (d["question"], cont, doc_to_visual, 0, "tiny_vqa", "test")
+        for d, cont in ((DOCS[0], answers[0]), (DOCS[0], other))
+    ]
     (lp_greedy, greedy), (lp_other, not_greedy) = answer_requests(answerer, TASK_DOCS, ll, "loglikelihood")
     assert greedy and not not_greedy and lp_other < lp_greedy < 0
     with pytest.raises(ValueError, match="multi-round"):
@@ -116,8 +131,10 @@ def exact_match_runner(reference: dict, seen: list):
             reference.update(enumerate(answers))
         match = [float(a == reference[i]) for i, a in enumerate(answers)]
         first = [float(a.split()[0] == reference[i].split()[0]) for i, a in enumerate(answers)]
-        return {"tiny_vqa": {"exact_match": sum(match) / len(match)},
-                "tiny_first": {"first_word": sum(first) / len(first), "answers": len(answers)}}
+        return {
+            "tiny_vqa": {"exact_match": sum(match) / len(match)},
+            "tiny_first": {"first_word": sum(first) / len(first), "answers": len(answers)},
+        }
 
     return run
 
@@ -125,8 +142,15 @@ def exact_match_runner(reference: dict, seen: list):
 def test_evaluate_pruning_patches_each_budget_and_builds_the_table(llava):
     model, processor = llava
     reference, seen = {}, []
-    result = evaluate_pruning(model, processor, exact_match_runner(reference, seen), ["tiny_vqa", "tiny_first"],
-                              keep=(8, 2), prune_options={"contextual": 0.0}, limit=3)
+    result = evaluate_pruning(
+        model,
+        processor,
+        exact_match_runner(reference, seen),
+        ["tiny_vqa", "tiny_first"],
+        keep=(8, 2),
+        prune_options={"contextual": 0.0},
+        limit=3,
+    )
     assert seen == [None, 8, 2] and accel.get_handle(model) is None
     assert [r.variant for r in result.rows] == ["baseline", "keep=8", "keep=2"]
     assert result.headline == {"tiny_vqa": "exact_match", "tiny_first": "first_word"}
@@ -170,8 +194,14 @@ def test_evaluate_pruning_unpatches_on_failure_and_checks_inputs(llava, patched)
 
 
 def test_lmms_eval_results_are_read_as_plain_metrics():
-    raw = {"alias": "pope", "pope_accuracy,none": 0.86, "pope_accuracy_stderr,none": "N/A",
-           "pope_f1_score,none": 0.85, "exact_match,strict": 0.5, "submission,none": None}
+    raw = {
+        "alias": "pope",
+        "pope_accuracy,none": 0.86,
+        "pope_accuracy_stderr,none": "N/A",
+        "pope_f1_score,none": 0.85,
+        "exact_match,strict": 0.5,
+        "submission,none": None,
+    }
     metrics = evaluate._plain_metrics(raw)
     assert metrics == {"pope_accuracy": 0.86, "pope_f1_score": 0.85, "exact_match,strict": 0.5}
     assert evaluate.headline_metric("pope", metrics) == "pope_f1_score"
@@ -186,7 +216,7 @@ def test_missing_lmms_eval_names_the_install_command(monkeypatch, llava):
         main(["eval", "--model", "never-loaded", "--tasks", "gqa"])
 
 
-RUNNER_FILE = '''
+RUNNER_FILE = """
 def run(model, processor, tasks, limit):
     from accel.bench.evaluate import HFAnswerer
     import accel
@@ -194,7 +224,7 @@ def run(model, processor, tasks, limit):
     kept = handle.unit("prune").config.keep if handle else 16
     answer = HFAnswerer(model, processor).generate("w5 w6", [], {"max_new_tokens": 2})
     return {t: {"score": float(kept), "answer_words": len(answer.split())} for t in tasks}
-'''
+"""
 
 
 def test_cli_eval_loads_a_local_model_and_writes_the_table(tmp_path, llava, capsys):
@@ -203,9 +233,25 @@ def test_cli_eval_loads_a_local_model_and_writes_the_table(tmp_path, llava, caps
     processor.save_pretrained(tmp_path / "model")
     (tmp_path / "my_eval.py").write_text(RUNNER_FILE)
     out_json, out_md = tmp_path / "eval.json", tmp_path / "eval.md"
-    argv = ["eval", "--model", str(tmp_path / "model"), "--tasks", "a,b", "--keep", "8,4", "--device", "cpu",
-            "--dtype", "float32", "--runner", f"{tmp_path / 'my_eval.py'}:run", "--json", str(out_json),
-            "--markdown", str(out_md)]
+    argv = [
+        "eval",
+        "--model",
+        str(tmp_path / "model"),
+        "--tasks",
+        "a,b",
+        "--keep",
+        "8,4",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--runner",
+        f"{tmp_path / 'my_eval.py'}:run",
+        "--json",
+        str(out_json),
+        "--markdown",
+        str(out_md),
+    ]
     assert main(argv) == 0
     data = json.loads(out_json.read_text())
     assert [r["variant"] for r in data["rows"]] == ["baseline", "keep=8", "keep=4"]
@@ -237,14 +283,14 @@ metric_list:
     higher_is_better: true
 """
 
-TASK_UTILS = '''
+TASK_UTILS = """
 def doc_to_visual(doc):
     return [doc["image"].convert("RGB")]
 
 
 def doc_to_text(doc, lmms_eval_specific_kwargs=None):
     return doc["question"]
-'''
+"""
 
 
 def test_real_lmms_eval_on_a_local_task(tmp_path, llava):
@@ -256,10 +302,13 @@ def test_real_lmms_eval_on_a_local_task(tmp_path, llava):
     answerer = HFAnswerer(model, processor)
     answers = [answerer.generate(d["question"], [d["image"]], {"max_new_tokens": 4}) for d in DOCS]
     answers[0] = "w3"  # one wrong answer: baseline exact match 2/3
-    features = datasets.Features({"image": datasets.Image(), "question": datasets.Value("string"),
-                                  "answer": datasets.Value("string")})
-    data = datasets.Dataset.from_dict({"image": [d["image"] for d in DOCS], "question": [d["question"] for d in DOCS],
-                                       "answer": answers}, features=features)
+    features = datasets.Features(
+        {"image": datasets.Image(), "question": datasets.Value("string"), "answer": datasets.Value("string")}
+    )
+    data = datasets.Dataset.from_dict(
+        {"image": [d["image"] for d in DOCS], "question": [d["question"] for d in DOCS], "answer": answers},
+        features=features,
+    )
     datasets.DatasetDict({"test": data}).save_to_disk(str(tmp_path / "data"))
     (tmp_path / "tasks").mkdir()
     (tmp_path / "tasks" / "tiny_vqa.yaml").write_text(TASK_YAML.format(data=tmp_path / "data"))

@@ -98,7 +98,10 @@ def test_report_imports_nothing_from_accel():
     tree = ast.parse((ROOT / "report.py").read_text())
     imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
     assert imports and not [
-        node for node in imports
-        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "accel")
-        or isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "accel" for alias in node.names)
+        node
+        for node in imports
+        if isinstance(node, ast.ImportFrom)
+        and (node.level or (node.module or "").split(".")[0] == "accel")
+        or isinstance(node, ast.Import)
+        and any(alias.name.split(".")[0] == "accel" for alias in node.names)
     ]

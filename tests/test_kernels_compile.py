@@ -21,11 +21,23 @@ REPO = Path(__file__).resolve().parents[1]
 # variants closest to a limit (attn-int8-token: most registers on sm_89; sparse-bf16: 96 of 99 KiB on sm_89;
 # attn-fp8pv-token-bias and w4a16-m64-awq: 254-255 registers).
 JOBS = [
-    "attn-int8@80", "attn-int8@90", "attn-int8-token@89", "attn-int8-causal@90",
-    "attn-fp8pv@89", "attn-fp8pv@90", "attn-fp8pv-token-bias@90",
+    "attn-int8@80",
+    "attn-int8@90",
+    "attn-int8-token@89",
+    "attn-int8-causal@90",
+    "attn-fp8pv@89",
+    "attn-fp8pv@90",
+    "attn-fp8pv-token-bias@90",
     "quant-int8-token@90",
-    "sparse-bf16@89", "sparse-int8@80", "sparse-int8@90",
-    "w4a16-m64-awq@80", "w4a16-m64-awq@90", "w4-dequant@90", "w4a8-quant-act@90", "w4a8-gemm@80", "w4a8-gemm@90",
+    "sparse-bf16@89",
+    "sparse-int8@80",
+    "sparse-int8@90",
+    "w4a16-m64-awq@80",
+    "w4a16-m64-awq@90",
+    "w4-dequant@90",
+    "w4a8-quant-act@90",
+    "w4a8-gemm@80",
+    "w4a8-gemm@90",
 ]
 SHARED_LIMIT = {80: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # per block, CUDA programming guide
 
@@ -44,7 +56,11 @@ def report(tmp_path_factory) -> dict:
     out = tmp / "compile.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "compile_report.py"), "--only", ",".join(JOBS), "--json", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.exists(), f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     doc = json.loads(out.read_text())

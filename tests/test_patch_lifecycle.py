@@ -11,14 +11,12 @@ import weakref
 
 import pytest
 import torch
+from helpers import tiny
 
 import accel
 from accel import AlreadyPatchedError, CacheConfig, NotPatchedError
 from accel.errors import AccelError, ConfigError, CopyError
 from accel.zoo import build
-
-from helpers import tiny
-
 
 # ---- patched objects are freed (item 2) ---------------------------------------------------------------------
 
@@ -220,7 +218,9 @@ def test_dense_blocks_that_name_no_block_are_a_config_error_and_leave_nothing_in
     def hooks(module):
         from accel._private import hook_registry
 
-        return {name: list(hook_registry(m).hooks) for name, m in module.named_modules() if hook_registry(m) is not None}
+        return {
+            name: list(hook_registry(m).hooks) for name, m in module.named_modules() if hook_registry(m) is not None
+        }
 
     model = tiny("wan")
     before = hooks(model.obj.transformer)

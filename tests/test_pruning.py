@@ -6,11 +6,11 @@ import inspect
 
 import pytest
 import torch
+from helpers import tiny
 
 import accel
 from accel.pruning import PruneConfig, PruneError
 from accel.zoo import vlm
-from helpers import tiny
 
 FAMILIES = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
 CASES = [(f, False) for f in FAMILIES] + [(f, True) for f in FAMILIES[1:]]
@@ -221,6 +221,7 @@ def test_llava_uses_the_cls_row_and_the_tower_keeps_sdpa(patched):
     inputs = vlm.make_inputs(model, seed=7)
     captured = {}
     attn = unit.adapter.cls_attention_module()
+
     def grab(module, args, kwargs):
         captured.setdefault("h", kwargs["hidden_states"])
 
@@ -273,8 +274,10 @@ def test_static_cache_mask_is_a_clear_error(patched):
 
 def test_unpatch_removes_every_hook(patched):
     model = model_of("qwen2_5_vl")
+
     def count():
         return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
     before = count()
     patched(model, prune=PruneConfig(keep=2))
     assert count() > before
@@ -341,7 +344,11 @@ def test_compat_cache_helpers_work_on_the_installed_transformers():
     from transformers.modeling_outputs import BaseModelOutputWithPast
 
     from accel._transformers_compat import (
-        cache_length, create_causal_mask, crop_cache, output_cache, supports_mask_layer,
+        cache_length,
+        create_causal_mask,
+        crop_cache,
+        output_cache,
+        supports_mask_layer,
     )
 
     model = model_of("llava")

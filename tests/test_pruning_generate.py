@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny
 
 import accel
 from accel.pipelines import find_adapter
 from accel.pruning import PruneConfig, PruneError
 from accel.zoo import vlm
-from helpers import tiny
 
 # Random weights may emit a placeholder id; re-reading it (use_cache=False) fails unpatched as well. No eos
 # either, so every run has NEW tokens (min_new_tokens does not combine with assisted decoding everywhere).
@@ -31,8 +31,12 @@ CASES = {
 def gen(model, inputs, new=NEW, **kwargs):
     kwargs = {"do_sample": False, **kwargs}
     return model.generate(
-        **inputs, max_new_tokens=new, suppress_tokens=SUPPRESS, output_logits=True,
-        return_dict_in_generate=True, **kwargs,
+        **inputs,
+        max_new_tokens=new,
+        suppress_tokens=SUPPRESS,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **kwargs,
     )
 
 
@@ -73,8 +77,11 @@ def test_beams_and_several_sequences_prune_each_copy_like_its_prompt(case, patch
     unit = handle.unit("prune")
     gen(model, inputs, new=1)
     kept = unit.last.kept_index
-    for kwargs in ({"num_beams": 2}, {"num_beams": 2, "num_return_sequences": 2},
-                   {"do_sample": True, "num_return_sequences": 2}):
+    for kwargs in (
+        {"num_beams": 2},
+        {"num_beams": 2, "num_return_sequences": 2},
+        {"do_sample": True, "num_return_sequences": 2},
+    ):
         torch.manual_seed(0)
         out = gen(model, inputs, **kwargs)
         assert out.sequences.shape[0] == 2 * kwargs.get("num_return_sequences", 1)

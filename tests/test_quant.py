@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny
 from torch import nn
 
 import accel
@@ -25,8 +26,6 @@ from accel.quant import (
 from accel.quant.kernels import w4a8_matmul_reference, w4a16_matmul_reference
 from accel.quant.recipe import ActivationStats
 from accel.zoo import build
-
-from helpers import tiny
 
 TINY = QuantConfig(group_size=16, min_features=0)  # zoo layers are 16..256 wide
 
@@ -249,8 +248,11 @@ def test_calibration_runs_the_users_pipeline_and_lowers_output_error(patched):
     handle = patched(model.obj, "lossless", quant=TINY)
     plain = handle.report().stats["quant"]["error"]["per_layer"]
     accel.unpatch(model.obj)
-    handle = patched(model.obj, "lossless", quant=QuantConfig(group_size=16, min_features=0,
-                                                              calibration=lambda: model.run(seed=1, num_inference_steps=2)))
+    handle = patched(
+        model.obj,
+        "lossless",
+        quant=QuantConfig(group_size=16, min_features=0, calibration=lambda: model.run(seed=1, num_inference_steps=2)),
+    )
     stats = handle.report().stats["quant"]
     assert stats["layers_calibrated"] == 46 and stats["error"]["measure"] == "output"
     assert set(stats["error"]["per_layer"]) == set(plain)
@@ -260,8 +262,13 @@ def test_calibration_runs_the_users_pipeline_and_lowers_output_error(patched):
 def test_int8_activations_end_to_end_report_per_layer_error_and_path(patched):
     model = tiny("flux")
     base = model.run(seed=0)
-    config = QuantConfig(group_size=32, min_features=0, activations="int8", kernel="w4a8-reference",
-                         calibration=lambda: model.run(seed=1, num_inference_steps=2))
+    config = QuantConfig(
+        group_size=32,
+        min_features=0,
+        activations="int8",
+        kernel="w4a8-reference",
+        calibration=lambda: model.run(seed=1, num_inference_steps=2),
+    )
     handle = patched(model.obj, "lossless", quant=config)
     assert _close("flux", model.run(seed=0), base)
     stats = handle.report().stats["quant"]

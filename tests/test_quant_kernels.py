@@ -11,13 +11,13 @@ from accel.quant import (
     QuantConfig,
     dequantize,
     dequantize_triton,
+    kernels,
     quantize,
     w4a8_matmul,
     w4a8_matmul_reference,
     w4a16_matmul,
     w4a16_matmul_reference,
 )
-from accel.quant import kernels
 from accel.quant.int4 import fit_int4, pack_int4
 from accel.quant.kernels import (
     choose_path,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny
 from safetensors import safe_open
 from safetensors.torch import save_file, save_model
 from torch import nn
@@ -23,8 +24,6 @@ from accel.errors import AccelError, QuantFileError, QuantSaveError
 from accel.quant import QuantConfig, load_quantized, quantize, save_quantized
 from accel.quant.io import _digest
 from accel.zoo import build
-
-from helpers import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +52,14 @@ def test_import_under_meta_device_then_normal_use():
         print("ok")
         """
     )
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+    )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
@@ -258,7 +263,10 @@ BAD_FILES = {
     "unknown format": (_edit_info(lambda i: _set(i, "format", 99)), "format 99; this accel reads formats 1, 2"),
     "format as text": (_edit_info(lambda i: _set(i, "format", "2")), "format '2'"),
     "layers not a mapping": (_edit_info(lambda i: _set(i, "layers", [])), "field 'layers'"),
-    "field of wrong type": (_edit_info(lambda i: _set(i, "layers", _layer(i), "group_size", "16")), "'group_size' must be int"),
+    "field of wrong type": (
+        _edit_info(lambda i: _set(i, "layers", _layer(i), "group_size", "16")),
+        "'group_size' must be int",
+    ),
     "bool as int": (_edit_info(lambda i: _set(i, "layers", _layer(i), "rank", True)), "'rank' must be int"),
     "missing field": (_edit_info(lambda i: (i["layers"][_layer(i)].pop("rank"), i)[1]), "exactly the fields"),
     "bad group size": (_edit_info(lambda i: _set(i, "layers", _layer(i), "group_size", 24)), "group_size=24"),

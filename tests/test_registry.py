@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny
 
 import accel
 from accel._unit import register, registrations, unregister
 from accel.errors import AccelError, ConfigTypeError, NotApplicableError
-from helpers import tiny
 
 CONTRIBUTING = Path(__file__).resolve().parent.parent / "CONTRIBUTING.md"
 
@@ -65,11 +65,14 @@ def test_a_registration_that_clashes_is_refused():
         register("other", type("OtherConfig", (), {}), order=40)(lambda ctx, config: None)
 
 
-@pytest.mark.parametrize("keyword,config,family", [
-    ("sparse", accel.SparseConfig(), "llava"),
-    ("prune", accel.PruneConfig(keep=4), "wan"),
-    ("cache", accel.CacheConfig(), "qwen2_vl"),
-])
+@pytest.mark.parametrize(
+    "keyword,config,family",
+    [
+        ("sparse", accel.SparseConfig(), "llava"),
+        ("prune", accel.PruneConfig(keep=4), "wan"),
+        ("cache", accel.CacheConfig(), "qwen2_vl"),
+    ],
+)
 def test_asked_by_keyword_but_not_applicable_is_one_error(keyword, config, family):
     model = tiny(family).obj
     with pytest.raises(NotApplicableError, match=f"accel.patch\\({keyword}=...\\) cannot apply"):
@@ -88,7 +91,11 @@ def test_every_accel_exception_is_an_accel_error():
     from accel import _unit
 
     modules = (accel.errors, _unit, accel.attention.dense, accel.caching.dit, accel.pruning.unit, accel.quant.apply)
-    found = {cls for module in modules for _, cls in inspect.getmembers(module, inspect.isclass)
-             if issubclass(cls, Exception) and cls.__module__.startswith("accel")}
+    found = {
+        cls
+        for module in modules
+        for _, cls in inspect.getmembers(module, inspect.isclass)
+        if issubclass(cls, Exception) and cls.__module__.startswith("accel")
+    }
     assert len(found) >= 10
     assert all(issubclass(cls, AccelError) for cls in found), [c for c in found if not issubclass(c, AccelError)]

@@ -78,8 +78,13 @@ def reports() -> list[tuple[dict, str]]:
     """(to_dict(), str) of one report with quant (W4A8, calibrated), attention, sparse and cache on a tiny Wan
     (two pipeline calls), and of one with pruning (and the preset's skips) on a tiny LLaVA."""
     wan, llava = build("wan"), build("llava")  # their own instances: quantization moves weights around
-    quant = QuantConfig(group_size=32, min_features=0, activations="int8", kernel="w4a8-reference",
-                        calibration=lambda: wan.run(seed=1, num_inference_steps=2))
+    quant = QuantConfig(
+        group_size=32,
+        min_features=0,
+        activations="int8",
+        kernel="w4a8-reference",
+        calibration=lambda: wan.run(seed=1, num_inference_steps=2),
+    )
     sparse = SparseConfig(target=0.5, block_q=16, block_k=16, stride=8, dense_fraction=0.2)
     interpret = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"  # sparse attention through its PyTorch reference: faster on a CPU
@@ -151,8 +156,14 @@ def test_printer_humanises_schema_keys_keeps_data_keys_and_shortens_step_runs():
     assert lines[1] == "  per layer: {blocks.0.to_q: 0.25, proj_out: 0.125}"
     assert lines[2] == "  calls: [{num steps: 9, branches: {cond: {computed: [0..3, 7], reused: [4..6, 8]}}}]"
     assert lines[3:] == ["  last call: n/a"]
-    long = {"calls": [{"num_steps": 50, "branches": {"cond": {"computed": list(range(0, 50, 2)),
-                                                             "reused": list(range(1, 50, 2))}}}]}
+    long = {
+        "calls": [
+            {
+                "num_steps": 50,
+                "branches": {"cond": {"computed": list(range(0, 50, 2)), "reused": list(range(1, 50, 2))}},
+            }
+        ]
+    }
     lines = format_stats(long)
     assert lines[:3] == ["calls:", "  1. num steps: 50", "     branches:"]
     assert lines[3].startswith("       cond: {computed: [0, 2, 4,") and all(len(line) <= 110 for line in lines)

@@ -78,16 +78,34 @@ def test_budget_order_timeout_crash_and_skips(tmp_path: Path) -> None:
     assert wall < budget + rb.KILL_GRACE_S + 2, wall  # the hanging item was stopped at the budget
 
     status = {r["item"]: r["status"] for r in summary["items"]}
-    assert status == {"first": "ok", "crash": "failed", "second": "ok", "too-big": "skipped", "hang": "timeout",
-                      "after": "skipped"}
+    assert status == {
+        "first": "ok",
+        "crash": "failed",
+        "second": "ok",
+        "too-big": "skipped",
+        "hang": "timeout",
+        "after": "skipped",
+    }
     notes = {r["item"]: r.get("note", "") for r in summary["items"]}
     assert re.fullmatch(r"skipped: \d+ s left, needs ~1000 s", notes["too-big"]), notes
     assert re.fullmatch(r"skipped: [01] s left, needs ~1 s", notes["after"]), notes  # the hang used the rest
 
     # one file per item that ran, with the script's JSON; none for skipped items; no temporary files left
     names = sorted(p.name for p in out.iterdir())
-    assert names == sorted(["crash.json", "crash.log", "first.json", "first.log", "hang.json", "hang.log",
-                            "second.json", "second.log", "summary.json", "summary.md"]), names
+    assert names == sorted(
+        [
+            "crash.json",
+            "crash.log",
+            "first.json",
+            "first.log",
+            "hang.json",
+            "hang.log",
+            "second.json",
+            "second.log",
+            "summary.json",
+            "summary.md",
+        ]
+    ), names
     first = json.loads((out / "first.json").read_text())
     assert first["result"] == {"value": 1, "headline": "value 1"} and first["headline"] == "value 1"
     assert first["exit_code"] == 0
@@ -113,17 +131,21 @@ def test_budget_order_timeout_crash_and_skips(tmp_path: Path) -> None:
 
 
 def test_cli_refuses_bad_arguments(capsys: pytest.CaptureFixture) -> None:
-    for argv, message in (([], "--budget SECONDS is required"), (["--budget", "0"], "positive number"),
-                          (["--budget", "nan"], "positive number"),
-                          (["--budget", "9", "--only", "nope"], "unknown item(s) ['nope']")):
+    for argv, message in (
+        ([], "--budget SECONDS is required"),
+        (["--budget", "0"], "positive number"),
+        (["--budget", "nan"], "positive number"),
+        (["--budget", "9", "--only", "nope"], "unknown item(s) ['nope']"),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             rb.main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err, argv
 
 
-def test_cli_says_what_is_missing(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
-                                  tmp_path: Path) -> None:
+def test_cli_says_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
     monkeypatch.setattr(rb, "REQUIRED", (*rb.REQUIRED, "no_such_module_for_accel"))
     assert rb.main(["--budget", "9", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -165,8 +187,13 @@ def test_sigterm_to_the_driver_ends_the_running_item(tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=sys.executable)
-    driver = subprocess.Popen(["bash", str(REPO / "benchmarks" / "run_all.sh"), "--budget", "300", "--tiny",
-                               "--out", str(out)], cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        ["bash", str(REPO / "benchmarks" / "run_all.sh"), "--budget", "300", "--tiny", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while not _processes_mentioning(str(out)) or not (out / "attention-int8.log").exists():
@@ -183,8 +210,9 @@ def test_sigterm_to_the_driver_ends_the_running_item(tmp_path: Path) -> None:
     assert not _processes_mentioning(str(out)), "the item outlived the driver"
 
 
-def test_every_gpu_command_passes_its_scripts_argument_parsing(monkeypatch: pytest.MonkeyPatch,
-                                                                 capsys: pytest.CaptureFixture) -> None:
+def test_every_gpu_command_passes_its_scripts_argument_parsing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """CI never runs the GPU arguments (the tiny run uses `tiny_args`): each item's GPU command must get as far
     as its script's GPU check, so a renamed flag cannot first show up on a lent GPU."""
     import torch

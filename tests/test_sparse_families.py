@@ -11,19 +11,23 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+from helpers import TWO_CALL_CFG, baseline, tiny
 
 import accel
 from accel import CacheConfig
 from accel.attention.sparse import SparseConfig
 
-from helpers import TWO_CALL_CFG, baseline, tiny
-
 VIDEO = ["wan", "hunyuan_video", "cogvideox", "ltx"]
 SMALL = dict(block_q=16, block_k=16, stride=8)  # tiny sequences: several blocks per sequence
 FEW_STEPS = dict(num_inference_steps=3)
 # Larger frames for the sparsity tests (the reference path is fast): LTX compresses 8x less in space.
-BIG = {"wan": dict(height=128, width=128), "hunyuan_video": dict(height=128, width=128),
-       "cogvideox": dict(height=128, width=128), "ltx": dict(height=256, width=256)}
+BIG = {
+    "wan": dict(height=128, width=128),
+    "hunyuan_video": dict(height=128, width=128),
+    "cogvideox": dict(height=128, width=128),
+    "ltx": dict(height=256, width=256),
+}
+
 
 def _self_sites(handle):
     router = handle.unit("sparse").router
@@ -107,7 +111,9 @@ def test_schedule_dense_steps_search_interval_and_report(patched, reference_path
 
 def test_patterns_are_per_cfg_branch(patched, reference_path):
     model = tiny("wan")
-    handle = patched(model.obj, cache=False, sparse=SparseConfig(target=0.5, dense_fraction=0.0, search_interval=100, **SMALL))
+    handle = patched(
+        model.obj, cache=False, sparse=SparseConfig(target=0.5, dense_fraction=0.0, search_interval=100, **SMALL)
+    )
     with pytest.warns(UserWarning):
         model.run(0, **FEW_STEPS)
     keys = handle.unit("sparse").patterns.keys()
@@ -121,7 +127,9 @@ def test_sparse_int8_with_cache_and_int8_attention(patched):
     run = dict(num_inference_steps=4)
     base = baseline("wan", **run)
     handle = patched(
-        model.obj, attention="int8", cache=CacheConfig(threshold=0.05),
+        model.obj,
+        attention="int8",
+        cache=CacheConfig(threshold=0.05),
         sparse=SparseConfig(target=0.9, dense_fraction=0.25, **SMALL),  # int8 follows attention="int8"
     )
     out = model.run(0, **run)
@@ -198,6 +206,7 @@ def test_calls_the_kernel_cannot_take_stay_dense_counted_per_reason(patched, ref
         assert torch.equal(router.dispatch(cross, q, k, v), sdpa(q, k, v))  # cross-attention is not a decline
     stats = handle.report().stats["sparse"]
     assert stats["calls_left_dense"] == {
-        "causal attention": 2, "attention mask other than a boolean key-padding mask [B, 1, 1, S]": 1,
+        "causal attention": 2,
+        "attention mask other than a boolean key-padding mask [B, 1, 1, S]": 1,
     }
     assert stats["sparse_calls"] == 0

@@ -17,10 +17,16 @@ from accel.attention.sparse_kernel import (
 )
 
 # Float path: same math, different accumulation order and P rounded to 16-bit against the running max.
-TOL = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-       torch.float32: dict(atol=1e-5, rtol=1e-5)}
-TOL_INT8 = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
-            torch.float32: dict(atol=2e-3, rtol=2e-3)}
+TOL = {
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+}
+TOL_INT8 = {
+    torch.float16: dict(atol=2e-3, rtol=2e-3),
+    torch.bfloat16: dict(atol=2e-2, rtol=2e-2),
+    torch.float32: dict(atol=2e-3, rtol=2e-3),
+}
 
 
 def _qkv(b, hq, hkv, n, d, dtype, seed=0):
@@ -118,16 +124,30 @@ def test_block_index_and_per_head_key_valid_through_the_kernel():
     torch.testing.assert_close(out, block_sparse_attention(q, k, v, mask, **kw), atol=0, rtol=0)
     ref = block_sparse_attention_reference(q, k, v, mask, **kw)
     torch.testing.assert_close(out, ref, **TOL[torch.float16])
-    per_head = torch.stack([block_sparse_attention_reference(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1],
-                                                             mask[:, i : i + 1], key_valid=key_valid[:, i], block_q=bq,
-                                                             block_k=bk) for i in range(h)], 1)[:, :, 0]
+    per_head = torch.stack(
+        [
+            block_sparse_attention_reference(
+                q[:, i : i + 1],
+                k[:, i : i + 1],
+                v[:, i : i + 1],
+                mask[:, i : i + 1],
+                key_valid=key_valid[:, i],
+                block_q=bq,
+                block_k=bk,
+            )
+            for i in range(h)
+        ],
+        1,
+    )[:, :, 0]
     torch.testing.assert_close(ref, per_head, atol=0, rtol=0)
 
 
 def test_clear_errors(monkeypatch):
     q, k, v = _qkv(1, 2, 2, 32, 16, torch.float16)
     mask = torch.ones(1, 2, 2, 2, dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"block_mask must be a bool tensor or BlockIndex of shape \[1 or 1, 2, 2, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"block_mask must be a bool tensor or BlockIndex of shape \[1 or 1, 2, 2, 2\]"
+    ):
         block_sparse_attention(q, k, v, mask[..., :1], block_q=16, block_k=16)
     with pytest.raises(ValueError, match="bool"):
         block_sparse_attention(q, k, v, mask.float(), block_q=16, block_k=16)

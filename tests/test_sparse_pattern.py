@@ -10,10 +10,9 @@ import math
 
 import pytest
 import torch
-
-from accel.attention import pattern
 import torch.nn.functional as F
 
+from accel.attention import pattern
 from accel.attention.pattern import (
     METHODS,
     block_mass_exact,
@@ -51,8 +50,12 @@ def synthetic_qk(grid, heads=("spatial", "temporal", "local"), noise=0.3, text=0
     qs, ks = [], []
     for kind in heads:
         base = torch.cat([a * s for a, s in zip(axes, AXIS_WEIGHTS[kind])], -1)
-        q, k = (torch.cat([torch.randn(text, base.shape[1], generator=g), base + noise * torch.randn(base.shape, generator=g)])
-                for _ in range(2))
+        q, k = (
+            torch.cat(
+                [torch.randn(text, base.shape[1], generator=g), base + noise * torch.randn(base.shape, generator=g)]
+            )
+            for _ in range(2)
+        )
         qs.append(q)
         ks.append(k)
     return torch.stack(qs)[None], torch.stack(ks)[None]
@@ -66,8 +69,9 @@ def reordered():
 
 
 def _search(q, k, target, method, **kw):
-    return search_pattern(q, k, target=target, block_q=BLOCK, block_k=BLOCK, sm_scale=q.shape[-1] ** -0.5,
-                          method=method, stride=8, **kw)
+    return search_pattern(
+        q, k, target=target, block_q=BLOCK, block_k=BLOCK, sm_scale=q.shape[-1] ** -0.5, method=method, stride=8, **kw
+    )
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -136,7 +140,9 @@ def test_diagonal_with_unequal_blocks():
     assert d.tolist() == [[True, True, False], [False, False, True]]
 
 
-@pytest.mark.parametrize("grid,tile", [(LatentGrid(3, 5, 7), (2, 2, 4)), (LatentGrid(8, 8, 16), (2, 4, 4)), (LatentGrid(1, 6, 6), (1, 4, 4))])
+@pytest.mark.parametrize(
+    "grid,tile", [(LatentGrid(3, 5, 7), (2, 2, 4)), (LatentGrid(8, 8, 16), (2, 4, 4)), (LatentGrid(1, 6, 6), (1, 4, 4))]
+)
 @pytest.mark.parametrize("position,text", [("none", 0), ("prefix", 5), ("suffix", 9)])
 def test_video_order_round_trips_exactly(grid, tile, position, text):
     order = video_order(grid, tile, position, text)
@@ -213,7 +219,11 @@ def test_stage_reordering_with_per_head_orders_and_gqa_is_undone_exactly():
     orders = candidate_orders(grid, 16, "suffix", text)
     n = grid.tokens + text
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, n, 8, generator=g), torch.randn(2, 2, n, 8, generator=g), torch.randn(2, 2, n, 8, generator=g)
+    q, k, v = (
+        torch.randn(2, 4, n, 8, generator=g),
+        torch.randn(2, 2, n, 8, generator=g),
+        torch.randn(2, 2, n, 8, generator=g),
+    )
     key_valid = torch.ones(2, n, dtype=torch.bool)
     key_valid[0, -4:] = False  # padded text
     order = torch.tensor([[1, 2], [0, 2]])  # per key/value head; query heads follow their group

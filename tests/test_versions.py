@@ -7,11 +7,11 @@ import warnings
 from pathlib import Path
 
 import pytest
+from helpers import tiny
 from packaging.requirements import Requirement
 from packaging.version import Version
 
 from accel import _versions
-from helpers import tiny
 
 pytestmark = pytest.mark.compat
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny
 
 import accel
 from accel.pruning import PruneConfig
 from accel.zoo import vlm
-from helpers import tiny
 
 FAMILIES = ["llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl"]
 NEW = 4
@@ -26,8 +26,13 @@ def generate(model, inputs, seed=None, **kwargs):
     if seed is not None:
         torch.manual_seed(seed)
     out = model.generate(
-        **inputs, max_new_tokens=NEW, min_new_tokens=NEW, suppress_tokens=SUPPRESS, output_logits=True,
-        return_dict_in_generate=True, **{"do_sample": False, **kwargs},
+        **inputs,
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        suppress_tokens=SUPPRESS,
+        output_logits=True,
+        return_dict_in_generate=True,
+        **{"do_sample": False, **kwargs},
     )
     result = {"sequences": out.sequences, "logits": torch.stack(out.logits)}
     if getattr(out, "sequences_scores", None) is not None:
@@ -64,9 +69,7 @@ def packed(model, family):
             call[key] = torch.cat([r[key] for r in rows])
         call["mm_token_type_ids"] = torch.cat([r["mm_token_type_ids"] for r in rows], 1)
         rope = model.model
-        mrope = [
-            rope.get_rope_index(r["input_ids"], r["mm_token_type_ids"], r["image_grid_thw"])[0] for r in rows
-        ]
+        mrope = [rope.get_rope_index(r["input_ids"], r["mm_token_type_ids"], r["image_grid_thw"])[0] for r in rows]
         call["position_ids"] = torch.cat([text[None], torch.cat(mrope, dim=-1)])  # [4, 1, S]: text row first
     else:
         call["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])

@@ -171,9 +171,7 @@ def test_determinism(family):
     assert torch.equal(first.first_logits, second.first_logits)
     assert not torch.equal(first.first_logits, again.run(1, max_new_tokens=1).first_logits)
     other = vlm.BUILDERS[family](seed=1)
-    assert not torch.equal(
-        next(iter(other.obj.state_dict().values())), next(iter(again.obj.state_dict().values()))
-    )
+    assert not torch.equal(next(iter(other.obj.state_dict().values())), next(iter(again.obj.state_dict().values())))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -204,7 +202,7 @@ def test_visual_token_mask_counts_features(family, video):
 def test_placeholder_counts():
     counts = {}
     for family in FAMILIES:
-        for video in ([False, True] if family in VIDEO_FAMILIES else [False]):
+        for video in [False, True] if family in VIDEO_FAMILIES else [False]:
             ids = vlm.make_inputs(tiny(family), video=video)["input_ids"]
             counts[family, video] = int(((ids == vlm.IMAGE_TOKEN_ID) | (ids == vlm.VIDEO_TOKEN_ID)).sum())
     assert counts == {

@@ -55,7 +55,9 @@ def install(ctx: PatchContext, config: AttentionConfig) -> AttentionUnit:
     if problem is not None:
         raise NotApplicable(problem)
     if (config.dense_first_steps or config.dense_last_steps) and not ctx.clock.available:
-        ctx.warn("attention: dense_first_steps/dense_last_steps need a patched pipeline; a bare model has no step count")
+        ctx.warn(
+            "attention: dense_first_steps/dense_last_steps need a patched pipeline; a bare model has no step count"
+        )
     router = route.get_or_install(ctx)
     num_blocks = 1 + max(site.block for site in router.sites if site.role != "vision")
     try:

@@ -17,12 +17,49 @@ from .int8 import LOG2E, _pv_dtype, _quantize_qk
 
 @triton.jit
 def block_sparse_attention_kernel(
-    Q, K, V, O, IDX, OFF, VALID, SQ, SK,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod,
-    rows_per_batch, svlb, svlh,
-    Hq, GROUP, Nq, Nk, D, NBQ, NBK, qk_scale,
-    INT8: tl.constexpr, HAS_VALID: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    IDX,
+    OFF,
+    VALID,
+    SQ,
+    SK,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    son,
+    sod,
+    rows_per_batch,
+    svlb,
+    svlh,
+    Hq,
+    GROUP,
+    Nq,
+    Nk,
+    D,
+    NBQ,
+    NBK,
+    qk_scale,
+    INT8: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -36,8 +73,11 @@ def block_sparse_attention_kernel(
     m_ok = offs_m < Nq
     d_ok = offs_d < D
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0)
+    q = tl.load(
+        Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd,
+        mask=m_ok[:, None] & d_ok[None, :],
+        other=0,
+    )
     if INT8:
         q_scale = tl.load(SQ + (b * Hq + h) * NBQ + pid_m)  # sm_scale * log2(e) is folded in
     else:
@@ -57,8 +97,9 @@ def block_sparse_attention_kernel(
         block_n = tl.load(IDX + j).to(tl.int32)
         kn = block_n * BLOCK_N + offs_n
         n_ok = kn < Nk
-        kt = tl.load(k_base + kn[None, :] * skn + offs_d[:, None] * skd,
-                     mask=n_ok[None, :] & d_ok[:, None], other=0)  # [D, N]: K transposed
+        kt = tl.load(
+            k_base + kn[None, :] * skn + offs_d[:, None] * skd, mask=n_ok[None, :] & d_ok[:, None], other=0
+        )  # [D, N]: K transposed
         if INT8:
             k_scale = tl.load(SK + (b * (Hq // GROUP) + hk) * NBK + block_n)
             s = tl.dot(q, kt, out_dtype=tl.int32).to(tl.float32) * (q_scale * k_scale)
@@ -76,8 +117,7 @@ def block_sparse_attention_kernel(
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + kn[:, None] * svn + offs_d[None, :] * svd, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         p16 = p.to(v.dtype)
         if UPCAST:  # the interpreter's tl.dot reads bf16 as raw bits; 16-bit products are exact in fp32
             pv = tl.dot(p16.to(tl.float32), v.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
@@ -87,12 +127,16 @@ def block_sparse_attention_kernel(
         m_i = m_new
 
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key: 0
-    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
-             acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(
+        O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
+        acc.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
 
 
-def block_sparse_attention_forward(q, k, v, index, offsets, key_valid, *, shared_pattern, sm_scale, int8, block_q,
-                                   block_k, smooth_k):
+def block_sparse_attention_forward(
+    q, k, v, index, offsets, key_valid, *, shared_pattern, sm_scale, int8, block_q, block_k, smooth_k
+):
     """Launch the kernel: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], the pattern as `BlockIndex.index` and
     `.offsets` (one row per batch row, or one for all with `shared_pattern`); returns [B, Hq, Nq, D] in q's
     dtype and memory layout."""
@@ -112,14 +156,36 @@ def block_sparse_attention_forward(q, k, v, index, offsets, key_valid, *, shared
     block_d = max(16, 1 << (D - 1).bit_length())
     interpreted = q.device.type == "cpu"
     block_sparse_attention_kernel[(nbq, B * Hq)](
-        q_in, k_in, v, o, index, offsets, valid, sq, sk,
-        *q_in.stride(), *k_in.stride(), *v.stride(), *o.stride(),
-        0 if shared_pattern else Hq * nbq, *valid_strides,
-        Hq, Hq // Hkv, Nq, Nk, D, nbq, nbk, sm_scale * LOG2E,
-        INT8=int8, HAS_VALID=key_valid is not None,
+        q_in,
+        k_in,
+        v,
+        o,
+        index,
+        offsets,
+        valid,
+        sq,
+        sk,
+        *q_in.stride(),
+        *k_in.stride(),
+        *v.stride(),
+        *o.stride(),
+        0 if shared_pattern else Hq * nbq,
+        *valid_strides,
+        Hq,
+        Hq // Hkv,
+        Nq,
+        Nk,
+        D,
+        nbq,
+        nbk,
+        sm_scale * LOG2E,
+        INT8=int8,
+        HAS_VALID=key_valid is not None,
         UPCAST=interpreted and q.dtype == torch.bfloat16,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_q, BLOCK_N=block_k, BLOCK_D=block_d,
+        BLOCK_M=block_q,
+        BLOCK_N=block_k,
+        BLOCK_D=block_d,
         num_warps=8 if block_q * block_d >= 128 * 128 else 4,
     )
     return o

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -86,11 +86,28 @@ class DenseAttention:
         self._mask_version = -1
         self._mask_answer: tuple[torch.Tensor, bool] | None = None
         compute, constraints = {
-            "int8": (self._int8, (_check_no_dropout, _check_int8_dtype, _check_int8_head_dim, _check_causal_aligned,
-                                  _check_kv_heads_divide, self._check_int8_mask)),
+            "int8": (
+                self._int8,
+                (
+                    _check_no_dropout,
+                    _check_int8_dtype,
+                    _check_int8_head_dim,
+                    _check_causal_aligned,
+                    _check_kv_heads_divide,
+                    self._check_int8_mask,
+                ),
+            ),
             "sdpa": (self._sdpa, ()),
-            "flash": (self._flash, (_check_no_dropout, _check_cuda("flash-attn"), _check_flash_dtype,
-                                    _check_flash_no_mask, _check_causal_aligned)),
+            "flash": (
+                self._flash,
+                (
+                    _check_no_dropout,
+                    _check_cuda("flash-attn"),
+                    _check_flash_dtype,
+                    _check_flash_no_mask,
+                    _check_causal_aligned,
+                ),
+            ),
             "xformers": (self._xformers, (_check_no_dropout, _check_cuda("xFormers"), _check_xformers_causal_mask)),
         }[config.kernel]
         self.route = Route(config.kernel, compute, constraints, exempt=self._policy, on_decline=self._warn_decline)
@@ -141,12 +158,20 @@ class DenseAttention:
             self.padded[f"{D}->{padded}"] += 1
             q, k, v = (torch.nn.functional.pad(t, (0, padded - D)) for t in (q, k, v))
         cfg = self.config
-        kwargs = dict(causal=causal, sm_scale=scale, key_padding_mask=bias, smooth_q=cfg.smooth_q, pv=cfg.pv,
-                      granularity=cfg.granularity)
+        kwargs = dict(
+            causal=causal,
+            sm_scale=scale,
+            key_padding_mask=bias,
+            smooth_q=cfg.smooth_q,
+            pv=cfg.pv,
+            granularity=cfg.granularity,
+        )
         if q.is_cuda:
             if cfg.pv == "fp8" and torch.cuda.get_device_capability(q.device) < (8, 9):
-                self.warn("AttentionConfig(pv='fp8') needs a GPU of compute capability 8.9 or later; "
-                          "P·V runs in 16-bit on this one")
+                self.warn(
+                    "AttentionConfig(pv='fp8') needs a GPU of compute capability 8.9 or later; "
+                    "P·V runs in 16-bit on this one"
+                )
                 kwargs["pv"] = "fp16"
             out = int8.int8_attention(q, k, v, **kwargs)
             self.counts["int8"] += 1
@@ -186,8 +211,12 @@ class DenseAttention:
             return call.sdpa()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                   "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[self.config.sdpa_backend]
+        backend = {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "math": SDPBackend.MATH,
+        }[self.config.sdpa_backend]
         with sdpa_kernel(backend):
             return call.sdpa()
 

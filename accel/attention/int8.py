@@ -62,10 +62,14 @@ def check_qkv(q, k, v, who: str):
         )
     B, Hq, Nq, D = q.shape
     if k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:
-        raise KernelInputError(f"k and v must be [B, Hkv, Nk, D] matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}")
+        raise KernelInputError(
+            f"k and v must be [B, Hkv, Nk, D] matching q {tuple(q.shape)}, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
     Hkv, Nk = k.shape[1], k.shape[2]
     if Hq % Hkv:
-        raise KernelInputError(f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention")
+        raise KernelInputError(
+            f"query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention"
+        )
     return B, Hq, Hkv, Nq, Nk, D
 
 
@@ -73,7 +77,9 @@ def _check(q, k, v, causal):
     """Raise ValueError naming the problem and the fix; return (B, Hq, Hkv, Nq, Nk, D)."""
     B, Hq, Hkv, Nq, Nk, D = check_qkv(q, k, v, "int8_attention")
     if D not in HEAD_DIMS:
-        raise KernelInputError(f"int8_attention supports head dim {HEAD_DIMS}, got {D}; pad the head dim or use F.scaled_dot_product_attention")
+        raise KernelInputError(
+            f"int8_attention supports head dim {HEAD_DIMS}, got {D}; pad the head dim or use F.scaled_dot_product_attention"
+        )
     if causal and Nq > Nk:
         raise KernelInputError(f"causal attention needs Nq <= Nk (bottom-right aligned), got Nq={Nq}, Nk={Nk}")
     return B, Hq, Hkv, Nq, Nk, D
@@ -141,11 +147,15 @@ def key_padding_from_sdpa_mask(attn_mask: torch.Tensor, B: int, Nq: int, Nk: int
     """
     if not isinstance(attn_mask, torch.Tensor) or attn_mask.dim() > 4:
         got = tuple(attn_mask.shape) if isinstance(attn_mask, torch.Tensor) else type(attn_mask).__name__
-        raise KernelInputError(f"attn_mask must be a tensor of at most 4 dims broadcastable to [B, H, Nq, Nk], got {got}")
+        raise KernelInputError(
+            f"attn_mask must be a tensor of at most 4 dims broadcastable to [B, H, Nq, Nk], got {got}"
+        )
     m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
     b, _, nq, nk = m.shape
     if b not in (1, B) or nq not in (1, Nq) or nk != Nk:
-        raise KernelInputError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B={B}, H, Nq={Nq}, Nk={Nk}]")
+        raise KernelInputError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to [B={B}, H, Nq={Nq}, Nk={Nk}]"
+        )
     for dim in (1, 2):  # heads, queries: every copy must equal the first
         if m.shape[dim] > 1 and m.stride(dim) != 0:
             first = m.narrow(dim, 0, 1)
@@ -153,7 +163,11 @@ def key_padding_from_sdpa_mask(attn_mask: torch.Tensor, B: int, Nq: int, Nk: int
                 return None
         m = m.narrow(dim, 0, 1)
     m = m.reshape(b, Nk)
-    bias = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else m.float()
+    bias = (
+        torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill_(~m, float("-inf"))
+        if m.dtype == torch.bool
+        else m.float()
+    )
     return bias.expand(B, Nk).contiguous()
 
 
@@ -224,8 +238,21 @@ def _block_d(D):
     return 64 if D == 64 else 128
 
 
-def int8_attention_reference(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block_q=128, block_k=64,
-                             key_padding_mask=None, smooth_q=False, pv="fp16", granularity="block"):
+def int8_attention_reference(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    sm_scale=None,
+    smooth_k=True,
+    block_q=128,
+    block_k=64,
+    key_padding_mask=None,
+    smooth_q=False,
+    pv="fp16",
+    granularity="block",
+):
     """PyTorch model of `int8_attention`: same quantisation, same math, softmax done in one go.
 
     q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D]; returns [B, Hq, Nq, D] in q's dtype. Runs on any device;
@@ -233,8 +260,20 @@ def int8_attention_reference(q, k, v, *, causal=False, sm_scale=None, smooth_k=T
     """
     B, Hq, Hkv, Nq, Nk, D = _check(q, k, v, causal)
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-    p8 = _prepare(q, k, v, _quantize_per_block, sm_scale=sm_scale, smooth_k=smooth_k, smooth_q=smooth_q,
-                  key_padding_mask=key_padding_mask, pv=pv, granularity=granularity, block_q=block_q, block_k=block_k)
+    p8 = _prepare(
+        q,
+        k,
+        v,
+        _quantize_per_block,
+        sm_scale=sm_scale,
+        smooth_k=smooth_k,
+        smooth_q=smooth_q,
+        key_padding_mask=key_padding_mask,
+        pv=pv,
+        granularity=granularity,
+        block_q=block_q,
+        block_k=block_k,
+    )
     if granularity == "token":
         block_q = block_k = 1
     g = Hq // Hkv
@@ -268,34 +307,96 @@ _KERNEL, _QUANT_KERNEL = "accel.attention.int8_kernel", "accel.attention.int8_qu
 
 @_triton.custom_op("accel::int8_attention")
 def _int8_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, causal: bool,
-    sm_scale: float, smooth_k: bool, smooth_q: bool, pv: str, granularity: str, block_q: int, block_k: int,
-    num_warps: int | None, num_stages: int | None,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    causal: bool,
+    sm_scale: float,
+    smooth_k: bool,
+    smooth_q: bool,
+    pv: str,
+    granularity: str,
+    block_q: int,
+    block_k: int,
+    num_warps: int | None,
+    num_stages: int | None,
 ) -> torch.Tensor:
     """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (one dtype among fp16/bf16/fp32, any strides, Hq a multiple of
     Hkv), key_padding_mask None, [B, Nk] or [B, 1, 1, Nk] (bool or additive float) -> [B, Hq, Nq, D] in q's
     dtype and memory layout. Arguments as `int8_attention`'s, already checked there."""
-    _triton.check_device("int8_attention", (q, k, v), "Move q, k, v with .cuda() or use int8_attention_reference on CPU")
+    _triton.check_device(
+        "int8_attention", (q, k, v), "Move q, k, v with .cuda() or use int8_attention_reference on CPU"
+    )
     if pv == "fp8" and q.is_cuda and torch.cuda.get_device_capability(q.device) < (8, 9):
         cap = ".".join(map(str, torch.cuda.get_device_capability(q.device)))
-        raise KernelInputError(f"pv='fp8' needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper), "
-                         f"{torch.cuda.get_device_name(q.device)} has {cap}; use pv='fp16'")
-    p8 = _prepare(q, k, v, _triton.load(_QUANT_KERNEL).quantize_int8, sm_scale=sm_scale, smooth_k=smooth_k,
-                  smooth_q=smooth_q, key_padding_mask=key_padding_mask, pv=pv, granularity=granularity,
-                  block_q=block_q, block_k=block_k)
+        raise KernelInputError(
+            f"pv='fp8' needs FP8 tensor cores (compute capability >= 8.9: Ada, Hopper), "
+            f"{torch.cuda.get_device_name(q.device)} has {cap}; use pv='fp16'"
+        )
+    p8 = _prepare(
+        q,
+        k,
+        v,
+        _triton.load(_QUANT_KERNEL).quantize_int8,
+        sm_scale=sm_scale,
+        smooth_k=smooth_k,
+        smooth_q=smooth_q,
+        key_padding_mask=key_padding_mask,
+        pv=pv,
+        granularity=granularity,
+        block_q=block_q,
+        block_k=block_k,
+    )
     return _triton.load(_KERNEL).int8_attention_forward(
-        p8, q, causal=causal, per_token=granularity == "token", block_q=block_q, block_k=block_k,
-        num_warps=num_warps, num_stages=num_stages)
+        p8,
+        q,
+        causal=causal,
+        per_token=granularity == "token",
+        block_q=block_q,
+        block_k=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
 
 
 @_int8_attention_op.register_fake
-def _(q, k, v, key_padding_mask, causal, sm_scale, smooth_k, smooth_q, pv, granularity, block_q, block_k,
-      num_warps, num_stages):
+def _(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    causal,
+    sm_scale,
+    smooth_k,
+    smooth_q,
+    pv,
+    granularity,
+    block_q,
+    block_k,
+    num_warps,
+    num_stages,
+):
     return torch.empty_like(q)
 
 
-def int8_attention(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block_q=128, block_k=64,
-                   key_padding_mask=None, smooth_q=False, pv="fp16", granularity="block", num_warps=None, num_stages=None):
+def int8_attention(
+    q,
+    k,
+    v,
+    *,
+    causal=False,
+    sm_scale=None,
+    smooth_k=True,
+    block_q=128,
+    block_k=64,
+    key_padding_mask=None,
+    smooth_q=False,
+    pv="fp16",
+    granularity="block",
+    num_warps=None,
+    num_stages=None,
+):
     """INT8-QK / 16-bit-PV attention in Triton. Same contract as `int8_attention_reference`.
 
     q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] with any strides (a [B, N, H, D] tensor passed as
@@ -319,5 +420,19 @@ def int8_attention(q, k, v, *, causal=False, sm_scale=None, smooth_k=True, block
         if blk < 16 or blk & (blk - 1):
             raise KernelInputError(f"{name} must be a power of two >= 16 (tl.dot tile), got {blk}")
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
-    return _int8_attention_op(q, k, v, key_padding_mask, causal, sm_scale, smooth_k, smooth_q, pv, granularity,
-                              block_q, block_k, num_warps, num_stages)
+    return _int8_attention_op(
+        q,
+        k,
+        v,
+        key_padding_mask,
+        causal,
+        sm_scale,
+        smooth_k,
+        smooth_q,
+        pv,
+        granularity,
+        block_q,
+        block_k,
+        num_warps,
+        num_stages,
+    )

@@ -17,8 +17,23 @@ from .int8 import _block_d
 
 @triton.jit
 def quantize_int8_kernel(
-    X, MEAN, XQ, S, sxb, sxh, sxn, sxd, H, N, D, NB, scale,
-    HAS_MEAN: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    X,
+    MEAN,
+    XQ,
+    S,
+    sxb,
+    sxh,
+    sxn,
+    sxd,
+    H,
+    N,
+    D,
+    NB,
+    scale,
+    HAS_MEAN: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program per (row block, batch*head): subtract the mean, absmax, round, store int8.
     One scale for the block, or with PER_ROW one per row (the block is then only a tile)."""
@@ -58,7 +73,20 @@ def quantize_int8(x: torch.Tensor, block: int, scale: float = 1.0, mean: torch.T
     mean_arg = mean.contiguous() if mean is not None else s  # dummy pointer, unused without HAS_MEAN
     tile = 32 if block == 1 else block  # block 1 = per-token scales, computed 32 rows per program
     quantize_int8_kernel[(cdiv(N, tile), B * H)](
-        x, mean_arg, xq, s, *x.stride(), H, N, D, nb, scale,
-        HAS_MEAN=mean is not None, PER_ROW=block == 1, BLOCK=tile, BLOCK_D=_block_d(D), num_warps=4,
+        x,
+        mean_arg,
+        xq,
+        s,
+        *x.stride(),
+        H,
+        N,
+        D,
+        nb,
+        scale,
+        HAS_MEAN=mean is not None,
+        PER_ROW=block == 1,
+        BLOCK=tile,
+        BLOCK_D=_block_d(D),
+        num_warps=4,
     )
     return xq, s

@@ -117,7 +117,12 @@ def block_mass_antidiagonal(q, k, block_q, block_k, *, sm_scale, stride=8, key_v
     k = _expand_kv(k, H)
     # Row group i of Q in reverse order against column group j of K in order: the antidiagonal of (i, j);
     # the scale (and 1/stride: the mean along the antidiagonal) is folded into the small Q.
-    qr = (_pad_tokens(q, block_q) * (sm_scale / stride)).reshape(B, H, -1, stride, D).flip(-2).reshape(B, H, -1, stride * D)
+    qr = (
+        (_pad_tokens(q, block_q) * (sm_scale / stride))
+        .reshape(B, H, -1, stride, D)
+        .flip(-2)
+        .reshape(B, H, -1, stride * D)
+    )
     kr = _pad_tokens(k, block_k).reshape(B, H, -1, stride * D)
     visible = _visible(key_valid, H)
     group_ok = None
@@ -199,18 +204,30 @@ def select_blocks(mass, target: float, *, always_q=None, always_k=None, diagonal
 
 
 def search_pattern(
-    q, k, *, target, block_q, block_k, sm_scale, method="antidiagonal", stride=8, key_valid=None,
-    text_position="none", text_tokens=0,
+    q,
+    k,
+    *,
+    target,
+    block_q,
+    block_k,
+    sm_scale,
+    method="antidiagonal",
+    stride=8,
+    key_valid=None,
+    text_position="none",
+    text_tokens=0,
 ):
     """The block mask [B, H, NBQ, NBK] for one self/joint attention call (q, k in SDPA layout;
     key_valid [B, N] or [B, Hkv, N])."""
     nq, nk = q.shape[2], k.shape[2]
     if target >= 1.0:
-        return torch.ones(q.shape[0], q.shape[1], num_blocks(nq, block_q), num_blocks(nk, block_k),
-                          dtype=torch.bool, device=q.device)
+        return torch.ones(
+            q.shape[0], q.shape[1], num_blocks(nq, block_q), num_blocks(nk, block_k), dtype=torch.bool, device=q.device
+        )
     mass = block_mass(method, q, k, block_q, block_k, sm_scale=sm_scale, key_valid=key_valid, stride=stride)
     return select_blocks(
-        mass, target,
+        mass,
+        target,
         always_q=text_blocks(nq, block_q, text_position, text_tokens, q.device),
         always_k=text_blocks(nk, block_k, text_position, text_tokens, q.device),
         diagonal=diagonal_blocks(nq, nk, block_q, block_k, q.device) if nq == nk else None,
@@ -272,8 +289,9 @@ class TokenOrders:
 ORDERS = ("tiles", "frames", "positions")
 
 
-def candidate_orders(grid, block_q: int, text_position: str = "none", text_tokens: int = 0, device=None,
-                     names=ORDERS) -> TokenOrders:
+def candidate_orders(
+    grid, block_q: int, text_position: str = "none", text_tokens: int = 0, device=None, names=ORDERS
+) -> TokenOrders:
     """The orders `choose_orders` picks from, per head:
 
     - "tiles": 3-D tiles of about block_q tokens (`default_tile`): local heads;
@@ -300,8 +318,9 @@ def candidate_orders(grid, block_q: int, text_position: str = "none", text_token
     return TokenOrders(tuple(kept), perms, torch.stack([invert(p) for p in perms]), (start, start + grid.tokens))
 
 
-def choose_orders(q, k, orders: TokenOrders, *, block_q, block_k, target, sm_scale, key_valid=None,
-                  probe_blocks=8, probe_rows=8):
+def choose_orders(
+    q, k, orders: TokenOrders, *, block_q, block_k, target, sm_scale, key_valid=None, probe_blocks=8, probe_rows=8
+):
     """Per (batch row, key/value head), the index of the order in `orders` that concentrates the most
     attention mass into the fewest blocks: long [B, Hkv] (query heads sharing a key/value head vote).
 

@@ -85,8 +85,14 @@ class AttentionCall:
     def sdpa(self) -> torch.Tensor:
         """The call computed exactly as the model asked for it."""
         return _SDPA(
-            self.query, self.key, self.value, attn_mask=self.attn_mask, dropout_p=self.dropout_p,
-            is_causal=self.is_causal, scale=self.scale, enable_gqa=self.enable_gqa,
+            self.query,
+            self.key,
+            self.value,
+            attn_mask=self.attn_mask,
+            dropout_p=self.dropout_p,
+            is_causal=self.is_causal,
+            scale=self.scale,
+            enable_gqa=self.enable_gqa,
         )
 
 
@@ -265,12 +271,33 @@ class AttentionRouter:
                     self._grid = None
         return self._grid
 
-    def dispatch(self, site: AttentionSite, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
-                 scale=None, enable_gqa=False) -> torch.Tensor:
+    def dispatch(
+        self,
+        site: AttentionSite,
+        query,
+        key,
+        value,
+        attn_mask=None,
+        dropout_p=0.0,
+        is_causal=False,
+        scale=None,
+        enable_gqa=False,
+    ) -> torch.Tensor:
         call = AttentionCall(
-            query, key, value, attn_mask, bool(is_causal), scale, bool(enable_gqa), float(dropout_p), site,
-            self.clock.step, self.clock.num_steps if self.clock.available else None, self._branch,
-            self.text_position if self.adapter.kind == "dit" else "none", self._current_grid,
+            query,
+            key,
+            value,
+            attn_mask,
+            bool(is_causal),
+            scale,
+            bool(enable_gqa),
+            float(dropout_p),
+            site,
+            self.clock.step,
+            self.clock.num_steps if self.clock.available else None,
+            self._branch,
+            self.text_position if self.adapter.kind == "dit" else "none",
+            self._current_grid,
         )
         for route in (*self._stages, self._dense):
             if route is not None:

@@ -161,18 +161,30 @@ class SparseUnit(Unit):
         self.sparse_calls = 0
         self.dense_steps = 0
         self.dense_calls = 0
-        constraints = (_check_not_causal, _check_no_dropout, _check_square, _check_kv_heads_divide, _check_kernel_range,
-                       self._check_float32_on_gpu, _check_key_padding_mask)
-        self.stage = route.Route("sparse", self.compute, constraints, exempt=_exempt_cross_attention,
-                                 on_decline=self._warn_decline)
+        constraints = (
+            _check_not_causal,
+            _check_no_dropout,
+            _check_square,
+            _check_kv_heads_divide,
+            _check_kernel_range,
+            self._check_float32_on_gpu,
+            _check_key_padding_mask,
+        )
+        self.stage = route.Route(
+            "sparse", self.compute, constraints, exempt=_exempt_cross_attention, on_decline=self._warn_decline
+        )
         self.router = route.get_or_install(ctx)
         self.router.add_stage(self.stage)
 
     # -- Unit ---------------------------------------------------------------------------------------
     def describe(self) -> str:
         c = self.config
-        parts = [f"block-sparse attention, mass target {c.target}", f"{c.block_q}x{c.block_k} blocks",
-                 f"first {c.dense_fraction:.0%} of steps dense", f"{c.method} search every {c.search_interval} steps"]
+        parts = [
+            f"block-sparse attention, mass target {c.target}",
+            f"{c.block_q}x{c.block_k} blocks",
+            f"first {c.dense_fraction:.0%} of steps dense",
+            f"{c.method} search every {c.search_interval} steps",
+        ]
         if c.reorder != "none":
             parts.append("per-head token orders" if c.reorder == "per-head" else "3-D token tiles")
         if self._int8():
@@ -292,8 +304,9 @@ class SparseUnit(Unit):
         key = (grid.frames, grid.height, grid.width, call.text_position, text, call.query.device)
         if key not in self.orders:
             names = ORDERS if self.config.reorder == "per-head" else ("tiles",)
-            self.orders[key] = candidate_orders(grid, self.config.block_q, call.text_position, text,
-                                                device=call.query.device, names=names)
+            self.orders[key] = candidate_orders(
+                grid, self.config.block_q, call.text_position, text, device=call.query.device, names=names
+            )
         return self.orders[key]
 
     def _reusable(self, state_key, call) -> _Pattern | None:
@@ -313,8 +326,16 @@ class SparseUnit(Unit):
         c = self.config
         if orders is None or c.target >= 1.0:  # every block is kept: the order changes nothing
             return None
-        choice = choose_orders(query, key, orders, block_q=c.block_q, block_k=c.block_k, target=c.target,
-                               sm_scale=scale, key_valid=key_valid)
+        choice = choose_orders(
+            query,
+            key,
+            orders,
+            block_q=c.block_q,
+            block_k=c.block_k,
+            target=c.target,
+            sm_scale=scale,
+            key_valid=key_valid,
+        )
         picked = choice.flatten().tolist()  # a search step synchronises anyway (building the index)
         for i in picked:
             self.order_counts[orders.names[i]] += 1
@@ -324,8 +345,16 @@ class SparseUnit(Unit):
         c = self.config
         text = call.text_tokens if call.role == "joint" else 0
         mask = search_pattern(
-            query, key, target=c.target, block_q=c.block_q, block_k=c.block_k, sm_scale=scale, method=c.method,
-            stride=c.stride, key_valid=key_valid, text_position=call.text_position if text else "none",
+            query,
+            key,
+            target=c.target,
+            block_q=c.block_q,
+            block_k=c.block_k,
+            sm_scale=scale,
+            method=c.method,
+            stride=c.stride,
+            key_valid=key_valid,
+            text_position=call.text_position if text else "none",
             text_tokens=text,
         )
         blocks = BlockIndex.from_mask(mask)
@@ -382,7 +411,9 @@ def apply_orders(orders, order, query, key, value, key_valid):
 @register("sparse", SparseConfig, order=30)
 def install(ctx: PatchContext, config: SparseConfig) -> SparseUnit:
     if ctx.adapter.kind != "dit":
-        raise NotApplicable(f"sparse video attention applies to diffusion transformers, not to {ctx.adapter.display_name}")
+        raise NotApplicable(
+            f"sparse video attention applies to diffusion transformers, not to {ctx.adapter.display_name}"
+        )
     if ctx.pipeline is None and config.dense_fraction > 0:
         ctx.warn(
             "sparse: bare model, so denoising steps are unknown: no step stays dense, and patterns are searched "

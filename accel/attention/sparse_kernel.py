@@ -64,9 +64,11 @@ class BlockIndex:
     shape: tuple[int, int, int, int]
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor) -> "BlockIndex":
+    def from_mask(cls, mask: torch.Tensor) -> BlockIndex:
         if mask.dtype != torch.bool or mask.dim() != 4:
-            raise KernelInputError(f"BlockIndex.from_mask needs a bool mask [B, H, NBQ, NBK], got {mask.dtype} {tuple(mask.shape)}")
+            raise KernelInputError(
+                f"BlockIndex.from_mask needs a bool mask [B, H, NBQ, NBK], got {mask.dtype} {tuple(mask.shape)}"
+            )
         nbk = mask.shape[-1]
         counts = mask.sum(-1).flatten()
         if mask.numel() >= 2**31:
@@ -80,7 +82,9 @@ class BlockIndex:
         return self.offsets.diff().long().view(self.shape[:3])
 
     def to_mask(self) -> torch.Tensor:
-        rows = torch.repeat_interleave(torch.arange(self.offsets.numel() - 1, device=self.index.device), self.counts().flatten())
+        rows = torch.repeat_interleave(
+            torch.arange(self.offsets.numel() - 1, device=self.index.device), self.counts().flatten()
+        )
         mask = torch.zeros(math.prod(self.shape[:3]), self.shape[3], dtype=torch.bool, device=self.index.device)
         mask[rows, self.index.long()] = True
         return mask.view(self.shape)
@@ -113,7 +117,9 @@ def _check(q, k, v, blocks, key_valid, block_q, block_k):
             f"block_mask must be a bool tensor or BlockIndex of shape [{B} or 1, {want[0]}, {want[1]}, {want[2]}] "
             f"(batch, query heads, query blocks of {block_q}, key blocks of {block_k}), got {kind} {shape}"
         )
-    if key_valid is not None and (key_valid.dtype != torch.bool or tuple(key_valid.shape) not in ((B, Nk), (B, Hkv, Nk))):
+    if key_valid is not None and (
+        key_valid.dtype != torch.bool or tuple(key_valid.shape) not in ((B, Nk), (B, Hkv, Nk))
+    ):
         raise KernelInputError(
             f"key_valid must be a bool tensor [{B}, {Nk}] or [{B}, {Hkv}, {Nk}] (True = attend), "
             f"got {key_valid.dtype} {tuple(key_valid.shape)}"
@@ -145,7 +151,10 @@ def block_sparse_attention_reference(
         k8, sk = k8.repeat_interleave(g, dim=1), sk.repeat_interleave(g, dim=1)
         # fp32 holds the int32 dot products exactly: |sum| <= D * 127^2 < 2^24 for D <= 1024.
         s = q8.float() @ k8.float().transpose(-1, -2)
-        s = s * (sq.repeat_interleave(block_q, dim=-1)[..., :Nq, None] * sk.repeat_interleave(block_k, dim=-1)[..., None, :Nk])
+        s = s * (
+            sq.repeat_interleave(block_q, dim=-1)[..., :Nq, None]
+            * sk.repeat_interleave(block_k, dim=-1)[..., None, :Nk]
+        )
     else:
         s = (q.float() @ k.float().repeat_interleave(g, dim=1).transpose(-1, -2)) * (sm_scale * LOG2E)
     keep = token_mask(block_mask, Nq, Nk, block_q, block_k)
@@ -170,8 +179,17 @@ _KERNEL = "accel.attention.block_sparse_kernel"
 
 @_triton.custom_op("accel::block_sparse_attention")
 def _block_sparse_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor,
-    key_valid: torch.Tensor | None, shared_pattern: bool, sm_scale: float, int8: bool, block_q: int, block_k: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: torch.Tensor,
+    offsets: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    shared_pattern: bool,
+    sm_scale: float,
+    int8: bool,
+    block_q: int,
+    block_k: int,
     smooth_k: bool,
 ) -> torch.Tensor:
     """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (any strides, Hq a multiple of Hkv), index int16/int32 [kept] and
@@ -180,8 +198,19 @@ def _block_sparse_attention_op(
     as `block_sparse_attention`'s, already checked there."""
     _triton.check_device("block_sparse_attention", (q, k, v, index), "Use block_sparse_attention_reference elsewhere")
     return _triton.load(_KERNEL).block_sparse_attention_forward(
-        q, k, v, index, offsets, key_valid, shared_pattern=shared_pattern, sm_scale=sm_scale, int8=int8,
-        block_q=block_q, block_k=block_k, smooth_k=smooth_k)
+        q,
+        k,
+        v,
+        index,
+        offsets,
+        key_valid,
+        shared_pattern=shared_pattern,
+        sm_scale=sm_scale,
+        int8=int8,
+        block_q=block_q,
+        block_k=block_k,
+        smooth_k=smooth_k,
+    )
 
 
 @_block_sparse_attention_op.register_fake
@@ -207,8 +236,22 @@ def block_sparse_attention(
     if q.is_cuda and q.dtype == torch.float32 and not int8:
         # fp32 tiles at 128x64 need more shared memory than sm_80/sm_89 have and spill everywhere
         # (benchmarks/compile_report.py); the interpreter has no such limit.
-        raise KernelInputError("block_sparse_attention on CUDA needs float16/bfloat16 q, k, v (or int8=True); cast them first")
+        raise KernelInputError(
+            "block_sparse_attention on CUDA needs float16/bfloat16 q, k, v (or int8=True); cast them first"
+        )
     sm_scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     blocks = block_mask if isinstance(block_mask, BlockIndex) else BlockIndex.from_mask(block_mask)
-    return _block_sparse_attention_op(q, k, v, blocks.index, blocks.offsets, key_valid, blocks.shape[0] == 1,
-                                      sm_scale, int8, block_q, block_k, smooth_k)
+    return _block_sparse_attention_op(
+        q,
+        k,
+        v,
+        blocks.index,
+        blocks.offsets,
+        key_valid,
+        blocks.shape[0] == 1,
+        sm_scale,
+        int8,
+        block_q,
+        block_k,
+        smooth_k,
+    )

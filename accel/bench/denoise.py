@@ -16,8 +16,9 @@ block computes, and, for accel variants, by accel's report (one call per run); a
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,8 +44,12 @@ def diffusers_cache(threshold: float) -> Variant:
     """diffusers' own First Block Cache: `model.enable_cache(FirstBlockCacheConfig(threshold=threshold))`."""
     from diffusers.hooks import FirstBlockCacheConfig
 
-    return Variant(f"diffusers FBC {threshold:g}", {"config": FirstBlockCacheConfig(threshold=threshold)},
-                   kind="diffusers-fbc", install=_diffusers_first_block_cache)
+    return Variant(
+        f"diffusers FBC {threshold:g}",
+        {"config": FirstBlockCacheConfig(threshold=threshold)},
+        kind="diffusers-fbc",
+        install=_diffusers_first_block_cache,
+    )
 
 
 def variant_config(variant: Variant) -> Any:
@@ -72,8 +77,17 @@ def _accel_checks(row: dict[str, Any], report, runs: int, passes: int, probed: i
         row["notes"].append(f"accel report says {call['computed']} computed, the last-block probe counted {probed}")
 
 
-def measure_denoise(scn: Scenario, model: nn.Module, inputs: dict[str, Any], variant: Variant, steps: int, *,
-                    repeats: int, warmup: int, counter: PassCounter) -> tuple[dict[str, Any], torch.Tensor]:
+def measure_denoise(
+    scn: Scenario,
+    model: nn.Module,
+    inputs: dict[str, Any],
+    variant: Variant,
+    steps: int,
+    *,
+    repeats: int,
+    warmup: int,
+    counter: PassCounter,
+) -> tuple[dict[str, Any], torch.Tensor]:
     """(the variant's row, its last final latent on the CPU): `warmup` untimed and `repeats` timed runs of the
     loop (`measure.time_calls`), peak memory over the timed runs."""
     passes = steps * len(scn.branches)
@@ -95,10 +109,20 @@ def measure_denoise(scn: Scenario, model: nn.Module, inputs: dict[str, Any], var
         report = handle.report() if handle is not None else None
     first, last = (t.detach().float().cpu() for t in latents)
     row: dict[str, Any] = dict(
-        name=variant.name, kind=variant.kind, config=variant_config(variant), runs_timed=repeats, runs_warmup=warmup,
-        times_s=times, median_s=measure.median(times), peak_mem_bytes=mem.peak_bytes, peak_mem_kind=mem.device_kind,
-        passes=passes, computed=computed_per_run[-1], reused=passes - computed_per_run[-1],
-        computed_source="probe on the last block", computed_per_run=computed_per_run,
+        name=variant.name,
+        kind=variant.kind,
+        config=variant_config(variant),
+        runs_timed=repeats,
+        runs_warmup=warmup,
+        times_s=times,
+        median_s=measure.median(times),
+        peak_mem_bytes=mem.peak_bytes,
+        peak_mem_kind=mem.device_kind,
+        passes=passes,
+        computed=computed_per_run[-1],
+        reused=passes - computed_per_run[-1],
+        computed_source="probe on the last block",
+        computed_per_run=computed_per_run,
         # the same seed every run: a cache that keeps no state across calls gives the same latent every run
         run_to_run_max_abs_diff=float((first - last).abs().max()),
         notes=[],
@@ -110,9 +134,17 @@ def measure_denoise(scn: Scenario, model: nn.Module, inputs: dict[str, Any], var
     return row, last
 
 
-def compare_denoise(scn: Scenario, model: nn.Module, inputs: dict[str, Any], variants: list[Variant], steps: int, *,
-                    repeats: int, warmup: int, log: Callable[[dict[str, Any]], None] = lambda row: None
-                    ) -> list[dict[str, Any]]:
+def compare_denoise(
+    scn: Scenario,
+    model: nn.Module,
+    inputs: dict[str, Any],
+    variants: list[Variant],
+    steps: int,
+    *,
+    repeats: int,
+    warmup: int,
+    log: Callable[[dict[str, Any]], None] = lambda row: None,
+) -> list[dict[str, Any]]:
     """One row per variant, the first (the baseline) the reference for fidelity and speed-up. A variant of kind
     "baseline-rerun" runs once, untimed warm-up skipped. A failing variant other than the first is recorded in
     its row (`error`) and the others still run; `log(row)` is called as each row is done."""
@@ -123,14 +155,23 @@ def compare_denoise(scn: Scenario, model: nn.Module, inputs: dict[str, Any], var
         for variant in variants:
             rerun = variant.kind == RERUN
             try:
-                row, latent = measure_denoise(scn, model, inputs, variant, steps, repeats=1 if rerun else repeats,
-                                              warmup=0 if rerun else warmup, counter=counter)
+                row, latent = measure_denoise(
+                    scn,
+                    model,
+                    inputs,
+                    variant,
+                    steps,
+                    repeats=1 if rerun else repeats,
+                    warmup=0 if rerun else warmup,
+                    counter=counter,
+                )
             except Exception as err:  # noqa: BLE001  (one failing variant must not lose the others' measurements)
                 if not rows:
                     raise
                 traceback.print_exc()
-                row = dict(name=variant.name, kind=variant.kind, config=variant_config(variant), error=repr(err),
-                           notes=[])
+                row = dict(
+                    name=variant.name, kind=variant.kind, config=variant_config(variant), error=repr(err), notes=[]
+                )
             else:
                 ref = latent if ref is None else ref
                 row.update(latent_fidelity(latent, ref))
@@ -143,8 +184,14 @@ def compare_denoise(scn: Scenario, model: nn.Module, inputs: dict[str, Any], var
 
 
 COLUMNS = (
-    ("variant", 22), ("median s", 9), ("speedup", 8), ("peak mem", 10), ("computed", 9), ("reused", 7),
-    ("PSNR dB", 8), ("rel L1", 9),
+    ("variant", 22),
+    ("median s", 9),
+    ("speedup", 8),
+    ("peak mem", 10),
+    ("computed", 9),
+    ("reused", 7),
+    ("PSNR dB", 8),
+    ("rel L1", 9),
 )
 
 
@@ -161,8 +208,16 @@ def format_row(row: dict[str, Any]) -> str:
     else:
         psnr = "n/a" if row["psnr_db"] is None else f"{row['psnr_db']:.2f}"
     rel = "n/a" if row["rel_l1"] is None else f"{row['rel_l1']:.2e}"
-    cells = (row["name"], f"{row['median_s']:.3f}", f"{row['speedup']:.2f}x", _gib(row["peak_mem_bytes"]),
-             f"{row['computed']}/{row['passes']}", str(row["reused"]), psnr, rel)
+    cells = (
+        row["name"],
+        f"{row['median_s']:.3f}",
+        f"{row['speedup']:.2f}x",
+        _gib(row["peak_mem_bytes"]),
+        f"{row['computed']}/{row['passes']}",
+        str(row["reused"]),
+        psnr,
+        rel,
+    )
     text = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, (_, w)) in enumerate(zip(cells, COLUMNS)))
     return text + ("  ! " + "; ".join(row["notes"]) if row["notes"] else "")
 
@@ -171,5 +226,12 @@ def table_header() -> str:
     return "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(COLUMNS))
 
 
-__all__ = ["COLUMNS", "compare_denoise", "diffusers_cache", "format_row", "measure_denoise", "table_header",
-           "variant_config"]
+__all__ = [
+    "COLUMNS",
+    "compare_denoise",
+    "diffusers_cache",
+    "format_row",
+    "measure_denoise",
+    "table_header",
+    "variant_config",
+]

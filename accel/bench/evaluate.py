@@ -19,8 +19,9 @@ sets (lmms-eval downloads them from the Hugging Face Hub); image tasks only.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -85,14 +86,18 @@ class HFAnswerer:
                     "(video tasks pass file paths). Choose image tasks"
                 )
         content = [{"type": "image"} for _ in visuals] + [{"type": "text", "text": context}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                                  tokenize=False)
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
 
     def inputs(self, text: str, visuals: list) -> dict:
         batch = self.processor(text=[text], images=visuals or None, return_tensors="pt")
         dtype = self.model.dtype
-        return {k: (v.to(self.model.device, dtype) if v.is_floating_point() else v.to(self.model.device))
-                for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        return {
+            k: (v.to(self.model.device, dtype) if v.is_floating_point() else v.to(self.model.device))
+            for k, v in batch.items()
+            if isinstance(v, torch.Tensor)
+        }
 
     @torch.no_grad()
     def generate(self, context: str, visuals: list, gen_kwargs: dict) -> str:
@@ -101,16 +106,21 @@ class HFAnswerer:
         until = [until] if isinstance(until, str) else list(until)
         inputs = self.inputs(self.prompt(context, visuals), visuals)
         temperature = gen_kwargs.get("temperature") or 0
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": gen_kwargs.get("top_p")} \
-            if temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": temperature, "top_p": gen_kwargs.get("top_p")}
+            if temperature > 0
+            else {"do_sample": False}
+        )
         out = self.model.generate(
-            **inputs, **sampling,
+            **inputs,
+            **sampling,
             max_new_tokens=gen_kwargs.get("max_new_tokens") or self.max_new_tokens,
             num_beams=gen_kwargs.get("num_beams") or 1,
-            pad_token_id=self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
+            pad_token_id=self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
             else self.tokenizer.eos_token_id,
         )
-        text = self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        text = self.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         for stop in until:
             if stop:
                 text = text.split(stop)[0]
@@ -120,15 +130,19 @@ class HFAnswerer:
     def loglikelihood(self, context: str, continuation: str, visuals: list) -> tuple[float, bool]:
         """(log-probability of `continuation` after the prompt, whether greedy decoding would produce it)."""
         inputs = self.inputs(self.prompt(context, visuals), visuals)
-        cont = torch.tensor([self.tokenizer(continuation, add_special_tokens=False)["input_ids"]],
-                            device=inputs["input_ids"].device)
+        cont = torch.tensor(
+            [self.tokenizer(continuation, add_special_tokens=False)["input_ids"]], device=inputs["input_ids"].device
+        )
         if cont.shape[1] == 0:
             raise ValueError(f"continuation {continuation!r} has no tokens")
         length = inputs["input_ids"].shape[1]
         for key, value in list(inputs.items()):  # per-token tensors grow by the continuation
             if value.ndim == 2 and value.shape == (1, length):
-                tail = cont if key == "input_ids" else (torch.ones_like(cont) if key == "attention_mask"
-                                                        else torch.zeros_like(cont))
+                tail = (
+                    cont
+                    if key == "input_ids"
+                    else (torch.ones_like(cont) if key == "attention_mask" else torch.zeros_like(cont))
+                )
                 inputs[key] = torch.cat([value, tail.to(value.dtype)], dim=1)
         # Pruning shortens the prompt, never the continuation: the last logits line up with it either way.
         logits = self.model(**inputs).logits[0, -cont.shape[1] - 1 : -1].float()
@@ -198,18 +212,31 @@ def lmms_model(answerer: HFAnswerer):
     return AccelHF()
 
 
-def run_lmms_eval(model, processor, tasks: list[str], limit: int | float | None = None, *,
-                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-                  include_path: str | None = None) -> dict[str, dict[str, float]]:
+def run_lmms_eval(
+    model,
+    processor,
+    tasks: list[str],
+    limit: int | float | None = None,
+    *,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    include_path: str | None = None,
+) -> dict[str, dict[str, float]]:
     """Scores of `model` on lmms-eval `tasks` (`limit`: documents per task, for a quick look): {task: {metric: v}}.
     `include_path`: a folder of your own lmms-eval task YAML files, next to the built-in tasks."""
     _require_lmms_eval()
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
-    out = simple_evaluate(model=lmms_model(HFAnswerer(model, processor, max_new_tokens=max_new_tokens)),
-                          tasks=list(tasks), limit=limit, batch_size=1, log_samples=False, bootstrap_iters=0,
-                          task_manager=TaskManager("WARNING", include_path=include_path), verbosity="WARNING")
+    out = simple_evaluate(
+        model=lmms_model(HFAnswerer(model, processor, max_new_tokens=max_new_tokens)),
+        tasks=list(tasks),
+        limit=limit,
+        batch_size=1,
+        log_samples=False,
+        bootstrap_iters=0,
+        task_manager=TaskManager("WARNING", include_path=include_path),
+        verbosity="WARNING",
+    )
     return {task: _plain_metrics(values) for task, values in out["results"].items()}
 
 
@@ -249,8 +276,12 @@ class EvalResult:
     prune_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"tasks": self.tasks, "headline": self.headline, "prune_options": self.prune_options,
-                "rows": [asdict(r) for r in self.rows]}
+        return {
+            "tasks": self.tasks,
+            "headline": self.headline,
+            "prune_options": self.prune_options,
+            "rows": [asdict(r) for r in self.rows],
+        }
 
     def to_markdown(self) -> str:
         head = ["variant", "visual tokens"] + [f"{t} ({self.headline[t]})" for t in self.tasks] + ["% of baseline"]
@@ -277,8 +308,15 @@ def headline_metric(task: str, metrics: dict[str, float]) -> str:
 
 
 def evaluate_pruning(
-    model, processor, runner: Runner, tasks: list[str], *, keep=STANDARD_KEEP, prune_options: dict | None = None,
-    limit: int | float | None = None, log: Callable[[str], None] | None = None,
+    model,
+    processor,
+    runner: Runner,
+    tasks: list[str],
+    *,
+    keep=STANDARD_KEEP,
+    prune_options: dict | None = None,
+    limit: int | float | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """The unpatched baseline, then `accel.patch(model, "lossless", prune=PruneConfig(keep=k, **prune_options))` for
     each k in `keep`, each scored by `runner(model, processor, tasks, limit)`; the model is unpatched after each."""
@@ -321,12 +359,32 @@ def evaluate_pruning(
         scores = {t: metrics[t][headline[t]] for t in tasks}
         relative = {t: scores[t] / base[t] for t in tasks if base[t]}
         mean = sum(relative.values()) / len(relative) if relative else None
-        rows.append(EvalRow("baseline" if k is None else f"keep={k}", k, scores, relative, mean, tokens_in,
-                            tokens_kept, seconds, metrics))
+        rows.append(
+            EvalRow(
+                "baseline" if k is None else f"keep={k}",
+                k,
+                scores,
+                relative,
+                mean,
+                tokens_in,
+                tokens_kept,
+                seconds,
+                metrics,
+            )
+        )
     return EvalResult(tasks, headline, rows, options)
 
 
 __all__ = [
-    "EvalResult", "EvalRow", "HFAnswerer", "STANDARD_KEEP", "STANDARD_TASKS", "answer_requests", "evaluate_pruning",
-    "headline_metric", "lmms_model", "load_model", "run_lmms_eval",
+    "EvalResult",
+    "EvalRow",
+    "HFAnswerer",
+    "STANDARD_KEEP",
+    "STANDARD_TASKS",
+    "answer_requests",
+    "evaluate_pruning",
+    "headline_metric",
+    "lmms_model",
+    "load_model",
+    "run_lmms_eval",
 ]

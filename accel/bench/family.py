@@ -7,7 +7,8 @@ and `accel bench --family` run.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from accel.bench.harness import Variant, compare
 
@@ -40,15 +41,33 @@ def preset_variants(presets: Sequence[str], attention: Sequence[str] = ()) -> li
     return variants
 
 
-def bench_family(family: str, presets: Sequence[str], *, attention: Sequence[str] = (), steps: int | None = None,
-                 repeats: int = 1, warmup: int = 1, seed: int = 0, progress: bool = False) -> dict:
+def bench_family(
+    family: str,
+    presets: Sequence[str],
+    *,
+    attention: Sequence[str] = (),
+    steps: int | None = None,
+    repeats: int = 1,
+    warmup: int = 1,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """The comparison of one zoo family on CPU: {"family", "model", "kind", "steps", "rows"} (`harness.Row`s,
     baseline first); `steps`: denoising steps, or new tokens for a VLM (default: the family's)."""
     from accel import zoo
 
     tiny = zoo.build(family, seed=seed)
-    rows = compare(tiny.obj, tiny_run_fn(tiny, steps), preset_variants(presets, attention), repeats=repeats,
-                   warmup=warmup, device="cpu", seed=seed, progress=progress, desc=family)
+    rows = compare(
+        tiny.obj,
+        tiny_run_fn(tiny, steps),
+        preset_variants(presets, attention),
+        repeats=repeats,
+        warmup=warmup,
+        device="cpu",
+        seed=seed,
+        progress=progress,
+        desc=family,
+    )
     steps = steps or (tiny.default_steps if tiny.kind != "vlm" else VLM_NEW_TOKENS)
     return {"family": family, "model": tiny.name, "kind": tiny.kind, "steps": steps, "rows": rows}
 

@@ -16,9 +16,10 @@ a variant is recorded in its row (`row.error`) and the comparison goes on; an er
 from __future__ import annotations
 
 import traceback
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -86,7 +87,7 @@ class Row:
 
 
 def as_variant(spec: str | Variant | tuple[str, dict]) -> Variant:
-    """"fast" -> Variant("fast", {"preset": "fast"}); (name, kwargs) -> Variant(name, kwargs)."""
+    """ "fast" -> Variant("fast", {"preset": "fast"}); (name, kwargs) -> Variant(name, kwargs)."""
     if isinstance(spec, Variant):
         return spec
     if isinstance(spec, str):
@@ -96,7 +97,7 @@ def as_variant(spec: str | Variant | tuple[str, dict]) -> Variant:
 
 
 def output_kind(output: Any) -> str:
-    """"vlm" for a `VLMOutput`, "pixels" for a tensor; anything else cannot be compared."""
+    """ "vlm" for a `VLMOutput`, "pixels" for a tensor; anything else cannot be compared."""
     from accel.zoo._base import VLMOutput
 
     if isinstance(output, VLMOutput):
@@ -200,8 +201,9 @@ def compare(
 
     variants = [as_variant(v) for v in variants]
     # disable=None: bars only on a terminal
-    bar = tqdm(total=1 + len(variants), desc=desc or "compare", unit="variant", disable=None if progress else True,
-               leave=False)
+    bar = tqdm(
+        total=1 + len(variants), desc=desc or "compare", unit="variant", disable=None if progress else True, leave=False
+    )
     try:
         bar.set_postfix_str(BASELINE)
         times, reference, mem = _timed(run_fn, seed, repeats, warmup, device)

@@ -61,7 +61,7 @@ def environment(device: Any = "cpu") -> dict[str, Any]:
 
 
 def slug(text: str | None) -> str:
-    """"NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3" (file-name safe); None or nothing -> "cpu"."""
+    """ "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3" (file-name safe); None or nothing -> "cpu"."""
     return re.sub(r"[^a-z0-9]+", "-", (text or "").lower()).strip("-") or "cpu"
 
 

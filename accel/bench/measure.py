@@ -93,9 +93,7 @@ class PeakMemory:
             self._sample()  # catch memory still held at exit
 
 
-def time_calls(
-    fn: Callable[[], Any], repeats: int, warmup: int = 1, device: str | torch.device = "cpu"
-) -> list[float]:
+def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1, device: str | torch.device = "cpu") -> list[float]:
     """Run ``fn`` ``warmup`` times untimed, then return ``repeats`` times in seconds.
 
     On CUDA each call is timed with CUDA events recorded around it, after the queue is drained, so the

@@ -175,9 +175,7 @@ def first_token_kl(logits_ref: torch.Tensor, logits_test: torch.Tensor) -> float
     used, i.e. the distribution of the first token generated after the prompt.
     """
     if logits_ref.shape != logits_test.shape:
-        raise ValueError(
-            f"logit shapes differ: {tuple(logits_ref.shape)} vs {tuple(logits_test.shape)}"
-        )
+        raise ValueError(f"logit shapes differ: {tuple(logits_ref.shape)} vs {tuple(logits_test.shape)}")
     a, b = logits_ref.detach().double().cpu(), logits_test.detach().double().cpu()
     if a.dim() == 1:
         a, b = a[None], b[None]
@@ -197,9 +195,7 @@ def _rows(seq: torch.Tensor | Sequence[Any]) -> list[list[int]]:
     return [[int(x) for x in row] for row in rows]
 
 
-def token_agreement(
-    seq_ref: torch.Tensor | Sequence[Any], seq_test: torch.Tensor | Sequence[Any]
-) -> float:
+def token_agreement(seq_ref: torch.Tensor | Sequence[Any], seq_test: torch.Tensor | Sequence[Any]) -> float:
     """Fraction of generated token positions that match, pooled over the batch.
 
     Takes ``[T]`` or ``[B, T]`` (tensors or nested lists) of generated tokens only.

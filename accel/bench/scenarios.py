@@ -53,8 +53,14 @@ ATTENTION_SHAPES = {
 }
 # INT8 attention launch configurations (block_q, block_k, num_warps, num_stages) that benchmarks/attention.py
 # sweeps and benchmarks/compile_report.py compiles; the first is int8_attention's default.
-INT8_TILE_SWEEP = [(128, 64, 8, None), (128, 64, 4, 3), (128, 128, 8, 2), (128, 32, 4, 4), (64, 64, 4, 3),
-                   (64, 128, 4, 2)]
+INT8_TILE_SWEEP = [
+    (128, 64, 8, None),
+    (128, 64, 4, 3),
+    (128, 128, 8, 2),
+    (128, 32, 4, 4),
+    (64, 64, 4, 3),
+    (64, 128, 4, 2),
+]
 
 
 def build_model(cls: type, config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -271,8 +277,13 @@ class WanScenario(Scenario):
     scheduler_name = "FlowMatchEulerDiscreteScheduler (released pipeline: UniPCMultistepScheduler, flow_shift 3.0)"
     scheduler_config = WAN_SCHEDULER
 
-    def _size(self, height: int | None = None, width: int | None = None, frames: int | None = None,
-              text_len: int | None = None) -> None:
+    def _size(
+        self,
+        height: int | None = None,
+        width: int | None = None,
+        frames: int | None = None,
+        text_len: int | None = None,
+    ) -> None:
         self.height = height or (128 if self.tiny else 480)
         self.width = width or (128 if self.tiny else 832)
         self.frames = frames or (17 if self.tiny else 81)
@@ -301,8 +312,13 @@ class WanScenario(Scenario):
         )
 
     def _call(self, model: nn.Module, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor):
-        return model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, attention_kwargs=None,
-                     return_dict=False)[0]
+        return model(
+            hidden_states=latents,
+            timestep=timestep,
+            encoder_hidden_states=text,
+            attention_kwargs=None,
+            return_dict=False,
+        )[0]
 
     @torch.no_grad()
     def forward(self, model: nn.Module, inputs: dict[str, Any], timestep: float | None = None) -> torch.Tensor:
@@ -353,7 +369,17 @@ class PassCounter:
 
 
 __all__ = [
-    "ATTENTION_SHAPES", "AttentionShape", "FLUX_DEV_TRANSFORMER", "FluxScenario", "INT8_TILE_SWEEP", "PassCounter",
-    "SCENARIOS", "Scenario", "WAN21_T2V_1_3B_TRANSFORMER",
-    "WAN_SCHEDULER", "WanScenario", "build_model", "cast_like_from_pretrained",
+    "ATTENTION_SHAPES",
+    "AttentionShape",
+    "FLUX_DEV_TRANSFORMER",
+    "FluxScenario",
+    "INT8_TILE_SWEEP",
+    "PassCounter",
+    "SCENARIOS",
+    "Scenario",
+    "WAN21_T2V_1_3B_TRANSFORMER",
+    "WAN_SCHEDULER",
+    "WanScenario",
+    "build_model",
+    "cast_like_from_pretrained",
 ]

@@ -22,11 +22,24 @@ TINY_NOTE = (
 )
 
 COLUMNS = (
-    ("family", 15), ("variant", 9), ("time", 8), ("speedup", 7), ("comp/reuse", 10), ("fidelity vs baseline", 26)
+    ("family", 15),
+    ("variant", 9),
+    ("time", 8),
+    ("speedup", 7),
+    ("comp/reuse", 10),
+    ("fidelity vs baseline", 26),
 )
 VLM_COLUMNS = (
-    ("variant", 10), ("visual kept/in", 14), ("seq to LM", 9), ("prefill", 9), ("speedup", 7), ("TTFT", 9),
-    ("decode", 12), ("peak memory", 20), ("first-token KL", 14), ("agreement", 9),
+    ("variant", 10),
+    ("visual kept/in", 14),
+    ("seq to LM", 9),
+    ("prefill", 9),
+    ("speedup", 7),
+    ("TTFT", 9),
+    ("decode", 12),
+    ("peak memory", 20),
+    ("first-token KL", 14),
+    ("agreement", 9),
 )
 
 
@@ -67,15 +80,19 @@ def table_lines(result: dict) -> list[str]:
     """One line per `harness.Row` of `result`: time, speed-up, computed/reused passes, fidelity, what applied."""
     lines = []
     for row in result["rows"]:
-        lines.append(_line([
-            result["family"],
-            row.variant,
-            f"{row.median_s:.2f} s" if row.median_s is not None else "-",
-            f"{row.speedup:.2f}x" if row.speedup is not None else "-",
-            f"{row.computed}/{row.reused}" if row.computed is not None else "-",
-            _fidelity(row),
-            _applied(row),
-        ]))
+        lines.append(
+            _line(
+                [
+                    result["family"],
+                    row.variant,
+                    f"{row.median_s:.2f} s" if row.median_s is not None else "-",
+                    f"{row.speedup:.2f}x" if row.speedup is not None else "-",
+                    f"{row.computed}/{row.reused}" if row.computed is not None else "-",
+                    _fidelity(row),
+                    _applied(row),
+                ]
+            )
+        )
     return lines
 
 
@@ -84,7 +101,8 @@ def memory_lines(result: dict) -> list[str]:
     return [
         f"  {row.variant:<9} peak memory {format_bytes(row.peak_memory_bytes)} ({row.memory_kind}), "
         f"times {', '.join(f'{t:.3f}' for t in row.times_s)} s"
-        for row in result["rows"] if row.peak_memory_bytes is not None
+        for row in result["rows"]
+        if row.peak_memory_bytes is not None
     ]
 
 
@@ -99,18 +117,30 @@ def vlm_table_lines(rows) -> list[str]:
     out = [head, "-" * len(head)]
     for r in rows:
         kept = f"{r.visual_tokens_kept}/{r.visual_tokens_in}" if r.visual_tokens_kept is not None else "all"
-        out.append(line([
-            r.variant, kept, str(r.sequence_to_lm),
-            f"{r.prefill_s * 1e3:.1f} ms", f"{r.prefill_speedup:.2f}x", f"{r.ttft_s * 1e3:.1f} ms",
-            f"{r.decode_tokens_per_s:.1f} tok/s" if r.decode_tokens_per_s is not None else "-",
-            f"{format_bytes(r.peak_memory_bytes)} ({r.memory_kind})" if r.peak_memory_bytes is not None else "-",
-            f"{r.first_token_kl:.3g}", f"{r.token_agreement:.0%}",
-        ]))
+        out.append(
+            line(
+                [
+                    r.variant,
+                    kept,
+                    str(r.sequence_to_lm),
+                    f"{r.prefill_s * 1e3:.1f} ms",
+                    f"{r.prefill_speedup:.2f}x",
+                    f"{r.ttft_s * 1e3:.1f} ms",
+                    f"{r.decode_tokens_per_s:.1f} tok/s" if r.decode_tokens_per_s is not None else "-",
+                    f"{format_bytes(r.peak_memory_bytes)} ({r.memory_kind})"
+                    if r.peak_memory_bytes is not None
+                    else "-",
+                    f"{r.first_token_kl:.3g}",
+                    f"{r.token_agreement:.0%}",
+                ]
+            )
+        )
     return out
 
 
-def results_doc(command: str, settings: dict, results: list[dict], total_s: float, device: str,
-                tiny: bool) -> dict[str, Any]:
+def results_doc(
+    command: str, settings: dict, results: list[dict], total_s: float, device: str, tiny: bool
+) -> dict[str, Any]:
     """The JSON of a comparison run: command, `warning` (tiny models), `machine` (`host.environment`), settings,
     total time, and one flat row per variant and target, each with its target's family, model, kind, steps."""
     from accel.bench.host import environment

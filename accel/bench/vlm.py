@@ -38,8 +38,12 @@ class VLMRow:
 
 def _generate(model, inputs: dict, new_tokens: int):
     return model.generate(
-        **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-        output_logits=True, return_dict_in_generate=True,
+        **inputs,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
     )
 
 
@@ -71,22 +75,35 @@ def compare_pruning(
     if accel.get_handle(model) is not None:
         raise accel.AlreadyPatchedError("compare_pruning needs the unpatched model as its baseline; call accel.unpatch")
     prompt = inputs["input_ids"].shape[1]
-    base_values, reference = measure_vlm(model, inputs, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
-                                         device=device)
-    rows = [VLMRow("baseline", sequence_to_lm=prompt, **base_values, prefill_speedup=1.0, first_token_kl=0.0,
-                   token_agreement=1.0)]
+    base_values, reference = measure_vlm(
+        model, inputs, new_tokens=new_tokens, repeats=repeats, warmup=warmup, device=device
+    )
+    rows = [
+        VLMRow(
+            "baseline",
+            sequence_to_lm=prompt,
+            **base_values,
+            prefill_speedup=1.0,
+            first_token_kl=0.0,
+            token_agreement=1.0,
+        )
+    ]
     for name, config in variants.items():
         handle = accel.patch(model, prune=config)
         try:
-            values, out = measure_vlm(model, inputs, new_tokens=new_tokens, repeats=repeats, warmup=warmup,
-                                      device=device)
+            values, out = measure_vlm(
+                model, inputs, new_tokens=new_tokens, repeats=repeats, warmup=warmup, device=device
+            )
             stats = handle.report().stats["prune"]
         finally:
             accel.unpatch(model)
         row = VLMRow(name, **values, report=stats)
         last = stats["last_call"]
         if last is not None:
-            row.visual_tokens_in, row.visual_tokens_kept = sum(last["visual_tokens_in"]), sum(last["visual_tokens_kept"])
+            row.visual_tokens_in, row.visual_tokens_kept = (
+                sum(last["visual_tokens_in"]),
+                sum(last["visual_tokens_kept"]),
+            )
             row.sequence_to_lm = last["sequence_out"]
         row.prefill_speedup = rows[0].prefill_s / row.prefill_s
         row.first_token_kl = metrics.first_token_kl(reference.logits[0].float(), out.logits[0].float())

@@ -23,24 +23,66 @@ IMAGE_ID, VIDEO_ID, VSTART_ID, VEND_ID = 32000, 32001, 32002, 32003  # inside bo
 def _llava_config():
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_ID, image_seq_length=576,
-                       vision_feature_select_strategy="default", vision_feature_layer=-2)
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=IMAGE_ID,
+        image_seq_length=576,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
 
 
 def _qwen2_vl_config():
     from transformers import Qwen2VLConfig
 
-    vision = dict(depth=32, embed_dim=1280, hidden_size=3584, mlp_ratio=4, num_heads=16, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    text = dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]})
-    return Qwen2VLConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
-                         vision_start_token_id=VSTART_ID, vision_end_token_id=VEND_ID)
+    vision = dict(
+        depth=32,
+        embed_dim=1280,
+        hidden_size=3584,
+        mlp_ratio=4,
+        num_heads=16,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    text = dict(
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        max_position_embeddings=32768,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    )
+    return Qwen2VLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_ID,
+        video_token_id=VIDEO_ID,
+        vision_start_token_id=VSTART_ID,
+        vision_end_token_id=VEND_ID,
+    )
 
 
 def build_vlm(scenario: str, tiny: bool, attn: str = "sdpa"):
@@ -93,9 +135,11 @@ def make_vlm_inputs(scenario: str, model, tiny: bool, device) -> dict:
         return _qwen2_vl_inputs(scenario, model, text, gen, device)
     ids = [1] + text(20) + [IMAGE_ID] * 576 + text(20)
     pixels = torch.randn(1, 3, 336, 336, generator=gen)
-    return {"input_ids": torch.tensor([ids], device=device),
-            "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
-            "pixel_values": pixels.to(device, next(model.parameters()).dtype)}
+    return {
+        "input_ids": torch.tensor([ids], device=device),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
+        "pixel_values": pixels.to(device, next(model.parameters()).dtype),
+    }
 
 
 __all__ = ["VLM_SCENARIOS", "build_vlm", "make_vlm_inputs"]

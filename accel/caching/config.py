@@ -54,9 +54,13 @@ class CacheConfig:
         _check_steps(self, "warmup")
         _check_steps(self, "cooldown")
         check_int(self, "max_consecutive", low=1)
-        check_choice(self, "decision", ("lagged", "current"),
-                     hint="'lagged': no GPU sync per step; 'current': decides from this step's change, "
-                     "one host-device sync per step")
+        check_choice(
+            self,
+            "decision",
+            ("lagged", "current"),
+            hint="'lagged': no GPU sync per step; 'current': decides from this step's change, "
+            "one host-device sync per step",
+        )
         check_int(self, "num_steps", low=1, optional=True)
 
     def warmup_steps(self, num_steps: int | None) -> int:

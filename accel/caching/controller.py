@@ -53,8 +53,12 @@ class BranchStats:
 
     def to_dict(self) -> dict:
         """For the report (its layout is documented in `accel.report`)."""
-        return {"computed": list(self.computed), "reused": list(self.reused), "compute_reasons": dict(self.reasons),
-                "estimated_error": self.estimated_error}
+        return {
+            "computed": list(self.computed),
+            "reused": list(self.reused),
+            "compute_reasons": dict(self.reasons),
+            "estimated_error": self.estimated_error,
+        }
 
 
 @dataclass
@@ -72,8 +76,12 @@ class CallStats:
 
     def to_dict(self) -> dict:
         """For the report (its layout is documented in `accel.report`)."""
-        return {"num_steps": self.num_steps, "computed": self.computed, "reused": self.reused,
-                "branches": {name: b.to_dict() for name, b in self.branches.items()}}
+        return {
+            "num_steps": self.num_steps,
+            "computed": self.computed,
+            "reused": self.reused,
+            "branches": {name: b.to_dict() for name, b in self.branches.items()},
+        }
 
 
 class _Branch:
@@ -121,8 +129,14 @@ class CacheController:
         self.end_call()
         self._branches = {}
 
-    def enter(self, branch: str | None, num_steps: int | None = None, step_index: int | None = None,
-              timestep=None, managed: bool = False) -> None:
+    def enter(
+        self,
+        branch: str | None,
+        num_steps: int | None = None,
+        step_index: int | None = None,
+        timestep=None,
+        managed: bool = False,
+    ) -> None:
         """Start a denoiser call on `branch` ("cond", "uncond", ...; None when the pipeline names none).
 
         `managed`: a pipeline wrapper marks call boundaries with begin_call/end_call. Otherwise (a bare

@@ -98,14 +98,14 @@ class TaylorForecast:
 
     def forecast(self, step: int) -> Values:
         order = min(self._best_order(), len(self.history) - 1)
-        return extrapolate(list(self.history)[-(order + 1):], step)
+        return extrapolate(list(self.history)[-(order + 1) :], step)
 
     def update(self, step: int, values: Values, reference: Sequence[torch.Tensor | None], since: int) -> None:
         if self.history:
             points = list(self.history)
             errors = []
             for order in range(len(points)):
-                forecast = extrapolate(points[-(order + 1):], step)
+                forecast = extrapolate(points[-(order + 1) :], step)
                 diffs = [f - v for f, v in zip(forecast, values) if f is not None and v is not None]
                 errors.append(DeviceScalar(_error(diffs, reference)))
             self.pending.append((since, step, errors))

@@ -40,8 +40,9 @@ def out(line: str) -> None:
 
 def add_timing_args(p: argparse.ArgumentParser, repeats: int, warmup: int) -> None:
     """--repeats, --warmup, --seed, --quiet (checked by `main` for every subcommand that has them)."""
-    p.add_argument("--repeats", type=int, default=repeats,
-                   help=f"timed runs per variant (median reported; default {repeats})")
+    p.add_argument(
+        "--repeats", type=int, default=repeats, help=f"timed runs per variant (median reported; default {repeats})"
+    )
     p.add_argument("--warmup", type=int, default=warmup, help=f"untimed runs before them (default {warmup})")
     p.add_argument("--seed", type=int, default=0, help="seed of the model weights and of every run (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -53,7 +54,7 @@ def settings(args: argparse.Namespace) -> dict:
 
 
 def split(value: str | None) -> list[str]:
-    """"a, b,,c" -> ["a", "b", "c"]."""
+    """ "a, b,,c" -> ["a", "b", "c"]."""
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
@@ -130,8 +131,10 @@ def load_user_function(option: str, spec: str) -> Callable:
         module = _import_user_module(option, spec, module_name)
     except ModuleNotFoundError as err:
         if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
-            raise UsageError(f"{option} {spec}: no module named {err.name!r} (run accel from the folder that "
-                             "holds it, or give path/to/file.py:FUNCTION)") from None
+            raise UsageError(
+                f"{option} {spec}: no module named {err.name!r} (run accel from the folder that "
+                "holds it, or give path/to/file.py:FUNCTION)"
+            ) from None
         raise UsageError(f"{option} {spec}: importing {module_name!r} failed: {err}") from None
     func = getattr(module, func_name, None)
     if func is None:

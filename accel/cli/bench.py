@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="device to synchronise and measure memory on (default: cpu)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument(
-        "--attention", default=None,
+        "--attention",
+        default=None,
         help="also bench these attention routes alone, comma-separated: int8, sdpa, flash, xformers "
         "(on CPU, int8 runs its PyTorch reference: fidelity, not speed)",
     )
@@ -76,8 +77,9 @@ def load_pipeline(spec: str) -> tuple[Any, Callable[[int], Any]]:
     result = load_user_function("--pipeline", spec)()
     if not (isinstance(result, tuple) and len(result) == 2 and callable(result[1])):
         got = f"a tuple of {len(result)}" if isinstance(result, tuple) else type(result).__name__
-        raise UsageError(f"--pipeline {spec}: the function must return (obj, run_fn) with run_fn(seed) callable, "
-                         f"got {got}")
+        raise UsageError(
+            f"--pipeline {spec}: the function must return (obj, run_fn) with run_fn(seed) callable, got {got}"
+        )
     obj, run_fn = result
     try:
         resolve_target(obj)
@@ -105,8 +107,17 @@ def _bench_pipeline(args, presets: list[str], attention: list[str]) -> dict:
     if args.steps is not None:
         raise UsageError("--steps sets the steps of a tiny --family; with --pipeline, your run_fn decides them")
     obj, run_fn = load_pipeline(args.pipeline)
-    rows = compare(obj, run_fn, preset_variants(presets, attention), repeats=args.repeats, warmup=args.warmup,
-                   device=args.device, seed=args.seed, progress=not args.quiet, desc=args.pipeline)
+    rows = compare(
+        obj,
+        run_fn,
+        preset_variants(presets, attention),
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.quiet,
+        desc=args.pipeline,
+    )
     return {"family": args.pipeline, "model": type(obj).__name__, "kind": None, "steps": args.steps, "rows": rows}
 
 
@@ -120,8 +131,10 @@ def run(args) -> int:
 
     moved = [f"--{name.replace('_', '-')}" for name in _MOVED if getattr(args, name) is not None]
     if moved:
-        raise UsageError(f"{', '.join(moved)}: visual token pruning has its own command now: "
-                         "accel bench-vlm --family F --keep K,K (with --video, --prune-where, --new-tokens)")
+        raise UsageError(
+            f"{', '.join(moved)}: visual token pruning has its own command now: "
+            "accel bench-vlm --family F --keep K,K (with --video, --prune-where, --new-tokens)"
+        )
     presets, attention = split(args.preset), split(args.attention)
     check_names("preset", presets, PRESET_NAMES)
     check_names("attention route", attention, KERNELS)
@@ -135,8 +148,16 @@ def run(args) -> int:
         if args.device != "cpu":
             raise UsageError("tiny families run on CPU; bench a GPU pipeline with --pipeline")
         out(TINY_WARNING)
-        result = bench_family(args.family, presets, attention=attention, steps=args.steps, repeats=args.repeats,
-                              warmup=args.warmup, seed=args.seed, progress=not args.quiet)
+        result = bench_family(
+            args.family,
+            presets,
+            attention=attention,
+            steps=args.steps,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
     else:
         result = _bench_pipeline(args, presets, attention)
     total = time.perf_counter() - start

@@ -32,10 +32,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--family", required=True, help="a tiny VLM family, e.g. llava")
     p.add_argument("--keep", required=True, metavar="K,K", help="visual tokens kept per image/video, comma-separated")
-    p.add_argument("--prune-where", choices=("before_lm", "in_lm"), default="before_lm",
-                   help="PruneConfig.where (default: %(default)s)")
-    p.add_argument("--video", action="store_true", help="a video prompt instead of an image "
-                   "(llava_onevision, qwen2_vl, qwen2_5_vl)")
+    p.add_argument(
+        "--prune-where",
+        choices=("before_lm", "in_lm"),
+        default="before_lm",
+        help="PruneConfig.where (default: %(default)s)",
+    )
+    p.add_argument(
+        "--video",
+        action="store_true",
+        help="a video prompt instead of an image (llava_onevision, qwen2_vl, qwen2_5_vl)",
+    )
     p.add_argument("--new-tokens", type=int, default=VLM_NEW_TOKENS, help="tokens generated (default: %(default)s)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     add_timing_args(p, repeats=3, warmup=1)
@@ -60,11 +67,14 @@ def run(args) -> int:
     out(TINY_WARNING)
     inputs = vlm.make_inputs(tiny.obj, seed=args.seed, video=args.video)
     variants = {f"keep={k}": PruneConfig(keep=k, where=args.prune_where) for k in keep}
-    rows = compare_pruning(tiny.obj, inputs, variants, new_tokens=args.new_tokens, repeats=args.repeats,
-                           warmup=args.warmup, device="cpu")
+    rows = compare_pruning(
+        tiny.obj, inputs, variants, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, device="cpu"
+    )
     total = time.perf_counter() - start
-    out(f"{args.family} ({'video' if args.video else 'image'}), pruning {args.prune_where}, {args.new_tokens} new "
-        f"tokens, {args.repeats} timed run(s)\n")
+    out(
+        f"{args.family} ({'video' if args.video else 'image'}), pruning {args.prune_where}, {args.new_tokens} new "
+        f"tokens, {args.repeats} timed run(s)\n"
+    )
     for line in vlm_table_lines(rows):
         out(line)
     if args.json:

@@ -41,15 +41,24 @@ def run(args) -> int:
     check_names("preset", presets, PRESET_NAMES)
     check_output("--json", args.json)
     out(TINY_WARNING)
-    out(f"baseline vs {', '.join(presets)} on {len(families)} tiny families, CPU, "
-        f"{args.repeats} timed run(s) after {args.warmup} warm-up run(s) each\n")
+    out(
+        f"baseline vs {', '.join(presets)} on {len(families)} tiny families, CPU, "
+        f"{args.repeats} timed run(s) after {args.warmup} warm-up run(s) each\n"
+    )
     for line in table_header():
         out(line)
     start = time.perf_counter()
     results = []
     for family in tqdm(families, desc="accel demo", unit="family", disable=True if args.quiet else None):
-        result = bench_family(family, presets, steps=args.steps, repeats=args.repeats, warmup=args.warmup,
-                              seed=args.seed, progress=not args.quiet)
+        result = bench_family(
+            family,
+            presets,
+            steps=args.steps,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            seed=args.seed,
+            progress=not args.quiet,
+        )
         results.append(result)
         for line in table_lines(result):
             out(line)

@@ -39,18 +39,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from accel.bench.evaluate import DEFAULT_MAX_NEW_TOKENS, STANDARD_KEEP, STANDARD_TASKS
 
     p.add_argument("--model", required=True, help="Hugging Face model id or local directory")
-    p.add_argument("--tasks", default=",".join(STANDARD_TASKS), help="comma-separated lmms-eval tasks "
-                   "(default: %(default)s)")
-    p.add_argument("--keep", default=",".join(map(str, STANDARD_KEEP)),
-                   help="visual token budgets after the baseline (default: %(default)s)")
-    p.add_argument("--prune-where", choices=("before_lm", "in_lm"), default="before_lm",
-                   help="PruneConfig.where (default: %(default)s)")
+    p.add_argument(
+        "--tasks", default=",".join(STANDARD_TASKS), help="comma-separated lmms-eval tasks (default: %(default)s)"
+    )
+    p.add_argument(
+        "--keep",
+        default=",".join(map(str, STANDARD_KEEP)),
+        help="visual token budgets after the baseline (default: %(default)s)",
+    )
+    p.add_argument(
+        "--prune-where",
+        choices=("before_lm", "in_lm"),
+        default="before_lm",
+        help="PruneConfig.where (default: %(default)s)",
+    )
     p.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     p.add_argument("--device", default="cuda", help="default: %(default)s")
     p.add_argument("--dtype", default="bfloat16", help="default: %(default)s")
     p.add_argument("--attn", default="sdpa", help="attn_implementation (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help="when a task sets none (default: %(default)s)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help="when a task sets none (default: %(default)s)",
+    )
     p.add_argument("--include-path", metavar="DIR", help="a folder of your own lmms-eval task YAML files")
     p.add_argument("--runner", metavar="MODULE:FUNCTION", help="your own scoring function (see below)")
     p.add_argument("--json", default="accel-eval.json", help="default: %(default)s")
@@ -87,8 +99,9 @@ def _runner(args) -> Callable:
         raise UsageError(str(err)) from None
 
     def runner(model, processor, tasks, limit):
-        return evaluate.run_lmms_eval(model, processor, tasks, limit, max_new_tokens=args.max_new_tokens,
-                                      include_path=args.include_path)
+        return evaluate.run_lmms_eval(
+            model, processor, tasks, limit, max_new_tokens=args.max_new_tokens, include_path=args.include_path
+        )
 
     return runner
 
@@ -125,13 +138,19 @@ def run(args) -> int:
     check_device(args.device)
     model, processor = _load(args)
     start = time.perf_counter()
-    result = evaluate.evaluate_pruning(model, processor, runner, tasks, keep=keep,
-                                       prune_options={"where": args.prune_where}, limit=args.limit, log=out)
+    result = evaluate.evaluate_pruning(
+        model, processor, runner, tasks, keep=keep, prune_options={"where": args.prune_where}, limit=args.limit, log=out
+    )
     table = result.to_markdown()
     out("\n" + table)
-    data = {"command": NAME, "model": args.model, "machine": environment(args.device),
-            "settings": {k: v for k, v in vars(args).items() if k != "func"},
-            "total_time_s": round(time.perf_counter() - start, 3), **result.to_dict()}
+    data = {
+        "command": NAME,
+        "model": args.model,
+        "machine": environment(args.device),
+        "settings": {k: v for k, v in vars(args).items() if k != "func"},
+        "total_time_s": round(time.perf_counter() - start, 3),
+        **result.to_dict(),
+    }
     write_json(args.json, data)
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -68,7 +68,11 @@ class LlavaAdapter(VLMAdapter):
     family = "llava"
     display_name = "LLaVA-1.5"
     quant_exclude = (
-        "model.vision_tower.*", "vision_tower.*", "model.multi_modal_projector.*", "multi_modal_projector.*", "lm_head",
+        "model.vision_tower.*",
+        "vision_tower.*",
+        "model.multi_modal_projector.*",
+        "multi_modal_projector.*",
+        "lm_head",
     )
     model_classes = (
         "transformers.models.llava.modeling_llava:LlavaForConditionalGeneration",
@@ -119,7 +123,7 @@ class LlavaAdapter(VLMAdapter):
         return self.model.config.vision_feature_layer
 
     def vision_feature_select_strategy(self) -> str:
-        """"default" drops the CLS token before the projector; "full" keeps every position."""
+        """ "default" drops the CLS token before the projector; "full" keeps every position."""
         return self.model.config.vision_feature_select_strategy
 
     def tokens_per_image(self) -> int:

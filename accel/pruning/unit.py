@@ -119,7 +119,9 @@ class PruneUnit(Unit):
             "calls": self.calls,
             "visual_tokens_in_total": self.visual_in_total,
             "visual_tokens_kept_total": self.visual_kept_total,
-            "last_call": None if last is None else {
+            "last_call": None
+            if last is None
+            else {
                 "visual_tokens_in": list(last.visual_in),
                 "visual_tokens_kept": list(last.visual_kept),
                 "sequence_in": last.sequence_in,
@@ -367,8 +369,9 @@ class PruneUnit(Unit):
         new_tokens = embeds.shape[1] if embeds is not None else kwargs["input_ids"].shape[1]
         batch = state.mask.shape[0]
         if mask is None:
-            tail = torch.ones(batch, past - state.mask.shape[1] + new_tokens, dtype=state.mask.dtype,
-                              device=state.mask.device)
+            tail = torch.ones(
+                batch, past - state.mask.shape[1] + new_tokens, dtype=state.mask.dtype, device=state.mask.device
+            )
         else:
             tail = mask[:, state.full_length :].to(state.mask.dtype)
             expected = state.mask.shape[1] + tail.shape[1] - new_tokens

@@ -165,8 +165,13 @@ class QuantResult:
             reasons[why] = reasons.get(why, 0) + 1
         cfg = self.config
         return {
-            "format": {"bits": cfg.bits, "group_size": cfg.group_size, "search": cfg.search, "rank": cfg.rank,
-                       "activations": cfg.activations},
+            "format": {
+                "bits": cfg.bits,
+                "group_size": cfg.group_size,
+                "search": cfg.search,
+                "rank": cfg.rank,
+                "activations": cfg.activations,
+            },
             "layers_quantized": len(self.layers),
             "layers_calibrated": len(calibrated),
             "layers_kept_16bit": reasons,

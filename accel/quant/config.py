@@ -85,8 +85,12 @@ class QuantConfig:
         check_int(self, "group_size")
         check_choice(self, "group_size", GROUP_SIZES)
         check_bool(self, "search")
-        check_callable(self, "calibration", optional=True,
-                       hint="a function that runs the model, e.g. lambda: pipe(prompt, num_inference_steps=4)")
+        check_callable(
+            self,
+            "calibration",
+            optional=True,
+            hint="a function that runs the model, e.g. lambda: pipe(prompt, num_inference_steps=4)",
+        )
         check_int(self, "calibration_tokens", low=1)
         check_int(self, "rank", low=0, hint="0 turns low-rank correction off")
         check_str_tuple(self, "exclude", hint="a tuple of glob patterns, e.g. ('*.proj_out',)")
@@ -99,5 +103,10 @@ class QuantConfig:
         if self.kernel.startswith("w4a8") and self.activations != "int8":
             fail(self, "kernel", self.kernel, "rounds activations to int8; opt in with activations='int8'")
         if self.activations == "int8" and self.group_size < W4A8_MIN_GROUP:
-            fail(self, "activations", self.activations, f"needs group_size >= {W4A8_MIN_GROUP} (the W4A8 GEMM's "
-                 f"int8 tensor-core tiles), got group_size={self.group_size}")
+            fail(
+                self,
+                "activations",
+                self.activations,
+                f"needs group_size >= {W4A8_MIN_GROUP} (the W4A8 GEMM's "
+                f"int8 tensor-core tiles), got group_size={self.group_size}",
+            )

@@ -27,8 +27,19 @@ def _scaled_block(X, INS, offs_m, kk, m_ok, stride_xm, stride_xk, HAS_INS: tl.co
 
 @triton.jit
 def quantize_rows_int8_kernel(
-    X, INS, X8, XS, XSUM, M, K, stride_xm, stride_xk,
-    HAS_INS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, AMAX_MIN: tl.constexpr,
+    X,
+    INS,
+    X8,
+    XS,
+    XSUM,
+    M,
+    K,
+    stride_xm,
+    stride_xk,
+    HAS_INS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    AMAX_MIN: tl.constexpr,
 ):
     # Two passes over each row: its absmax, then int8 codes and their sum per group.
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -63,7 +74,18 @@ def quantize_rows_int8(x, in_scale, group):
     if m:
         block_m = 16 if interpreting() else 8
         quantize_rows_int8_kernel[(cdiv(m, block_m),)](
-            x2, in_scale if in_scale is not None else step, x8, step, sums, m, k, x2.stride(0), x2.stride(1),
-            HAS_INS=in_scale is not None, GROUP=group, BLOCK_M=block_m, AMAX_MIN=_AMAX_MIN,
+            x2,
+            in_scale if in_scale is not None else step,
+            x8,
+            step,
+            sums,
+            m,
+            k,
+            x2.stride(0),
+            x2.stride(1),
+            HAS_INS=in_scale is not None,
+            GROUP=group,
+            BLOCK_M=block_m,
+            AMAX_MIN=_AMAX_MIN,
         )
     return x8, step, sums

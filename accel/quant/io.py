@@ -122,7 +122,9 @@ def _read_header(path: Path) -> tuple[dict[str, Any], list[str]]:
         unlisted = sorted(set(names) - sums.keys())
         extra = sorted(sums.keys() - set(names))
         if unlisted or extra:
-            what = f"tensor {unlisted[0]!r} has no checksum" if unlisted else f"checksum for missing tensor {extra[0]!r}"
+            what = (
+                f"tensor {unlisted[0]!r} has no checksum" if unlisted else f"checksum for missing tensor {extra[0]!r}"
+            )
             raise _fail(path, f"metadata field 'sha256' does not match the stored tensors: {what}")
     return info, names
 
@@ -167,8 +169,14 @@ def _read_tensors(path: Path, info: dict[str, Any], names: list[str]) -> dict[st
 
 def _check_layer_tensors(path: Path, name: str, spec: dict, tensors: dict[str, torch.Tensor]) -> torch.dtype:
     """The layer's compute dtype; its codes must be uint8 and its scales, offsets and factors finite."""
-    present = {"qweight": True, "scales": True, "offsets": True, "in_scale": spec["in_scale"],
-               "lora_down": spec["rank"] > 0, "lora_up": spec["rank"] > 0}
+    present = {
+        "qweight": True,
+        "scales": True,
+        "offsets": True,
+        "in_scale": spec["in_scale"],
+        "lora_down": spec["rank"] > 0,
+        "lora_up": spec["rank"] > 0,
+    }
     for buffer, needed in present.items():
         key = f"{name}.{buffer}"
         if not needed:
@@ -267,6 +275,7 @@ def _full_state(path: Path, model: nn.Module, tensors: dict[str, torch.Tensor]) 
     for name, t in full.items():
         if t.shape != state[name].shape:
             raise _fail(
-                path, f"tensor {name!r} has shape {tuple(t.shape)} in the file but {tuple(state[name].shape)} in the model"
+                path,
+                f"tensor {name!r} has shape {tuple(t.shape)} in the file but {tuple(state[name].shape)} in the model",
             )
     return full

@@ -90,8 +90,9 @@ def w4a8_matmul_reference(x, qweight, scales, offsets, in_scale=None, bias=None)
     return y.to(x.dtype).view(*x.shape[:-1], n)
 
 
-_W4A16, _DEQUANT, _INT8_ROWS, _W4A8 = (f"accel.quant.{m}" for m in ("w4a16_kernel", "w4_dequant_kernel",
-                                                                      "int8_rows_kernel", "w4a8_kernel"))
+_W4A16, _DEQUANT, _INT8_ROWS, _W4A8 = (
+    f"accel.quant.{m}" for m in ("w4a16_kernel", "w4_dequant_kernel", "int8_rows_kernel", "w4a8_kernel")
+)
 
 
 def _check_device(who, *tensors):
@@ -112,7 +113,9 @@ def _check_packed(x, qweight, scales) -> int:
     n, groups = scales.shape
     k = x.shape[-1]
     if qweight.shape != (n, k // 2) or k % groups:
-        raise KernelInputError(f"x [..., {k}] does not match a packed weight {tuple(qweight.shape)} with {groups} groups per row")
+        raise KernelInputError(
+            f"x [..., {k}] does not match a packed weight {tuple(qweight.shape)} with {groups} groups per row"
+        )
     return k // groups
 
 
@@ -122,8 +125,12 @@ def _matmul_fake(x, qweight, scales, offsets, in_scale=None, bias=None):
 
 @_triton.custom_op("accel::w4a16_matmul")
 def _w4a16_matmul_op(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-    in_scale: torch.Tensor | None, bias: torch.Tensor | None,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    in_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x [..., K] (fp16/bf16/fp32), qweight uint8 [N, K/2], scales/offsets [N, K/G], in_scale [K] or None,
     bias [N] or None -> [..., N] in x's dtype, contiguous."""
@@ -150,7 +157,10 @@ def w4a16_matmul(x, qweight, scales, offsets, in_scale=None, bias=None):
 
 @_triton.custom_op("accel::w4_dequantize")
 def _w4_dequantize_op(
-    qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor, in_scale: torch.Tensor | None,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    in_scale: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """qweight uint8 [N, K/2], scales/offsets [N, K/G], in_scale [K] or None -> weight [N, K] in `dtype`."""
@@ -183,7 +193,11 @@ def _quantize_activations_op(
 def _(x, in_scale, group):
     k = x.shape[-1]
     m = x.numel() // k
-    return x.new_empty(m, k, dtype=torch.int8), x.new_empty(m, dtype=torch.float32), x.new_empty(m, k // group, dtype=torch.float32)
+    return (
+        x.new_empty(m, k, dtype=torch.int8),
+        x.new_empty(m, dtype=torch.float32),
+        x.new_empty(m, k // group, dtype=torch.float32),
+    )
 
 
 def quantize_activations_triton(x, in_scale, group):
@@ -194,8 +208,12 @@ def quantize_activations_triton(x, in_scale, group):
 
 @_triton.custom_op("accel::w4a8_matmul")
 def _w4a8_matmul_op(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor,
-    in_scale: torch.Tensor | None, bias: torch.Tensor | None,
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: torch.Tensor,
+    in_scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """x [..., K] (fp16/bf16/fp32), qweight uint8 [N, K/2], scales/offsets [N, K/G] with G >= 32, in_scale [K]
     or None, bias [N] or None -> [..., N] in x's dtype, contiguous."""
@@ -227,9 +245,7 @@ def w4a8_matmul(x, qweight, scales, offsets, in_scale=None, bias=None):
 
 
 def gpu_supports_fused(device: torch.device) -> bool:
-    return (
-        device.type == "cuda" and triton_available() and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
-    )
+    return device.type == "cuda" and triton_available() and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
 
 
 def gpu_has_fast_int8(device: torch.device) -> bool:
@@ -238,7 +254,7 @@ def gpu_has_fast_int8(device: torch.device) -> bool:
 
 
 def choose_path(x: torch.Tensor, kernel: str, activations: str = "16bit", group_size: int = 0) -> str:
-    """"triton", "dequant", "w4a8" or "reference" for this input (`kernel` and `activations` are
+    """ "triton", "dequant", "w4a8" or "reference" for this input (`kernel` and `activations` are
     QuantConfig's; `group_size` the layer's)."""
     if kernel != "auto":
         return kernel
@@ -247,12 +263,7 @@ def choose_path(x: torch.Tensor, kernel: str, activations: str = "16bit", group_
     tokens = x.numel() // x.shape[-1]
     if tokens <= FUSED_MAX_M:
         return "triton"
-    if (
-        activations == "int8"
-        and tokens >= W4A8_MIN_M
-        and group_size >= W4A8_MIN_GROUP
-        and gpu_has_fast_int8(x.device)
-    ):
+    if activations == "int8" and tokens >= W4A8_MIN_M and group_size >= W4A8_MIN_GROUP and gpu_has_fast_int8(x.device):
         return "w4a8"
     return "dequant"
 

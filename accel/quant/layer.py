@@ -126,7 +126,11 @@ class W4Linear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        extras = [f"in_features={self.in_features}", f"out_features={self.out_features}", f"group_size={self.group_size}"]
+        extras = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            f"group_size={self.group_size}",
+        ]
         if self.rank:
             extras.append(f"rank={self.rank}")
         if self.in_scale is not None:

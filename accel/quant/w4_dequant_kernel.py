@@ -15,8 +15,17 @@ from .._triton import cdiv, interpreting
 
 @triton.jit
 def w4_dequantize_kernel(
-    QW, SC, OF, INS, W, N, K,
-    GROUP: tl.constexpr, HAS_INS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    QW,
+    SC,
+    OF,
+    INS,
+    W,
+    N,
+    K,
+    GROUP: tl.constexpr,
+    HAS_INS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -37,7 +46,16 @@ def w4_dequantize(qweight, scales, offsets, in_scale, dtype):
     w = torch.empty(n, k, device=qweight.device, dtype=dtype)
     block_n, block_k = (16, 32) if interpreting() else (32, 128)
     w4_dequantize_kernel[(cdiv(n, block_n), cdiv(k, block_k))](
-        qweight, scales, offsets, in_scale if in_scale is not None else scales, w, n, k,
-        GROUP=k // groups, HAS_INS=in_scale is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        qweight,
+        scales,
+        offsets,
+        in_scale if in_scale is not None else scales,
+        w,
+        n,
+        k,
+        GROUP=k // groups,
+        HAS_INS=in_scale is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
     )
     return w

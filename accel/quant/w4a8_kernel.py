@@ -19,9 +19,25 @@ from .kernels import _W4A8_BLOCK_K_MAX
 
 @triton.jit
 def w4a8_gemm_kernel(
-    X8, XS, XSUM, QW, SC, OF, BIAS, Y, M, N, K, stride_ym, stride_yn,
-    GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIZZLE: tl.constexpr,
+    X8,
+    XS,
+    XSUM,
+    QW,
+    SC,
+    OF,
+    BIAS,
+    Y,
+    M,
+    N,
+    K,
+    stride_ym,
+    stride_yn,
+    GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SWIZZLE: tl.constexpr,
 ):
     offs_m, offs_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, SWIZZLE)
     offs_k = tl.arange(0, BLOCK_K)
@@ -63,9 +79,25 @@ def w4a8_gemm(x8, step, sums, qweight, scales, offsets, bias, group, dtype):
         block_m = 32 if m <= 32 else 64  # spills ~1 KB per thread (benchmarks/compile_report.py)
         block_n, launch = 128, {"num_warps": 8, "num_stages": 3}
     w4a8_gemm_kernel[(cdiv(m, block_m) * cdiv(n, block_n),)](
-        x8, step, sums, qweight, scales, offsets, bias if bias is not None else scales, y,
-        m, n, k, y.stride(0), y.stride(1),
-        GROUP=group, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SWIZZLE=8,
+        x8,
+        step,
+        sums,
+        qweight,
+        scales,
+        offsets,
+        bias if bias is not None else scales,
+        y,
+        m,
+        n,
+        k,
+        y.stride(0),
+        y.stride(1),
+        GROUP=group,
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SWIZZLE=8,
         **launch,
     )
     return y
