@@ -137,12 +137,23 @@ def test_gradient_background_brightens_downwards_and_keeps_its_colour():
     assert prompt_score._nearest(means, shapes.BACKGROUNDS) == "navy"
 
 
+def _blurred(pixels: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of [3, H, W]: the soft edges a trained decoder gives."""
+    taps = torch.exp(-torch.arange(-4.0, 5.0).pow(2) / (2 * sigma**2))
+    taps = (taps / taps.sum()).repeat(3, 1, 1, 1)
+    x = torch.nn.functional.pad(pixels[None], (4, 4, 4, 4), mode="replicate")
+    x = torch.nn.functional.conv2d(x, taps.view(3, 1, 1, 9), groups=3)
+    return torch.nn.functional.conv2d(x, taps.view(3, 1, 9, 1), groups=3)[0]
+
+
 # -- the detector ----------------------------------------------------------------------------------------------
 
 
-def _image_accuracy(size: int, noise: float) -> dict:
+def _image_accuracy(size: int, noise: float, blur: float = 0.0) -> dict:
     scenes = shapes.sample_scenes(200, seed=123)
     images = [shapes.render(s, size) for s in scenes]
+    if blur:
+        images = [_blurred(image, blur) for image in images]
     if noise:
         images = [_noisy(image, seed=i, std=noise) for i, image in enumerate(images)]
     return prompt_score.score(images, [shapes.prompt(s) for s in scenes])
@@ -172,6 +183,11 @@ def test_detector_reads_ground_truth_clips(size, noise, floor):
     assert result["n"] == 50
     for key in ("colour", "shape", "background", "motion"):
         assert result[key] >= floor, (key, result[key])
+
+
+def test_detector_reads_blurred_images():
+    result = _image_accuracy(64, noise=0.0, blur=1.5)
+    assert result["colour"] >= 0.95 and result["background"] >= 0.95 and result["shape"] >= 0.9
 
 
 def test_shuffled_prompts_score_low():
