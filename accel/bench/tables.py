@@ -6,7 +6,12 @@
     write_json("flux.json", results_doc("bench", settings, [result], total_s, "cpu", tiny=True))
 
 A *result* is one target's comparison: {"family", "model", "kind", "steps", "rows"}, its rows `harness.Row`s
-or `vlm.VLMRow`s.
+or `vlm.VLMRow`s. The reference models' comparison (`accel demo`, accel.bench.reference_demo) has its own table,
+device-independent columns first:
+
+    result = run_reference("ref-flux", pipe, prompt, ["fast"], steps=8)
+    print("\\n".join(reference_table_header() + reference_table_lines(result) + [REFERENCE_LEGEND]))
+    write_json("demo.json", reference_doc("demo", settings, [result], total_s, {"ref-flux": "demo-ref-flux.png"}))
 """
 
 from __future__ import annotations
@@ -40,6 +45,32 @@ VLM_COLUMNS = (
     ("peak memory", 20),
     ("first-token KL", 14),
     ("agreement", 9),
+)
+
+
+# Device-independent columns first (passes, attention blocks, FLOPs), then quality, then what this CPU took.
+REFERENCE_COLUMNS = (
+    ("model", 8),
+    ("variant", 9),
+    ("passes comp/reuse", 17),
+    ("attn kept", 9),
+    ("FLOPs saved", 11),
+    ("PSNR dB", 7),
+    ("SSIM", 5),
+    ("prompt", 6),
+    ("CPU s", 7),
+    ("CPU x", 5),
+)
+REFERENCE_LEGEND = (
+    "passes: transformer passes computed/reused (CFG branches summed); attn kept: attention key blocks computed "
+    "in sparse calls ('-': no sparse attention); FLOPs saved: estimated share of the baseline's transformer "
+    "FLOPs (accel.bench.reference_demo); PSNR/SSIM: against the baseline's output; prompt: share of the prompt's "
+    "attributes read right (accel.bench.prompt_score); CPU s: median wall-clock seconds on this CPU, CPU x: "
+    "speed-up on it (tiny models: timings say little)."
+)
+UNTRAINED_NOTE = (
+    "Random weights (no trained weights in the package) for: {models}. Their outputs are noise: PSNR/SSIM only "
+    "measure closeness to the same model's unaccelerated output and the prompt score is chance."
 )
 
 
@@ -106,6 +137,70 @@ def memory_lines(result: dict) -> list[str]:
     ]
 
 
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def _db(value: float | None) -> str:
+    return "-" if value is None else ("inf" if math.isinf(value) else f"{value:.1f}")
+
+
+def _reference_line(cells: list[str]) -> str:
+    return "  ".join(c.ljust(w) for c, (_, w) in zip(cells, REFERENCE_COLUMNS)) + "  " + cells[-1]
+
+
+def reference_table_header() -> list[str]:
+    """The heading and rule of the reference models' table (`accel demo`)."""
+    head = _reference_line([name for name, _ in REFERENCE_COLUMNS] + ["applied"])
+    return [head, "-" * len(head)]
+
+
+def reference_table_lines(result: dict) -> list[str]:
+    """One line per `reference_demo.DemoRow` of `result`: passes computed/reused, attention blocks kept,
+    estimated FLOPs saved, PSNR, SSIM, prompt score, CPU seconds and speed-up, what was applied."""
+    lines = []
+    for row in result["rows"]:
+        passes = f"{row.passes_computed}/{row.passes_reused}" if row.passes_computed is not None else "-"
+        cells = [result["model"], row.variant, passes, _percent(row.attention_blocks_kept)]
+        cells += [_percent(row.flops_saved), _db(row.psnr), "-" if row.ssim is None else f"{row.ssim:.3f}"]
+        cells += [_percent(row.prompt_score), "-" if row.cpu_s is None else f"{row.cpu_s:.2f}"]
+        cells += ["-" if row.cpu_speedup is None else f"{row.cpu_speedup:.2f}", _applied(row)]
+        lines.append(_reference_line(cells))
+    return lines
+
+
+def reference_doc(
+    command: str, settings: dict, results: list[dict], total_s: float, galleries: dict[str, str]
+) -> dict[str, Any]:
+    """The JSON of `accel demo` on the reference models: command, `warning` (null when every model is trained),
+    `machine`, settings, total time, `models` (per model: model, family, kind, trained, weights, prompt, steps,
+    seed, gallery, flop_profile) and one flat row per variant and model (`DemoRow.to_dict()` plus model,
+    family, kind, prompt, steps; fields in accel.bench.reference_demo)."""
+    from accel.bench.host import environment, to_json
+
+    untrained = [r["model"] for r in results if not r["trained"]]
+    keys = ("model", "family", "kind", "prompt", "steps")
+    return {
+        "command": command,
+        "warning": UNTRAINED_NOTE.format(models=", ".join(untrained)) if untrained else None,
+        "machine": environment("cpu"),
+        "settings": settings,
+        "total_time_s": round(total_s, 3),
+        "models": [
+            {
+                **{k: r[k] for k in keys},
+                "trained": r["trained"],
+                "weights": r["weights"],
+                "seed": r["seed"],
+                "gallery": galleries.get(r["model"]),
+                "flop_profile": to_json(r["profile"]),
+            }
+            for r in results
+        ],
+        "rows": [{**{k: r[k] for k in keys}, **row.to_dict()} for r in results for row in r["rows"]],
+    }
+
+
 def vlm_table_lines(rows) -> list[str]:
     """Heading, rule and one line per `vlm.VLMRow`: visual tokens kept, sequence to the language model, prefill,
     speed-up, time to first token, decode speed, peak memory, first-token KL and greedy agreement."""
@@ -159,4 +254,15 @@ def results_doc(
     }
 
 
-__all__ = ["TINY_NOTE", "memory_lines", "results_doc", "table_header", "table_lines", "vlm_table_lines"]
+__all__ = [
+    "REFERENCE_LEGEND",
+    "TINY_NOTE",
+    "memory_lines",
+    "reference_doc",
+    "reference_table_header",
+    "reference_table_lines",
+    "results_doc",
+    "table_header",
+    "table_lines",
+    "vlm_table_lines",
+]
