@@ -22,7 +22,11 @@ from accel.cli._common import (
 
 NAME = "bench"
 HELP = "benchmark one tiny family or your own pipeline"
-DESCRIPTION = "Baseline vs presets for one tiny family (--family) or for your own pipeline (--pipeline)."
+DESCRIPTION = (
+    "Baseline vs presets for one tiny family (--family) or for your own pipeline (--pipeline); or, with "
+    "--suite fidelity, accel's caches and sparse attention against diffusers' and cache-dit's caches on the "
+    "reference models."
+)
 EPILOG = """\
 --pipeline MODULE:FUNCTION (or path/to/file.py:FUNCTION) calls FUNCTION() with no arguments; it must return
 (obj, run_fn): obj is what accel.patch gets (a diffusers pipeline or a transformers model), and run_fn(seed)
@@ -41,10 +45,16 @@ Use the seed for the generator so every variant starts from the same noise. Exam
 
     accel bench --pipeline my_bench.py:make --device cuda --repeats 3
 
-Visual token pruning of a VLM family has its own command: accel bench-vlm --family llava --keep 8,4"""
+Visual token pruning of a VLM family has its own command: accel bench-vlm --family llava --keep 8,4
+
+--suite fidelity runs every method of accel.bench.fidelity_methods on the reference models (trained weights when
+present, else random weights with a warning), the same seeded prompts for all, and prints a markdown table:
+
+    accel bench --suite fidelity --models ref-wan --seeds 2 --methods "accel threshold,diffusers FBC" --plot f.png"""
 # Flags of the pruning benchmark that `accel bench` had; kept hidden so that an old command line gets pointed to
 # `accel bench-vlm` instead of an "unrecognized arguments" message.
 _MOVED = ("keep", "video", "prune_where")
+_FIDELITY = ("models", "seeds", "methods", "guidance", "weights", "plot")  # flags of --suite fidelity only
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,6 +72,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also bench these attention routes alone, comma-separated: int8, sdpa, flash, xformers "
         "(on CPU, int8 runs its PyTorch reference: fidelity, not speed)",
     )
+    p.add_argument("--suite", choices=("fidelity",), default=None, help="a benchmark suite instead of a family")
+    p.add_argument("--models", default=None, help="fidelity: reference models (default: ref-flux,ref-wan)")
+    p.add_argument("--seeds", type=int, default=None, help="fidelity: seeded prompts per model (default: 4)")
+    p.add_argument("--methods", default=None, help="fidelity: method families or names, comma-separated (default: all)")
+    p.add_argument("--guidance", type=float, default=None, help="fidelity: CFG scale (default: the reference's)")
+    p.add_argument("--weights", default=None, help="fidelity: auto (default), trained or random")
+    p.add_argument("--plot", default=None, help="fidelity: also write PSNR vs passes computed as a PNG here")
     p.add_argument("--keep", default=None, help=argparse.SUPPRESS)
     p.add_argument("--video", action="store_const", const=True, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prune-where", default=None, help=argparse.SUPPRESS)
@@ -135,6 +152,11 @@ def run(args) -> int:
             f"{', '.join(moved)}: visual token pruning has its own command now: "
             "accel bench-vlm --family F --keep K,K (with --video, --prune-where, --new-tokens)"
         )
+    if args.suite == "fidelity":
+        return _bench_fidelity(args)
+    given = [f"--{name}" for name in _FIDELITY if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only with --suite fidelity")
     presets, attention = split(args.preset), split(args.attention)
     check_names("preset", presets, PRESET_NAMES)
     check_names("attention route", attention, KERNELS)
@@ -171,4 +193,49 @@ def run(args) -> int:
 
 
 def _settings(args) -> dict:
-    return {k: v for k, v in settings(args).items() if k not in _MOVED}
+    return {k: v for k, v in settings(args).items() if k not in _MOVED + _FIDELITY + ("suite",)}
+
+
+def _bench_fidelity(args) -> int:
+    from accel.bench.fidelity import WEIGHTS, markdown, plot, run_fidelity
+    from accel.bench.fidelity_methods import all_methods
+    from accel.bench.host import write_json
+    from accel.zoo.reference import NAMES
+
+    if args.family or args.pipeline or args.attention:
+        raise UsageError("--suite fidelity picks its own models and methods; drop --family/--pipeline/--attention")
+    models = split(args.models) or list(NAMES)
+    check_names("reference model", models, NAMES)
+    methods = split(args.methods) or None
+    known = list(dict.fromkeys(n for m in all_methods() for n in (m.family, m.name)))
+    check_names("method or family", methods or [], known)
+    check_names("--weights", [args.weights or "auto"], WEIGHTS)
+    if args.seeds is not None and args.seeds < 1:
+        raise UsageError(f"--seeds must be >= 1, got {args.seeds}")
+    check_output("--json", args.json)
+    check_output("--plot", args.plot)
+    if args.device != "cpu":
+        raise UsageError("the fidelity suite runs on CPU (the reference models are tiny)")
+    start = time.perf_counter()
+    result = run_fidelity(
+        models=models,
+        seeds=args.seeds or 4,
+        steps=args.steps,
+        guidance=args.guidance,
+        methods=methods,
+        seed=args.seed,
+        weights=args.weights or "auto",
+        progress=not args.quiet,
+    )
+    result["total_time_s"] = round(time.perf_counter() - start, 3)
+    for line in markdown(result).splitlines():
+        out(line)
+    if args.plot:
+        try:
+            out(f"plot written to {plot(result, args.plot)}")
+        except ImportError as err:
+            out(f"no plot: {err}")
+    if args.json:
+        write_json(args.json, {"command": f"{NAME} --suite fidelity", **result})
+        out(f"JSON written to {args.json}")
+    return 0
