@@ -64,7 +64,8 @@ def run(args) -> int:
     if args.families or args.tiny:
         given = [o for o in REFERENCE_ONLY if getattr(args, o[2:].replace("-", "_")) is not None]
         if given:
-            raise UsageError(f"{', '.join(given)} apply to the reference models; drop them with --families/--tiny")
+            them = "it" if len(given) == 1 else "them"
+            raise UsageError(f"--families/--tiny run the tiny families, which take no {', '.join(given)}; drop {them}")
         return _run_tiny(args)
     return _run_reference(args)
 
