@@ -357,14 +357,16 @@ def plot(result: dict, path: str) -> str:
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
     for ax, model in zip(axes[0], models):
         rows = [r for r in result["rows"] if r["model"] == model and r["status"] == "ok" and r["family"] != "baseline"]
-        for family in dict.fromkeys(r["family"] for r in rows):
+        colours = plt.get_cmap("tab20").colors  # more families than the default cycle's 10 colours
+        for i, family in enumerate(dict.fromkeys(r["family"] for r in rows)):
             points = sorted(
                 (r["computed"] / r["passes"], PLOT_CAP_DB if r["psnr_db"] is None else min(PLOT_CAP_DB, r["psnr_db"]))
                 for r in rows
                 if r["family"] == family
             )
-            style = "--" if family.startswith("accel") else "-"
-            ax.plot(*zip(*points), style, marker="o", label=family)
+            ours = family.startswith("accel")
+            style = dict(ls="-", lw=2, marker="s") if ours else dict(ls="--", lw=1, marker="o")
+            ax.plot(*zip(*points), color=colours[i % len(colours)], label=family, **style)
         weights = rows[0]["weights"] if rows else "?"
         ax.set(
             title=f"{model} ({weights} weights)",
@@ -377,3 +379,35 @@ def plot(result: dict, path: str) -> str:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _peer(row: dict) -> bool:
+    return row["status"] == "ok" and not row["family"].startswith(("accel", "baseline"))
+
+
+def comparison(result: dict) -> list[str]:
+    """One line per accel cache row: its PSNR against the best peer's among the peer rows computing no more passes
+    (the issue's "at equal passes computed" check), and the check of `balanced` (at most 60% of the passes, at
+    least 30 dB, prompt score within 2 points of the baseline's)."""
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["model"] == model]
+        base = next((r for r in rows if r["family"] == "baseline" and r["status"] == "ok"), None)
+        for row in rows:
+            if row["status"] != "ok" or row["family"] not in ("accel preset", "accel threshold", "accel target"):
+                continue
+            peers = [p for p in rows if _peer(p) and p["computed"] <= row["computed"]]
+            best = max(peers, key=lambda p: math.inf if p["psnr_db"] is None else p["psnr_db"], default=None)
+            versus = (
+                "no peer computes as few passes" if best is None else f"best peer {best['method']} {_cell_psnr(best)}"
+            )
+            lines.append(
+                f"{model} {row['method']}: {row['computed']:.1f}/{row['passes']} at {_cell_psnr(row)} dB; {versus}"
+            )
+            if row["method"] == "accel balanced" and base is not None:
+                ok = row["computed"] <= 0.6 * row["passes"] and (row["psnr_db"] is None or row["psnr_db"] >= 30)
+                ok = ok and abs(row["prompt_score"] - base["prompt_score"]) <= 0.02
+                lines.append(
+                    f"{model} balanced target (<=60% passes, >=30 dB, prompt score +-2 points): {'met' if ok else 'NOT met'}"
+                )
+    return lines

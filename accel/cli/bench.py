@@ -197,7 +197,7 @@ def _settings(args) -> dict:
 
 
 def _bench_fidelity(args) -> int:
-    from accel.bench.fidelity import WEIGHTS, markdown, plot, run_fidelity
+    from accel.bench.fidelity import WEIGHTS, comparison, markdown, plot, run_fidelity
     from accel.bench.fidelity_methods import all_methods
     from accel.bench.host import write_json
     from accel.zoo.reference import NAMES
@@ -228,7 +228,7 @@ def _bench_fidelity(args) -> int:
         progress=not args.quiet,
     )
     result["total_time_s"] = round(time.perf_counter() - start, 3)
-    for line in markdown(result).splitlines():
+    for line in markdown(result).splitlines() + comparison(result):
         out(line)
     if args.plot:
         try:
