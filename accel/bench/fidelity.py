@@ -40,7 +40,15 @@ from typing import Any
 import torch
 
 from accel.bench import metrics
-from accel.bench.fidelity_methods import Method, Setup, all_methods, attention_probes, last_block_probe, select
+from accel.bench.fidelity_methods import (
+    Method,
+    Setup,
+    Unsupported,
+    all_methods,
+    attention_probes,
+    last_block_probe,
+    select,
+)
 from accel.bench.prompt_score import score
 from accel.errors import ConfigError
 from accel.zoo import reference as references
@@ -114,6 +122,8 @@ class _Subject:
 
 
 def _reason(err: BaseException) -> str:
+    if isinstance(err, Unsupported):
+        return str(err)
     text = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
 

@@ -123,8 +123,22 @@ def _cache_dit(threshold: float, taylor_order: int) -> Callable[[Any, Setup], Un
             enable_separate_cfg=setup.guidance > 1,  # the references run CFG as two calls, cond first
         )
         calibrator = cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=taylor_order) if taylor_order else None
-        cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
-        return lambda: cache_dit.disable_cache(pipe)
+        # cache-dit wraps the pipeline CLASS's __call__ while installed: put it back even if it fails halfway
+        cls, call = type(pipe), type(pipe).__dict__.get("__call__")
+
+        def undo() -> None:
+            try:
+                cache_dit.disable_cache(pipe)
+            finally:
+                if cls.__dict__.get("__call__") is not call and call is not None:
+                    cls.__call__ = call
+
+        try:
+            cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+        except Exception:
+            undo()
+            raise
+        return undo
 
     return apply
 
