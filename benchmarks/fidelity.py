@@ -14,7 +14,7 @@ wall-clock time per generation. ``accel.bench.fidelity`` documents every column 
 
 Usage::
 
-    python benchmarks/fidelity.py                          # both models, 8 prompts, every method (~1 h on 2 cores)
+    python benchmarks/fidelity.py                          # both models, 8 prompts, every method (tens of minutes)
     python benchmarks/fidelity.py --models ref-wan --seeds 4 --methods "accel threshold,diffusers MagCache"
     python benchmarks/fidelity.py --tiny                   # random weights, 1 prompt, 4 steps: checks the script
 
