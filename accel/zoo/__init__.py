@@ -2,6 +2,7 @@
 
 `build("flux")` returns a `TinyModel` whose `obj` is a real diffusers pipeline or transformers model with a tiny
 config and seeded random weights: untrained, offline, CPU-friendly. `BUILDERS` maps family -> builder.
+`load("ref-flux")` / `load("ref-wan")` return the reference pipelines trained on a toy domain (issue 12).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from accel.zoo import image, video, vlm
+from accel.zoo import image, reference, video, vlm
 from accel.zoo._base import (
     TinyModel,
     UnknownModelError,
@@ -22,6 +23,12 @@ from accel.zoo._base import (
 BUILDERS: dict[str, Callable[..., TinyModel]] = {**image.BUILDERS, **video.BUILDERS, **vlm.BUILDERS}
 
 FAMILIES = tuple(BUILDERS)
+
+
+def load(name: str, **kwargs):
+    """A trained reference pipeline: `load("ref-flux")` (FluxPipeline, 64x64 images) or `load("ref-wan")`
+    (WanPipeline, 9-frame 64x64 clips); see `accel.zoo.reference.load`."""
+    return reference.load(name, **kwargs)
 
 
 def build(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> TinyModel:
@@ -42,4 +49,5 @@ __all__ = [
     "UnsupportedInputError",
     "VLMOutput",
     "build",
+    "load",
 ]

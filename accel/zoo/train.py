@@ -6,14 +6,16 @@ of a fixed rendered set, with the frozen text encoders read through the pipeline
 result (EMA weights of the transformer, float16) is saved with `save_pretrained` to ``--out`` (by default
 where `accel.zoo.load` looks). Run it again after an interruption and it continues where it stopped.
 
-On the 2-core CPU the defaults take about 55 minutes per model with one torch thread (faster than two on a
-shared machine). With a GPU: ``--device cuda --batch 256 --minutes 6`` trains a better model in minutes.
+On an idle 2-core CPU the default step counts take under an hour per model with one torch thread (faster
+than two on a shared machine); ``--minutes`` caps a stage by time instead. With a GPU,
+``--device cuda --batch 256 --steps 6000`` trains a better model in minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -26,9 +28,11 @@ from accel.zoo import reference as references
 from accel.zoo._train_data import all_prompts, prompt_features, render_batch
 from accel.zoo._train_steps import CountedPads, encode_latents, flow_loss, normalisation, normalise, vae_loss
 
-DEFAULTS = {  # (vae minutes, transformer minutes, vae batch, transformer batch, rendered set size) on CPU
-    "ref-flux": (10.0, 45.0, 16, 32, 8192),
-    "ref-wan": (15.0, 40.0, 8, 16, 1536),
+# (VAE steps, transformer steps, VAE batch, transformer batch, rendered set size): fixed step counts keep a
+# run reproducible; on an idle 2-core CPU with one thread each model takes under an hour.
+DEFAULTS = {
+    "ref-flux": (600, 3000, 16, 32, 8192),
+    "ref-wan": (500, 3000, 8, 12, 1536),
 }
 CHECKPOINT_EVERY = 120.0  # seconds
 EMA_DECAY = 0.999
@@ -42,10 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-minutes", type=float, default=None, help="VAE time budget (default per model)")
-    p.add_argument("--minutes", type=float, default=None, help="transformer time budget (default per model)")
-    p.add_argument("--vae-steps", type=int, default=None, help="stop the VAE after this many steps")
-    p.add_argument("--steps", type=int, default=None, help="stop the transformer after this many steps")
+    p.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default per model)")
+    p.add_argument("--steps", type=int, default=None, help="transformer steps (default per model)")
+    p.add_argument("--vae-minutes", type=float, default=None, help="also stop the VAE after this much time")
+    p.add_argument("--minutes", type=float, default=None, help="also stop the transformer after this much time")
     p.add_argument("--batch", type=int, default=None, help="transformer batch (default per model)")
     p.add_argument("--dataset", type=int, default=None, help="rendered set size for the transformer")
     p.add_argument("--vae-lr", type=float, default=1e-3)
@@ -58,9 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 class Stage:
     """A resumable, time-boxed optimisation of one module: step count, elapsed time, optimiser, EMA, RNGs."""
 
-    def __init__(self, name: str, module, args, minutes: float, max_steps: int | None, lr: float):
+    def __init__(self, name: str, module, args, max_steps: int, minutes: float | None, lr: float):
         self.name, self.module, self.args = name, module, args
-        self.budget = minutes * 60.0
+        self.budget = math.inf if minutes is None else minutes * 60.0
         self.max_steps = max_steps
         self.file = Path(args.work) / f"{name}.pt"
         self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
@@ -97,7 +101,7 @@ class Stage:
         self.file.with_suffix(".tmp").replace(self.file)  # never a half-written checkpoint
 
     def finished(self) -> bool:
-        return self.elapsed >= self.budget or (self.max_steps is not None and self.step >= self.max_steps)
+        return self.step >= self.max_steps or self.elapsed >= self.budget
 
     def run(self, loss_fn) -> None:
         """Call `loss_fn(stage)` and step until the budget is spent, checkpointing along the way."""
@@ -155,9 +159,9 @@ def _log(args, record: dict) -> None:
 
 
 def train_vae(pipe, ref, args) -> None:
-    vae_minutes, _, vae_batch, _, _ = DEFAULTS[ref.name]
+    vae_steps, _, vae_batch, _, _ = DEFAULTS[ref.name]
     vae = pipe.vae.to(args.device)
-    stage = Stage("vae", vae, args, args.vae_minutes or vae_minutes, args.vae_steps, args.vae_lr)
+    stage = Stage("vae", vae, args, args.vae_steps or vae_steps, args.vae_minutes, args.vae_lr)
 
     def loss(stage: Stage) -> torch.Tensor:
         x, _ = render_batch(ref, vae_batch, seed=args.seed * 1_000_003 + stage.step)
@@ -191,7 +195,7 @@ def latent_set(pipe, ref, args, size: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def train_transformer(pipe, ref, args) -> None:
-    _, minutes, _, batch, size = DEFAULTS[ref.name]
+    _, steps, _, batch, size = DEFAULTS[ref.name]
     batch = args.batch or batch
     latents, prompts = latent_set(pipe, ref, args, args.dataset or size)
     features = prompt_features(pipe, ref, all_prompts(ref.kind == "video"))
@@ -201,7 +205,7 @@ def train_transformer(pipe, ref, args) -> None:
         for block in transformer.blocks:
             originals.append(block.attn2.processor)
             block.attn2.set_processor(CountedPads(block.attn2.processor))
-    stage = Stage("transformer", transformer, args, args.minutes or minutes, args.steps, args.lr)
+    stage = Stage("transformer", transformer, args, args.steps or steps, args.minutes, args.lr)
 
     def loss(stage: Stage) -> torch.Tensor:
         rows = torch.randint(0, latents.shape[0], (batch,), generator=stage.gen)
@@ -225,7 +229,15 @@ def save(pipe, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _train(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(args) -> int:
     ref = references.reference(args.name)
     args.work = args.work or str(Path("accel-train") / ref.name)
     Path(args.work).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,152 @@
+"""The reference pipelines (accel.zoo.reference) and their trainer (accel.zoo.train): real FluxPipeline /
+WanPipeline classes, the compact-padding identity the trainer relies on, a few-step training run that saves,
+resumes and loads, and the shipped weights."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline, FluxPipeline
+
+from accel.bench.prompt_eval import eval_prompts, outputs
+from accel.zoo import reference as references
+from accel.zoo import train
+from accel.zoo._base import UnknownModelError
+from accel.zoo._train_data import PromptFeatures, all_prompts, compact_text, prompt_features
+from accel.zoo._train_steps import CountedPads
+
+PROMPT = {"image": "a red circle on a navy background", "video": "a red circle on a navy background moving left"}
+
+
+def _full_and_compact(pipe, ref, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The transformer's output on a prompt padded to `length` the way the pipeline pads it, and on the compact
+    form the trainer uses (real tokens, one pad weighted by log N, one masked filler)."""
+    prompt = PROMPT[ref.kind]
+    features = prompt_features(pipe, ref, [prompt])
+    n = len(features.tokens[0])
+    text = torch.cat([features.tokens[0], features.pad[None], features.pad[None]])[None]
+    bias = torch.tensor([[0.0] * n + [math.log(length - n), float("-inf")]])
+    gen = torch.Generator().manual_seed(0)
+    transformer = pipe.transformer
+    if ref.kind == "image":
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, max_sequence_length=length)
+        latents = FluxPipeline._pack_latents(torch.randn(1, 4, 16, 16, generator=gen), 1, 4, 16, 16)
+        ids = FluxPipeline._prepare_latent_image_ids(1, 8, 8, "cpu", torch.float32)
+        common = dict(hidden_states=latents, pooled_projections=pooled, timestep=torch.tensor([0.5]), img_ids=ids)
+        full = transformer(encoder_hidden_states=embeds, txt_ids=torch.zeros(length, 3), **common).sample
+        joint = torch.cat([bias, torch.zeros(1, latents.shape[1])], 1)[:, None, None, :]
+        compact = transformer(
+            encoder_hidden_states=text,
+            txt_ids=torch.zeros(text.shape[1], 3),
+            joint_attention_kwargs={"attention_mask": joint},
+            **common,
+        ).sample
+        return full, compact
+    embeds, _ = pipe.encode_prompt(prompt=prompt, do_classifier_free_guidance=False, max_sequence_length=length)
+    latents = torch.randn(1, 8, 5, 16, 16, generator=gen)
+    full = transformer(hidden_states=latents, timestep=torch.tensor([500.0]), encoder_hidden_states=embeds).sample
+    originals = [block.attn2.processor for block in transformer.blocks]
+    for block in transformer.blocks:
+        block.attn2.set_processor(CountedPads(block.attn2.processor))
+        block.attn2.processor.bias = bias[:, None, None, :]
+    compact = transformer(hidden_states=latents, timestep=torch.tensor([500.0]), encoder_hidden_states=text).sample
+    for block, processor in zip(transformer.blocks, originals):
+        block.attn2.set_processor(processor)
+    return full, compact
+
+
+@pytest.mark.parametrize("name", references.NAMES)
+@pytest.mark.parametrize("length", [16, 77, 512])
+def test_compact_padding_is_exact(name, length):
+    ref = references.reference(name)
+    full, compact = _full_and_compact(references.untrained(name), ref, length)
+    assert torch.allclose(full, compact, atol=1e-5), (full - compact).abs().max()
+
+
+def test_compact_padding_would_differ_without_the_pad_weight():
+    """The log N weight is what makes the compact form exact: with N = 1 the output moves."""
+    ref = references.reference("ref-flux")
+    pipe = references.untrained("ref-flux")
+    full, _ = _full_and_compact(pipe, ref, 512)
+    other, _ = _full_and_compact(pipe, ref, 16)
+    assert (full - other).abs().max() > 1e-3
+
+
+def test_compact_text_layout():
+    dim = 4
+    features = PromptFeatures(
+        tokens=[torch.ones(3, dim), torch.ones(1, dim)], pooled=None, pad=torch.zeros(dim), index={"x": 0, "": 1}
+    )
+    text, bias = compact_text(features, [0, 1], random.Random(0))
+    assert text.shape == (2, 4, dim)
+    assert bias[0, :3].eq(0).all() and bias[1, 0] == 0
+    assert math.log(16 - 3) <= bias[0, 3] <= math.log(512 - 3)
+    assert bias[1, 2:].eq(float("-inf")).all() and bias[1, 1] > 0
+
+
+def test_every_domain_prompt_is_in_vocabulary():
+    pipe = references.untrained("ref-wan")
+    for prompt in all_prompts(video=True)[:50]:
+        assert pipe.tokenizer.unk_token_id not in pipe.tokenizer(prompt).input_ids
+    assert len(all_prompts(video=False)) == 140 and len(all_prompts(video=True)) == 560
+
+
+@pytest.mark.parametrize("name", references.NAMES)
+def test_untrained_pipeline_runs_at_the_trained_size(name):
+    ref = references.reference(name)
+    pipe = references.untrained(name)
+    result = outputs(pipe, ref, eval_prompts(ref, 2), steps=2)
+    if ref.kind == "image":
+        assert result.shape == (2, 3, 64, 64)
+        assert pipe.default_sample_size * pipe.vae_scale_factor == 64  # a bare pipe("...") call makes 64x64
+    else:
+        assert result.shape == (2, 9, 3, 64, 64)
+    assert 0 <= result.min() and result.max() <= 1
+
+
+def test_unknown_reference_names_the_known_ones():
+    with pytest.raises(UnknownModelError, match="ref-flux"):
+        references.reference("ref-sdxl")
+
+
+@pytest.mark.parametrize("name", references.NAMES)
+def test_training_smoke_saves_resumes_and_loads(name, tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    common = [name, "--work", str(work), "--out", str(out), "--dataset", "8", "--batch", "2", "--quiet"]
+    assert train.main([*common, "--vae-steps", "2", "--steps", "2"]) == 0
+    first = torch.load(work / "transformer.pt", weights_only=False)
+    assert first["step"] == 2
+    assert train.main([*common, "--vae-steps", "2", "--steps", "3"]) == 0  # resumes: one more step, VAE kept
+    assert torch.load(work / "transformer.pt", weights_only=False)["step"] == 3
+    assert torch.load(work / "vae.pt", weights_only=False)["step"] == 2
+    stages = [json.loads(line)["stage"] for line in (work / "log.jsonl").read_text().splitlines()]
+    assert stages == ["vae", "transformer", "transformer"]
+    pipe = DiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32)
+    assert type(pipe).__name__ == ("FluxPipeline" if name == "ref-flux" else "WanPipeline")
+    weights = list(out.glob("transformer/*.safetensors"))
+    assert weights and all(w.stat().st_size < 25 * 2**20 for w in weights)
+    assert next(iter(pipe.transformer.state_dict().values())).dtype == torch.float32
+
+
+def _shipped(name: str) -> bool:
+    return (references.path(name) / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("name", references.NAMES)
+def test_shipped_weights_load_offline_and_are_small(name):
+    if not _shipped(name):
+        pytest.skip(f"{name} has no shipped weights in this checkout")
+    total = sum(p.stat().st_size for p in references.path(name).rglob("*.safetensors"))
+    assert total < 25 * 2**20
+    pipe = references.load(name)
+    assert pipe.transformer.dtype == torch.float32
+
+
+def test_load_without_weights_says_how_to_train(monkeypatch, tmp_path):
+    monkeypatch.setattr(references, "WEIGHTS", tmp_path)
+    with pytest.raises(UnknownModelError, match="python -m accel.zoo.train ref-flux"):
+        references.load("ref-flux")
