@@ -116,15 +116,17 @@ def test_unknown_reference_names_the_known_ones():
 @pytest.mark.parametrize("name", references.NAMES)
 def test_training_smoke_saves_resumes_and_loads(name, tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
-    common = [name, "--work", str(work), "--out", str(out), "--dataset", "8", "--batch", "2", "--quiet"]
+    common = [name, "--work", str(work), "--out", str(out), "--dataset", "8", "--batch", "2", "--vae-batch", "2"]
+    common += ["--decoder-steps", "1", "--quiet"]
     assert train.main([*common, "--vae-steps", "2", "--steps", "2"]) == 0
     first = torch.load(work / "transformer.pt", weights_only=False)
     assert first["step"] == 2
     assert train.main([*common, "--vae-steps", "2", "--steps", "3"]) == 0  # resumes: one more step, VAE kept
     assert torch.load(work / "transformer.pt", weights_only=False)["step"] == 3
     assert torch.load(work / "vae.pt", weights_only=False)["step"] == 2
+    assert torch.load(work / "decoder.pt", weights_only=False)["step"] == 1
     stages = [json.loads(line)["stage"] for line in (work / "log.jsonl").read_text().splitlines()]
-    assert stages == ["vae", "transformer", "transformer"]
+    assert stages == ["vae", "decoder", "transformer", "transformer"]
     pipe = DiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32)
     assert type(pipe).__name__ == ("FluxPipeline" if name == "ref-flux" else "WanPipeline")
     weights = list(out.glob("transformer/*.safetensors"))
@@ -144,6 +146,25 @@ def test_shipped_weights_load_offline_and_are_small(name):
     assert total < 25 * 2**20
     pipe = references.load(name)
     assert pipe.transformer.dtype == torch.float32
+
+
+def test_stages_run_alone_and_later_runs_pick_them_up(tmp_path):
+    """A stage run by itself (e.g. decoder fine-tuning beside a running transformer stage) is loaded by the next
+    full run, which then only saves."""
+    work, out = tmp_path / "work", tmp_path / "out"
+    common = ["ref-flux", "--work", str(work), "--out", str(out), "--vae-batch", "2", "--vae-steps", "1", "--quiet"]
+    assert train.main([*common, "--decoder-steps", "2", "--stages", "vae,decoder"]) == 0
+    assert not out.exists()
+    decoder = torch.load(work / "decoder.pt", weights_only=False)
+    assert decoder["step"] == 2
+    common += ["--decoder-steps", "2", "--dataset", "4", "--batch", "2", "--steps", "1"]
+    assert train.main(common) == 0
+    assert torch.load(work / "decoder.pt", weights_only=False)["step"] == 2  # not trained again
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    saved = pipe.vae.decoder.conv_out.weight.float()
+    assert torch.allclose(saved, decoder["ema"]["decoder.conv_out.weight"].float().half().float())
+    with pytest.raises(SystemExit, match="--stages"):
+        train.main([*common, "--stages", "decoder"])
 
 
 def test_load_without_weights_says_how_to_train(monkeypatch, tmp_path):

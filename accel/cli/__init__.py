@@ -2,8 +2,9 @@
 as written, when it has examples), `add_arguments(parser)` and `run(args) -> exit status`; adding a subcommand
 is one module and one entry in `COMMANDS`.
 
-    accel demo                                   every tiny family, baseline vs each preset (accel.cli.demo)
+    accel demo                                   the reference models, baseline vs each preset (accel.cli.demo)
     accel bench --family flux | --pipeline M:F   one family or your own pipeline (accel.cli.bench)
+    accel bench --suite fidelity                 every cache vs its peers on the reference models
     accel bench-vlm --family llava --keep 8,4    visual token pruning on a tiny VLM (accel.cli.bench_vlm)
     accel eval --model ID --keep 192,128,64      pruning accuracy on lmms-eval tasks (accel.cli.eval)
 

@@ -16,11 +16,14 @@ KL_WEIGHT = 1e-6  # just enough to keep the latents a bounded, smooth space
 CFG_DROP = 0.1  # fraction of samples trained on the empty prompt, so CFG has an unconditional branch
 
 
+def reconstruction_loss(reconstruction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(reconstruction, x) + 0.5 * F.l1_loss(reconstruction, x)
+
+
 def vae_loss(vae, x: torch.Tensor, ref: Reference) -> torch.Tensor:
     posterior = vae.encode(x).latent_dist
-    reconstruction = vae.decode(posterior.sample()).sample
     kl = posterior.kl().mean() / x[0].numel()
-    return F.mse_loss(reconstruction, x) + 0.5 * F.l1_loss(reconstruction, x) + KL_WEIGHT * kl
+    return reconstruction_loss(vae.decode(posterior.sample()).sample, x) + KL_WEIGHT * kl
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ import math
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,14 +27,35 @@ from tqdm.auto import tqdm
 
 from accel.zoo import reference as references
 from accel.zoo._train_data import all_prompts, prompt_features, render_batch
-from accel.zoo._train_steps import CountedPads, encode_latents, flow_loss, normalisation, normalise, vae_loss
+from accel.zoo._train_steps import (
+    CountedPads,
+    encode_latents,
+    flow_loss,
+    normalisation,
+    normalise,
+    reconstruction_loss,
+    vae_loss,
+)
 
-# (VAE steps, transformer steps, VAE batch, transformer batch, rendered set size): fixed step counts keep a
-# run reproducible; on an idle 2-core CPU with one thread each model takes under an hour.
-DEFAULTS = {
-    "ref-flux": (600, 3000, 16, 32, 8192),
-    "ref-wan": (500, 3000, 8, 12, 1536),
+
+@dataclass(frozen=True)
+class Plan:
+    """A model's default training run. Fixed step counts keep it reproducible; on an idle 2-core CPU with one
+    thread each model takes under an hour."""
+
+    vae_steps: int
+    decoder_steps: int  # decoder-only fine-tuning on full clips, encoder frozen (0: none)
+    steps: int  # transformer
+    vae_batch: int
+    batch: int
+    dataset: int  # rendered images/clips the transformer's latents come from
+
+
+PLANS = {
+    "ref-flux": Plan(vae_steps=600, decoder_steps=0, steps=4500, vae_batch=16, batch=32, dataset=8192),
+    "ref-wan": Plan(vae_steps=500, decoder_steps=400, steps=3000, vae_batch=8, batch=12, dataset=1536),
 }
+STAGES = ("vae", "decoder", "transformer")
 CHECKPOINT_EVERY = 120.0  # seconds
 EMA_DECAY = 0.999
 
@@ -47,9 +69,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default per model)")
+    p.add_argument("--decoder-steps", type=int, default=None, help="decoder fine-tuning steps (default per model)")
     p.add_argument("--steps", type=int, default=None, help="transformer steps (default per model)")
+    p.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="stages to run, in order (default: %(default)s; the VAE stage is always needed, and the pipeline is "
+        "saved only when the transformer stage runs; stages finished earlier are loaded from --work)",
+    )
     p.add_argument("--vae-minutes", type=float, default=None, help="also stop the VAE after this much time")
     p.add_argument("--minutes", type=float, default=None, help="also stop the transformer after this much time")
+    p.add_argument("--vae-batch", type=int, default=None, help="VAE batch (default per model)")
     p.add_argument("--batch", type=int, default=None, help="transformer batch (default per model)")
     p.add_argument("--dataset", type=int, default=None, help="rendered set size for the transformer")
     p.add_argument("--vae-lr", type=float, default=1e-3)
@@ -62,12 +92,14 @@ def _parser() -> argparse.ArgumentParser:
 class Stage:
     """A resumable, time-boxed optimisation of one module: step count, elapsed time, optimiser, EMA, RNGs."""
 
-    def __init__(self, name: str, module, args, max_steps: int, minutes: float | None, lr: float):
+    def __init__(self, name: str, module, args, max_steps: int, minutes: float | None, lr: float, params=None):
         self.name, self.module, self.args = name, module, args
         self.budget = math.inf if minutes is None else minutes * 60.0
         self.max_steps = max_steps
         self.file = Path(args.work) / f"{name}.pt"
-        self.optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.0)
+        params = list(module.parameters() if params is None else params)
+        self.params = params
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
         self.ema = {k: v.detach().clone() for k, v in module.state_dict().items()}
         self.step, self.elapsed, self.done = 0, 0.0, False
         self.gen = torch.Generator().manual_seed(args.seed)
@@ -79,7 +111,8 @@ class Stage:
         state = torch.load(self.file, map_location="cpu", weights_only=False)
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.ema = state["ema"]
+        device = next(self.module.parameters()).device
+        self.ema = {key: value.to(device) for key, value in state["ema"].items()}
         self.step, self.elapsed, self.done = state["step"], state["elapsed"], state["done"]
         self.gen.set_state(state["gen"])
         self.rng.setstate(state["rng"])
@@ -119,7 +152,7 @@ class Stage:
             loss = loss_fn(self)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
             self.optimizer.step()
             self._update_ema()
             self.step += 1
@@ -159,16 +192,42 @@ def _log(args, record: dict) -> None:
 
 
 def train_vae(pipe, ref, args) -> None:
-    vae_steps, _, vae_batch, _, _ = DEFAULTS[ref.name]
+    plan = PLANS[ref.name]
     vae = pipe.vae.to(args.device)
-    stage = Stage("vae", vae, args, args.vae_steps or vae_steps, args.vae_minutes, args.vae_lr)
+    stage = Stage("vae", vae, args, args.vae_steps or plan.vae_steps, args.vae_minutes, args.vae_lr)
 
     def loss(stage: Stage) -> torch.Tensor:
-        x, _ = render_batch(ref, vae_batch, seed=args.seed * 1_000_003 + stage.step)
+        x, _ = render_batch(ref, args.vae_batch or plan.vae_batch, seed=args.seed * 1_000_003 + stage.step)
         if ref.kind == "video":  # one causal chunk (first frame + 4) is what the encoder repeats; half the cost
             start = stage.rng.choice((0, 4))
             x = x[:, :, start : start + 5]
         return vae_loss(vae, x.to(args.device), ref)
+
+    stage.run(loss)
+    vae.load_state_dict(stage.ema)
+    vae.eval().requires_grad_(False)
+
+
+def train_decoder(pipe, ref, args) -> None:
+    """Fine-tune the decode side on whole clips with the encoder frozen: the latents (and so the transformer's
+    training data) stay as they are, the pictures get cleaner. Wan's decoder also learns the chunk-to-chunk
+    caching it never sees in the VAE stage's single chunks."""
+    plan = PLANS[ref.name]
+    steps = plan.decoder_steps if args.decoder_steps is None else args.decoder_steps
+    if not steps:
+        return
+    vae = pipe.vae
+    decode_side = [p for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
+    for p in decode_side:
+        p.requires_grad_(True)
+    stage = Stage("decoder", vae, args, steps, None, args.vae_lr / 2, params=decode_side)
+
+    def loss(stage: Stage) -> torch.Tensor:
+        x, _ = render_batch(ref, args.vae_batch or plan.vae_batch, seed=args.seed * 1_000_003 + 500_009 + stage.step)
+        x = x.to(args.device)
+        with torch.no_grad():
+            latents = encode_latents(vae, x)
+        return reconstruction_loss(vae.decode(latents).sample, x)
 
     stage.run(loss)
     vae.load_state_dict(stage.ema)
@@ -195,9 +254,9 @@ def latent_set(pipe, ref, args, size: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def train_transformer(pipe, ref, args) -> None:
-    _, steps, _, batch, size = DEFAULTS[ref.name]
-    batch = args.batch or batch
-    latents, prompts = latent_set(pipe, ref, args, args.dataset or size)
+    plan = PLANS[ref.name]
+    batch = args.batch or plan.batch
+    latents, prompts = latent_set(pipe, ref, args, args.dataset or plan.dataset)
     features = prompt_features(pipe, ref, all_prompts(ref.kind == "video"))
     transformer = pipe.transformer.to(args.device)
     originals = []
@@ -205,7 +264,7 @@ def train_transformer(pipe, ref, args) -> None:
         for block in transformer.blocks:
             originals.append(block.attn2.processor)
             block.attn2.set_processor(CountedPads(block.attn2.processor))
-    stage = Stage("transformer", transformer, args, args.steps or steps, args.minutes, args.lr)
+    stage = Stage("transformer", transformer, args, args.steps or plan.steps, args.minutes, args.lr)
 
     def loss(stage: Stage) -> torch.Tensor:
         rows = torch.randint(0, latents.shape[0], (batch,), generator=stage.gen)
@@ -244,7 +303,16 @@ def _train(args) -> int:
     out = Path(args.out) if args.out else references.path(ref.name)
     start = time.perf_counter()
     pipe = references.untrained(ref.name, seed=args.seed)
+    stages = args.stages.split(",")
+    unknown = [name for name in stages if name not in STAGES]
+    if unknown or "vae" not in stages:
+        raise SystemExit(f"--stages {args.stages}: give a comma-separated subset of {','.join(STAGES)} with vae")
     train_vae(pipe, ref, args)
+    if "decoder" in stages:
+        train_decoder(pipe, ref, args)
+    if "transformer" not in stages:
+        _say(args, f"stages {args.stages} done; rerun with every stage to save the pipeline")
+        return 0
     train_transformer(pipe, ref, args)
     save(pipe, out)
     sizes = {p.parent.name: p.stat().st_size / 2**20 for p in out.glob("*/*.safetensors")}
