@@ -52,8 +52,8 @@ class Plan:
 
 
 PLANS = {
-    "ref-flux": Plan(vae_steps=600, decoder_steps=0, steps=4500, vae_batch=16, batch=32, dataset=8192),
-    "ref-wan": Plan(vae_steps=500, decoder_steps=400, steps=3000, vae_batch=8, batch=12, dataset=1536),
+    "ref-flux": Plan(vae_steps=600, decoder_steps=0, steps=4000, vae_batch=16, batch=32, dataset=8192),
+    "ref-wan": Plan(vae_steps=500, decoder_steps=200, steps=2400, vae_batch=8, batch=12, dataset=1536),
 }
 STAGES = ("vae", "decoder", "transformer")
 CHECKPOINT_EVERY = 120.0  # seconds
