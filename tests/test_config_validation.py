@@ -29,6 +29,7 @@ BAD = {
         "cooldown": ["1", True, None, NAN, -2, -0.1, 1.5],
         "max_consecutive": [3.0, True, None, 0, -1],
         "decision": [None, 1, "sometimes"],
+        "forecast": [None, 1, "input"],
         "num_steps": [10.0, True, "10", 0, -5],
     },
     AttentionConfig: {

@@ -28,6 +28,7 @@ class DenoiserCallHook(_hooks.ContextHook):
         self.controller = controller
         self.steps_hint = steps_hint  # () -> int | None, from the pipeline's scheduler when known
         self.managed = False  # True while a patched pipeline call is running
+        self.on_output = lambda output: output  # a cache that forecasts the denoiser's output swaps it here
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         ctx = self.cache_context()
@@ -40,7 +41,7 @@ class DenoiserCallHook(_hooks.ContextHook):
             managed=self.managed,
         )
         try:
-            return self.fn_ref.original_forward(*args, **kwargs)
+            return self.on_output(self.fn_ref.original_forward(*args, **kwargs))
         finally:
             self.controller.exit()
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from .._validate import check_choice, check_float, check_int, fail, is_int
 
+FORECASTS = ("output", "residual")
+
 
 @dataclass
 class CacheConfig:
@@ -31,6 +33,11 @@ class CacheConfig:
       budget released evenly over the steps (half of it is available by the middle step). 0 never
       reuses; 0.1 means "at most about 10% relative L1 error summed over the reused steps".
 
+    What a reused step gets (DiTs; `forecast`): "output" (default) forecasts the denoiser's output, the
+    prediction the scheduler steps with; "residual" forecasts the tail blocks' residual and adds it to this
+    step's exact head output. On trained models the output is the smoother of the two to extrapolate (see
+    benchmarks/RESULTS.md, "Reference models"); UNets always forecast their deep feature.
+
     Always computed: the first `warmup` steps (int: steps, float < 1: fraction of steps; at least 2, so
     the first forecast can be checked), the last `cooldown` steps, and any step after `max_consecutive`
     reuses in a row.
@@ -45,6 +52,7 @@ class CacheConfig:
     max_consecutive: int = 3
     decision: str = "lagged"
     num_steps: int | None = None
+    forecast: str = "output"
 
     def __post_init__(self) -> None:
         check_float(self, "threshold", low=0)
@@ -62,6 +70,7 @@ class CacheConfig:
             "one host-device sync per step",
         )
         check_int(self, "num_steps", low=1, optional=True)
+        check_choice(self, "forecast", FORECASTS, hint="what a reused DiT step forecasts")
 
     def warmup_steps(self, num_steps: int | None) -> int:
         return max(2, _as_steps(self.warmup, num_steps))

@@ -1,10 +1,14 @@
-"""Step caching for diffusion transformers: first-block signal, cached tail residual with Taylor forecast.
+"""Step caching for diffusion transformers: first-block signal, Taylor forecast of the output or the tail residual.
 
 Hooks (through diffusers' hook registry, all removable), besides the denoiser call hook every cache has
 (`accel.caching.base`):
 - on the head blocks: after the last head block, asks the controller whether to reuse;
-- on the tail blocks: on a reused step each tail block hands its inputs through unchanged and the last
-  one returns head output + forecast residual; on a computed step the last one records the residual.
+- on the tail blocks: on a reused step each tail block hands its inputs through unchanged;
+- `forecast="output"`: on a computed step the denoiser call hook records the denoiser's output, on a reused
+  step it returns the forecast output instead (what the cheap output layers made of the unchanged hidden
+  state is discarded);
+- `forecast="residual"`: on a computed step the last tail block records its residual over the head's output, on
+  a reused step it returns head output + forecast residual.
 """
 
 from __future__ import annotations
@@ -71,9 +75,10 @@ class HeadHook(ModelHook):
 
 
 class TailHook(ModelHook):
-    def __init__(self, shared: _Shared, io: BlockIO, last: bool):
+    def __init__(self, shared: _Shared, io: BlockIO, last: bool, forecast_residual: bool):
         super().__init__()
-        self.shared, self.io, self.last = shared, io, last
+        self.shared, self.io = shared, io
+        self.last = last and forecast_residual  # the block that stores and returns the forecast residual
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         shared = self.shared
@@ -101,6 +106,22 @@ class TailHook(ModelHook):
         return _pack(self.io, hidden, encoder, shared.last_output_template)
 
 
+def forecast_output(controller: CacheController, output: Any) -> Any:
+    """The denoiser's output as the scheduler gets it: stored on a computed step, forecast on a reused one.
+    Handles a tuple (``return_dict=False``, what pipelines pass) and an output object with ``sample``."""
+    if not controller.active:
+        return output
+    sample = output[0] if isinstance(output, tuple) else output.sample
+    if controller.reusing:
+        (sample,) = controller.cached()
+        if isinstance(output, tuple):
+            return (sample, *output[1:])
+        output.sample = sample
+        return output
+    controller.store((sample.detach(),), reference=(sample,))
+    return output
+
+
 class DiTCache(StepCache):
     """First-block cache on one diffusion transformer."""
 
@@ -111,7 +132,10 @@ class DiTCache(StepCache):
                 f"CacheConfig.head_blocks={config.head_blocks} leaves no blocks to cache: "
                 f"{type(adapter.model).__name__} has {len(self.blocks)} blocks"
             )
+        self.forecasts_output = config.forecast == "output"
         super().__init__(adapter, config, steps_hint)
+        if self.forecasts_output:
+            self._call_hook.on_output = lambda output: forecast_output(self.controller, output)
 
     def block_hooks(self) -> list[tuple[nn.Module, ModelHook]]:
         shared = _Shared(self.controller)
@@ -122,10 +146,11 @@ class DiTCache(StepCache):
             if index < n:
                 hook = HeadHook(shared, io, start=index == 0, end=index == n - 1)
             else:
-                hook = TailHook(shared, io, last=index == last)
+                hook = TailHook(shared, io, last=index == last, forecast_residual=not self.forecasts_output)
             pairs.append((block, hook))
         return pairs
 
     def summary(self) -> str:
         head = self.controller.config.head_blocks
-        return f"first-block cache: {head} of {len(self.blocks)} blocks run every step"
+        what = "output" if self.forecasts_output else "tail residual"
+        return f"first-block cache: {head} of {len(self.blocks)} blocks run every step, {what} forecast"
