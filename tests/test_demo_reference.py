@@ -170,7 +170,7 @@ def test_profile_counts_one_pass_and_only_self_attention():
     result = profile()
     assert result.passes == 2  # one step, cond and uncond
     cfg = pipe.transformer.config
-    tokens = 3 * 8 * 8  # 9 frames -> 3 latent frames of 8x8, patch 1x1x1
+    tokens = 5 * 8 * 8  # 9 frames -> 5 latent frames of 16x16, patches 1x2x2
     heads, dim = cfg.num_attention_heads, cfg.attention_head_dim
     # QKᵀ and PV of each block's self-attention, batch 1; cross-attention to the text is not counted.
     assert result.attention_flops == cfg.num_layers * 2 * heads * tokens * tokens * 2 * dim

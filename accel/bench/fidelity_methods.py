@@ -205,12 +205,12 @@ def _pab(skip: int):
 # --- the ladder -------------------------------------------------------------------------------------------------
 
 CACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)  # accel threshold, diffusers FBC, cache-dit DBCache
-CACHE_TARGETS = (0.05, 0.1, 0.2, 0.4)
+CACHE_TARGETS = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 MAGCACHE_THRESHOLDS = (0.02, 0.06, 0.12, 0.24)
 TAYLORSEER_INTERVALS = (2, 3, 4)
 SKIP_RANGES = (2, 3)  # PAB and FasterCache: attention computed every N-th call
 SPARSE_TARGETS = (0.99, 0.95, 0.9, 0.8)
-SPARSE_BLOCKS = dict(block_q=16, block_k=16)  # ref-wan: 192 tokens = 12 key blocks of 16 (CPU-sized tiles)
+SPARSE_BLOCKS = dict(block_q=16, block_k=16)  # ref-wan: 320 tokens = 20 key blocks of 16 (CPU-sized tiles)
 SPARSE_WITH_CACHE = 0.95
 
 SHARED = (
