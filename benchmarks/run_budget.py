@@ -65,7 +65,6 @@ KILL_GRACE_S = 2.0  # SIGTERM, then SIGKILL after this long
 RESERVE_S = 1.0  # kept back from each item's timeout for writing its JSON and the summary
 
 
-# --------------------------------------------------------------------------------------------------------------------
 # The plan
 
 
@@ -151,7 +150,6 @@ PLAN: list[Item] = [
 # fmt: on
 
 
-# --------------------------------------------------------------------------------------------------------------------
 # Running
 
 
@@ -201,23 +199,30 @@ def run_item(item: Item, out: Path, tiny: bool, python: str, timeout_s: float) -
         env["TRITON_INTERPRET"] = "1"
     record = item.record(tiny, timeout_s=round(timeout_s, 1), command=shlex.join(cmd), log=log.name)
     t0 = time.monotonic()
+    # A SIGTERM between the fork and `proc` being set would orphan the item (its own session): hold it till then.
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    proc = None
     with log.open("w") as log_file:
-        proc = subprocess.Popen(
-            cmd,
-            cwd=REPO,
-            env=env,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-        )
         try:
+            proc = subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_SETMASK, held),  # the item gets SIGTERM
+            )
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a SIGTERM held until now is handled here
             code = proc.wait(timeout_s)
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out, code = True, None
         finally:  # also on Ctrl-C, and for children the script left behind
-            _kill_group(proc)
+            if proc is not None:
+                _kill_group(proc)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
     record["elapsed_s"] = round(time.monotonic() - t0, 1)
     record["exit_code"] = code
     if timed_out:
@@ -440,7 +445,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Items run in their own sessions, out of reach of a signal to ours: turn SIGTERM (e.g. from `timeout`)
-    # into an exception, so that the running item's group is ended on the way out.
+    # Items run in their own sessions: SIGTERM (e.g. from `timeout`) becomes an exception that ends the running one.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())
