@@ -14,10 +14,10 @@ from diffusers import DiffusionPipeline, FluxPipeline
 
 from accel.bench.prompt_eval import eval_prompts, outputs
 from accel.zoo import reference as references
-from accel.zoo import train
+from accel.zoo import shapes, train
 from accel.zoo._base import UnknownModelError
 from accel.zoo._train_data import PromptFeatures, all_prompts, compact_text, prompt_features
-from accel.zoo._train_steps import CountedPads
+from accel.zoo._train_steps import CountedPads, foreground, reconstruction_loss
 
 PROMPT = {"image": "a red circle on a navy background", "video": "a red circle on a navy background moving left"}
 
@@ -86,6 +86,34 @@ def test_compact_text_layout():
     assert bias[0, :3].eq(0).all() and bias[1, 0] == 0
     assert math.log(16 - 3) <= bias[0, 3] <= math.log(512 - 3)
     assert bias[1, 2:].eq(float("-inf")).all() and bias[1, 1] > 0
+
+
+def test_short_share_pads_prompts_as_the_pipeline_call_does():
+    features = PromptFeatures(tokens=[torch.ones(3, 4)], pooled=None, pad=torch.zeros(4), index={"x": 0})
+    short = references.reference("ref-wan").call_kwargs()["max_sequence_length"]
+    _, bias = compact_text(features, [0] * 64, random.Random(0), short_share=1.0)
+    assert torch.allclose(bias[:, 3], torch.full((64,), math.log(short - 3)))
+    _, bias = compact_text(features, [0] * 64, random.Random(0), short_share=0.5)
+    shares = (bias[:, 3] == math.log(short - 3)).float().mean()
+    assert 0.3 < shares < 0.7
+
+
+def test_foreground_finds_the_shape_on_a_gradient_background():
+    scene = shapes.Scene("yellow", "cross", "beige", gradient=True, cx=0.4, cy=0.6, size=0.4)
+    x = shapes.render(scene, 64)[None] * 2 - 1
+    plain = shapes.render(shapes.Scene("yellow", "cross", "beige", gradient=True, cx=0.4, cy=0.6, size=1e-3), 64)
+    difference = (shapes.render(scene, 64) - plain).abs().sum(0)  # anti-aliased edges are small but not zero
+    mask = foreground(x)[0, 0].bool()
+    assert mask[difference > 0.1].all() and not mask[difference == 0].any() and mask.sum() > 300
+
+
+def test_shape_weight_makes_errors_on_the_shape_cost_more():
+    scene = shapes.Scene("red", "circle", "navy", cx=0.5, cy=0.5, size=0.3)
+    x = shapes.render(scene, 32)[None] * 2 - 1
+    wrong_shape = x.clone()
+    wrong_shape[:, :, foreground(x)[0, 0].bool()] = 0.0  # the shape greyed out, background exact
+    assert reconstruction_loss(wrong_shape, x, shape_weight=8.0) > 3 * reconstruction_loss(wrong_shape, x)
+    assert reconstruction_loss(x, x, shape_weight=8.0) == 0
 
 
 def test_every_domain_prompt_is_in_vocabulary():

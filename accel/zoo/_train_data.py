@@ -68,9 +68,15 @@ def prompt_features(pipe, ref: Reference, prompts: list[str]) -> PromptFeatures:
     return PromptFeatures(tokens, torch.stack(pooled) if pooled else None, pad, {p: i for i, p in enumerate(prompts)})
 
 
-def compact_text(features: PromptFeatures, ids: list[int], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+def compact_text(
+    features: PromptFeatures, ids: list[int], rng: random.Random, short_share: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Text features [B, T, D] and the additive attention bias [B, T] over them for prompts `ids`: real tokens
-    (bias 0), one pad standing for N pads (bias log N), masked filler (-inf) up to the longest prompt + 1."""
+    (bias 0), one pad standing for N pads (bias log N), masked filler (-inf) up to the longest prompt + 1.
+
+    The padded length is drawn log-uniformly over LENGTHS, except for `short_share` of the prompts, padded to
+    the shortest length (what `Reference.call_kwargs` asks for). Cross attention learns to find the few real
+    tokens far sooner when hundreds of pads do not share its weight (Wan reads text only there)."""
     width = max(len(features.tokens[i]) for i in ids) + 1
     dim = features.pad.numel()
     text = features.pad.expand(len(ids), width, dim).clone()
@@ -78,7 +84,7 @@ def compact_text(features: PromptFeatures, ids: list[int], rng: random.Random) -
     low, high = math.log(LENGTHS[0]), math.log(LENGTHS[1])
     for row, i in enumerate(ids):
         n = len(features.tokens[i])
-        length = round(math.exp(rng.uniform(low, high)))
+        length = LENGTHS[0] if short_share and rng.random() < short_share else round(math.exp(rng.uniform(low, high)))
         text[row, :n] = features.tokens[i]
         bias[row, :n] = 0.0
         bias[row, n] = math.log(length - n)
