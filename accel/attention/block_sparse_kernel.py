@@ -3,6 +3,7 @@ optionally with INT8 Q·Kᵀ, and its launcher.
 
 `accel.attention.sparse_kernel` holds the pattern (`BlockIndex`), the PyTorch reference
 (`block_sparse_attention_reference`) and the custom op that calls `block_sparse_attention_forward`.
+With REMAINDER, a second loop visits one stand-in key per key block the row skipped (`block_means`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import triton.language as tl
 
 from .._triton import cdiv
 from .int8 import LOG2E, _pv_dtype, _quantize_qk
+from .sparse_kernel import block_means
 
 
 @triton.jit
@@ -60,6 +62,11 @@ def block_sparse_attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    KM=None,
+    VM=None,
+    LC=None,
+    KEPT=None,
+    REMAINDER: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -126,6 +133,37 @@ def block_sparse_attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
+    if REMAINDER:  # the skipped key blocks, one stand-in key each: mean key and value, log2 of its key count
+        if INT8:  # dequantised to the P·V type: these are few products
+            q = (q.to(tl.float32) * q_scale).to(V.dtype.element_ty)
+            q_scale = 1.0
+        if UPCAST:
+            q = q.to(tl.float32)
+        rest = (b * (Hq // GROUP) + hk) * NBK
+        for start in range(0, NBK, BLOCK_N):
+            ids = start + offs_n
+            id_ok = ids < NBK
+            skipped = id_ok & (tl.load(KEPT + row * NBK + ids, mask=id_ok, other=1) == 0)
+            kt = tl.load(KM + (rest + ids[None, :]) * D + offs_d[:, None], mask=id_ok[None, :] & d_ok[:, None], other=0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            s = tl.dot(q, kt, input_precision=PRECISION, out_dtype=tl.float32) * q_scale
+            s = s + tl.load(LC + rest + ids, mask=id_ok, other=0.0)[None, :]
+            s = tl.where(skipped[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(VM + (rest + ids[:, None]) * D + offs_d[None, :], mask=id_ok[:, None] & d_ok[None, :], other=0)
+            p16 = p.to(v.dtype)
+            if UPCAST:
+                pv = tl.dot(p16.to(tl.float32), v.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                pv = tl.dot(p16, v, input_precision=PRECISION, out_dtype=tl.float32)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
     acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # rows that saw no key: 0
     tl.store(
         O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod,
@@ -135,11 +173,11 @@ def block_sparse_attention_kernel(
 
 
 def block_sparse_attention_forward(
-    q, k, v, index, offsets, key_valid, *, shared_pattern, sm_scale, int8, block_q, block_k, smooth_k
+    q, k, v, index, offsets, key_valid, *, shared_pattern, sm_scale, int8, block_q, block_k, smooth_k, remainder=False
 ):
     """Launch the kernel: q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D], the pattern as `BlockIndex.index` and
     `.offsets` (one row per batch row, or one for all with `shared_pattern`); returns [B, Hq, Nq, D] in q's
-    dtype and memory layout."""
+    dtype and memory layout. `remainder`: see `accel.attention.sparse_kernel.block_sparse_attention`."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     nbq, nbk = cdiv(Nq, block_q), cdiv(Nk, block_k)
@@ -152,6 +190,9 @@ def block_sparse_attention_forward(
         v = v if v.dtype == _pv_dtype(v.dtype) else v.to(_pv_dtype(v.dtype))
     valid = key_valid.to(torch.int8) if key_valid is not None else q.new_empty(1, dtype=torch.int8)
     valid_strides = (0, 0) if key_valid is None else (valid.stride(0), valid.stride(1) if valid.dim() == 3 else 0)
+    rest = {}
+    if remainder:
+        rest = _remainder_inputs(k, v, index, offsets, key_valid, v.dtype, block_k, smooth_k and int8)
     o = torch.empty_like(q)
     block_d = max(16, 1 << (D - 1).bit_length())
     interpreted = q.device.type == "cpu"
@@ -187,5 +228,24 @@ def block_sparse_attention_forward(
         BLOCK_N=block_k,
         BLOCK_D=block_d,
         num_warps=8 if block_q * block_d >= 128 * 128 else 4,
+        **rest,
     )
     return o
+
+
+def _remainder_inputs(k, v, index, offsets, key_valid, dtype, block_k, smooth):
+    """The kernel's remainder arguments: block means (contiguous, in the P·V type), log2 key counts, and the
+    pattern as one byte per (row, key block), 1 = kept (made from the index on each call, then dropped)."""
+    k_mean, v_mean, log_count = block_means(k, v, block_k, key_valid, smooth)
+    nbk = k_mean.shape[2]
+    rows = offsets.numel() - 1
+    row_of = torch.repeat_interleave(torch.arange(rows, device=index.device), offsets.diff(), output_size=index.numel())
+    kept = torch.zeros(rows * nbk, dtype=torch.uint8, device=index.device)
+    kept[row_of * nbk + index.long()] = 1
+    return dict(
+        KM=k_mean.to(dtype).contiguous(),
+        VM=v_mean.to(dtype).contiguous(),
+        LC=log_count,
+        KEPT=kept,
+        REMAINDER=True,
+    )

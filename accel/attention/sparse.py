@@ -70,6 +70,9 @@ class SparseConfig:
         False mean "per-head" and "none".
     int8: run Q·Kᵀ in INT8 inside the sparse kernel (SageAttention-style smoothing and scales). None
         (default) follows `attention=`: INT8 when the model's attention route is "int8".
+    remainder: every query block also sees each key block it skips, through one stand-in key: the block's mean
+        key and value, weighted by its number of keys. The skipped mass is approximated instead of dropped, which
+        matters where attention is spread out; it costs one extra key per key block (1/block_k of dense attention).
     """
 
     target: float = 0.95
@@ -81,6 +84,7 @@ class SparseConfig:
     stride: int = 8
     reorder: str = "per-head"
     int8: bool | None = None
+    remainder: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.reorder, bool):
@@ -96,6 +100,7 @@ class SparseConfig:
         check_int(self, "stride", low=1)
         check_choice(self, "reorder", REORDER, hint="or True / False for 'per-head' / 'none'")
         check_bool(self, "int8", optional=True, hint="None follows the attention= route")
+        check_bool(self, "remainder")
         if self.method == "antidiagonal" and (self.block_q % self.stride or self.block_k % self.stride):
             fail(self, "stride", self.stride, f"must divide block_q={self.block_q} and block_k={self.block_k}")
 
@@ -187,6 +192,8 @@ class SparseUnit(Unit):
         ]
         if c.reorder != "none":
             parts.append("per-head token orders" if c.reorder == "per-head" else "3-D token tiles")
+        if c.remainder:
+            parts.append("skipped blocks through their means")
         if self._int8():
             parts.append("INT8 Q·Kᵀ")
         return ", ".join(parts)
@@ -255,7 +262,14 @@ class SparseUnit(Unit):
         self._count_sparsity(call.layer, found.sparsity)
 
         c = self.config
-        kwargs = dict(sm_scale=scale, key_valid=key_valid, int8=self._int8(), block_q=c.block_q, block_k=c.block_k)
+        kwargs = dict(
+            sm_scale=scale,
+            key_valid=key_valid,
+            int8=self._int8(),
+            block_q=c.block_q,
+            block_k=c.block_k,
+            remainder=c.remainder,
+        )
         if triton_usable(query.device):
             out = block_sparse_attention(query, key, value, found.blocks, **kwargs)
         else:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .. import _triton
 from ..errors import KernelInputError
-from .int8 import LOG2E, _pv_dtype, _quantize_qk, check_qkv
+from .int8 import LOG2E, _pv_dtype, _quantize_qk, _token_mean, check_qkv
 
 triton_usable = _triton.usable  # accel.attention.sparse picks the kernel or the reference with it
 
@@ -127,6 +127,27 @@ def _check(q, k, v, blocks, key_valid, block_q, block_k):
     return B, Hq, Hkv, Nq, Nk, D
 
 
+def block_means(k, v, block_k, key_valid=None, smooth_k=False):
+    """The skipped blocks' stand-ins of `remainder=True`: per key block, the mean of its visible keys and values
+    (fp32 [B, Hkv, NBK, D]) and log2 of how many keys it holds (fp32 [B, Hkv, NBK], -inf where none is visible).
+    With `smooth_k` the keys' token mean is subtracted, as the INT8 path does to the exact keys."""
+    B, Hkv, Nk, D = k.shape
+    nbk = num_blocks(Nk, block_k)
+    if key_valid is None:
+        w = k.new_ones(1, 1, Nk, 1, dtype=torch.float32)
+    else:
+        w = (key_valid if key_valid.dim() == 3 else key_valid[:, None]).float()[..., None]
+    w = F.pad(w, (0, 0, 0, nbk * block_k - Nk)).view(w.shape[0], w.shape[1], nbk, block_k, 1)
+    count = w.sum(-2)  # [B or 1, Hkv or 1, NBK, 1]
+
+    def mean(x):
+        x = F.pad(x.float(), (0, 0, 0, nbk * block_k - Nk)).view(B, Hkv, nbk, block_k, D)
+        return (x * w).sum(-2) / count.clamp_min(1)
+
+    k_mean = mean(k) - _token_mean(k) if smooth_k else mean(k)
+    return k_mean, mean(v), count.squeeze(-1).log2().expand(B, Hkv, nbk).contiguous()
+
+
 def token_mask(block_mask, nq: int, nk: int, block_q: int, block_k: int):
     """The block mask expanded to tokens: bool [B or 1, H, nq, nk]."""
     m = block_mask.repeat_interleave(block_q, dim=-2)[..., :nq, :]
@@ -134,7 +155,18 @@ def token_mask(block_mask, nq: int, nk: int, block_q: int, block_k: int):
 
 
 def block_sparse_attention_reference(
-    q, k, v, block_mask, *, sm_scale=None, key_valid=None, int8=False, block_q=128, block_k=64, smooth_k=True
+    q,
+    k,
+    v,
+    block_mask,
+    *,
+    sm_scale=None,
+    key_valid=None,
+    int8=False,
+    block_q=128,
+    block_k=64,
+    smooth_k=True,
+    remainder=False,
 ):
     """Dense attention restricted to the kept blocks, softmax in fp32; rows that see no key give 0.
 
@@ -162,14 +194,25 @@ def block_sparse_attention_reference(
         per_head = key_valid.repeat_interleave(g, dim=1) if key_valid.dim() == 3 else key_valid[:, None]
         keep = keep & per_head[:, :, None, :]
     s = s.masked_fill(~keep, float("-inf"))
+    dt = _pv_dtype(v.dtype) if int8 or q.dtype != torch.float32 else torch.float32
+    if remainder:  # one stand-in key per key block, seen by the query blocks that skip it
+        k_mean, v_mean, log_count = block_means(k, v, block_k, key_valid, smooth_k and int8)
+        k_mean, v_mean = (t.to(dt).float().repeat_interleave(g, dim=1) for t in (k_mean, v_mean))
+        log_count = log_count.repeat_interleave(g, dim=1)
+        if int8:  # the kernel dequantises Q to the P·V type for these few products
+            q_rest = (q8.float() * sq.repeat_interleave(block_q, dim=-1)[..., :Nq, None]).to(dt).float()
+            s_rest = q_rest @ k_mean.transpose(-1, -2)
+        else:
+            s_rest = (q.float() @ k_mean.transpose(-1, -2)) * (sm_scale * LOG2E)
+        s_rest = s_rest + log_count[:, :, None, :]
+        s_rest = s_rest.masked_fill(block_mask.repeat_interleave(block_q, dim=-2)[..., :Nq, :], float("-inf"))
+        s = torch.cat([s, s_rest], dim=-1)
     row_max = s.amax(dim=-1, keepdim=True)
     p = torch.exp2(s - torch.where(torch.isinf(row_max), 0.0, row_max))  # empty rows: all zeros
-    vv = v.repeat_interleave(g, dim=1)
-    if int8 or q.dtype != torch.float32:
-        dt = _pv_dtype(v.dtype)
-        p_v = p.to(dt).float() @ vv.to(dt).float()
-    else:
-        p_v = p @ vv.float()
+    vv = v.repeat_interleave(g, dim=1).to(dt).float()
+    p_v = p[..., :Nk].to(dt).float() @ vv
+    if remainder:
+        p_v = p_v + p[..., Nk:].to(dt).float() @ v_mean
     o = p_v / p.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
     return o.to(q.dtype)
 
@@ -191,6 +234,7 @@ def _block_sparse_attention_op(
     block_q: int,
     block_k: int,
     smooth_k: bool,
+    remainder: bool = False,
 ) -> torch.Tensor:
     """q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (any strides, Hq a multiple of Hkv), index int16/int32 [kept] and
     offsets int32 [B' * Hq * ceil(Nq/block_q) + 1] of a `BlockIndex` (B' = 1 with `shared_pattern`, else B),
@@ -210,23 +254,38 @@ def _block_sparse_attention_op(
         block_q=block_q,
         block_k=block_k,
         smooth_k=smooth_k,
+        remainder=remainder,
     )
 
 
 @_block_sparse_attention_op.register_fake
-def _(q, k, v, index, offsets, key_valid, shared_pattern, sm_scale, int8, block_q, block_k, smooth_k):
+def _(q, k, v, index, offsets, key_valid, shared_pattern, sm_scale, int8, block_q, block_k, smooth_k, remainder=False):
     return torch.empty_like(q)
 
 
 def block_sparse_attention(
-    q, k, v, block_mask, *, sm_scale=None, key_valid=None, int8=False, block_q=128, block_k=64, smooth_k=True
+    q,
+    k,
+    v,
+    block_mask,
+    *,
+    sm_scale=None,
+    key_valid=None,
+    int8=False,
+    block_q=128,
+    block_k=64,
+    smooth_k=True,
+    remainder=False,
 ):
     """Attention over the kept blocks only, in Triton. Returns [B, Hq, Nq, D] in q's dtype and layout.
 
     q [B, Hq, Nq, D], k/v [B, Hkv, Nk, D] (any strides; Hq a multiple of Hkv), `block_mask` a
     `BlockIndex` (build it once, reuse it) or a bool mask [B or 1, Hq, ceil(Nq/block_q), ceil(Nk/block_k)]
     (converted on every call), `key_valid` optional bool [B, Nk] or [B, Hkv, Nk]. Head dims up to 256.
-    `int8=True` runs Q·Kᵀ on INT8 (SageAttention-style smoothing and per-tile scales). CUDA tensors, or CPU
+    `int8=True` runs Q·Kᵀ on INT8 (SageAttention-style smoothing and per-tile scales). `remainder=True` lets
+    every query block also see each key block it skips through one stand-in key (`block_means`: the block's mean
+    key and value, weighted by its number of keys), so the mass of the skipped blocks is approximated instead of
+    dropped; it costs ceil(Nk/block_k) extra keys per query block. CUDA tensors, or CPU
     tensors with TRITON_INTERPRET=1; `block_sparse_attention_reference` elsewhere. Runs as the custom op
     `torch.ops.accel.block_sparse_attention`: with a `BlockIndex`, torch.compile traces it without a graph break.
     """
@@ -254,4 +313,5 @@ def block_sparse_attention(
         block_q,
         block_k,
         smooth_k,
+        remainder,
     )
