@@ -25,7 +25,7 @@ HELP = "benchmark one tiny family or your own pipeline"
 DESCRIPTION = (
     "Baseline vs presets for one tiny family (--family) or for your own pipeline (--pipeline); or, with "
     "--suite fidelity, accel's caches and sparse attention against diffusers' and cache-dit's caches on the "
-    "reference models."
+    "reference models; or, with --suite pruning, the accuracy ref-vlm keeps under visual token pruning."
 )
 EPILOG = """\
 --pipeline MODULE:FUNCTION (or path/to/file.py:FUNCTION) calls FUNCTION() with no arguments; it must return
@@ -50,11 +50,18 @@ Visual token pruning of a VLM family has its own command: accel bench-vlm --fami
 --suite fidelity runs every method of accel.bench.fidelity_methods on the reference models (trained weights when
 present, else random weights with a warning), the same seeded prompts for all, and prints a markdown table:
 
-    accel bench --suite fidelity --models ref-wan --seeds 2 --methods "accel threshold,diffusers FBC" --plot f.png"""
+    accel bench --suite fidelity --models ref-wan --seeds 2 --methods "accel threshold,diffusers FBC" --plot f.png
+
+--suite pruning answers the held-out questions of ref-vlm with every visual token pruning mode of accel and the
+random-keep and uniform-pooling baselines at 50/25/12.5% of the tokens (accel.bench.pruning_accuracy), and writes
+pruning.json, pruning.md and pruning.png to --out:
+
+    accel bench --suite pruning --questions 300 --out benchmarks/results/pruning"""
 # Flags of the pruning benchmark that `accel bench` had; kept hidden so that an old command line gets pointed to
 # `accel bench-vlm` instead of an "unrecognized arguments" message.
 _MOVED = ("keep", "video", "prune_where")
 _FIDELITY = ("models", "seeds", "methods", "guidance", "weights", "plot")  # flags of --suite fidelity only
+_PRUNING = ("questions", "out")  # flags of --suite pruning only (it also takes --methods and --weights)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,13 +79,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="also bench these attention routes alone, comma-separated: int8, sdpa, flash, xformers "
         "(on CPU, int8 runs its PyTorch reference: fidelity, not speed)",
     )
-    p.add_argument("--suite", choices=("fidelity",), default=None, help="a benchmark suite instead of a family")
+    p.add_argument(
+        "--suite", choices=("fidelity", "pruning"), default=None, help="a benchmark suite instead of a family"
+    )
     p.add_argument("--models", default=None, help="fidelity: reference models (default: ref-flux,ref-wan)")
     p.add_argument("--seeds", type=int, default=None, help="fidelity: seeded prompts per model (default: 4)")
-    p.add_argument("--methods", default=None, help="fidelity: method families or names, comma-separated (default: all)")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="fidelity: method families or names; pruning: method names (comma-separated; default: all)",
+    )
     p.add_argument("--guidance", type=float, default=None, help="fidelity: CFG scale (default: the reference's)")
-    p.add_argument("--weights", default=None, help="fidelity: auto (default), trained or random")
+    p.add_argument("--weights", default=None, help="fidelity, pruning: auto (default), trained or random")
     p.add_argument("--plot", default=None, help="fidelity: also write PSNR vs passes computed as a PNG here")
+    p.add_argument("--questions", type=int, default=None, help="pruning: held-out questions (default: 300)")
+    p.add_argument(
+        "--out", default=None, help="pruning: folder for pruning.json/.md/.png (default: accel-bench-pruning)"
+    )
     p.add_argument("--keep", default=None, help=argparse.SUPPRESS)
     p.add_argument("--video", action="store_const", const=True, default=None, help=argparse.SUPPRESS)
     p.add_argument("--prune-where", default=None, help=argparse.SUPPRESS)
@@ -152,6 +169,13 @@ def run(args) -> int:
             f"{', '.join(moved)}: visual token pruning has its own command now: "
             "accel bench-vlm --family F --keep K,K (with --video, --prune-where, --new-tokens)"
         )
+    if args.suite == "pruning":
+        from accel.bench.pruning_suite import run_suite
+
+        return run_suite(args)
+    given = [f"--{name}" for name in _PRUNING if getattr(args, name) is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: only with --suite pruning")
     if args.suite == "fidelity":
         return _bench_fidelity(args)
     given = [f"--{name}" for name in _FIDELITY if getattr(args, name) is not None]
@@ -193,7 +217,7 @@ def run(args) -> int:
 
 
 def _settings(args) -> dict:
-    return {k: v for k, v in settings(args).items() if k not in _MOVED + _FIDELITY + ("suite",)}
+    return {k: v for k, v in settings(args).items() if k not in _MOVED + _FIDELITY + _PRUNING + ("suite",)}
 
 
 def _bench_fidelity(args) -> int:

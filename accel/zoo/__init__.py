@@ -2,7 +2,8 @@
 
 `build("flux")` returns a `TinyModel` whose `obj` is a real diffusers pipeline or transformers model with a tiny
 config and seeded random weights: untrained, offline, CPU-friendly. `BUILDERS` maps family -> builder.
-`load("ref-flux")` / `load("ref-wan")` return the reference pipelines trained on a toy domain (issue 12).
+`load("ref-flux")` / `load("ref-wan")` return the reference pipelines trained on a toy domain (issue 12);
+`load("ref-vlm")` returns `(model, processor)` of the reference VLM (issue 13, `accel.zoo.reference_vlm`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,13 @@ FAMILIES = tuple(BUILDERS)
 
 
 def load(name: str, **kwargs):
-    """A trained reference pipeline: `load("ref-flux")` (FluxPipeline, 64x64 images) or `load("ref-wan")`
-    (WanPipeline, 9-frame 64x64 clips); see `accel.zoo.reference.load`."""
+    """A trained reference model: `load("ref-flux")` (FluxPipeline, 64x64 images) or `load("ref-wan")`
+    (WanPipeline, 9-frame 64x64 clips), see `accel.zoo.reference.load`; or `load("ref-vlm")`, `(model,
+    processor)` of a Qwen2-VL on 128x128 images and 4-frame videos, see `accel.zoo.reference_vlm.load`."""
+    if name == "ref-vlm":
+        from accel.zoo import reference_vlm
+
+        return reference_vlm.load(**kwargs)
     return reference.load(name, **kwargs)
 
 

@@ -1,0 +1,162 @@
+"""Training batches of `ref-vlm` (see `accel.zoo.train_vlm`): scenes, questions and the packed layout.
+
+A step shows the model `scenes` images (or half as many videos, whose 512 tokens cost as much) and asks
+`per_scene` questions about each. The image prefix
+
+    <|im_start|> user <|vision_start|> <|image_pad|> x 256 <|vision_end|>
+
+is the costly part (the ViT and 260 LM positions), so it runs once per scene with a KV cache, and the questions
+run as a second batch of short rows on that cache repeated per question:
+
+    what colour is the shape at the top left ? <|im_end|> <|im_start|> assistant red <|im_end|>
+
+which is token for token what the chat template gives (tests check it), so the model sees at training exactly
+the prompts it is asked at evaluation. Only the answer and the `<|im_end|>` after it carry a loss.
+Everything is drawn from a string-seeded `random.Random` per step, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from accel.zoo import _vlm_processor as vp
+from accel.zoo import scenes_multi
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    prefix: dict[str, torch.Tensor]  # model inputs of the scenes' prefixes (ids, mask, types, pixels, grids)
+    ids: torch.Tensor  # [scenes * per_scene, L] question rows, right-padded
+    mask: torch.Tensor  # [scenes * per_scene, L]
+    labels: torch.Tensor  # [scenes * per_scene, L] the answer and its <|im_end|>, else IGNORE
+    questions: list[scenes_multi.Question]  # row order: per_scene rows for each scene in turn
+    per_scene: int
+
+    def to(self, device) -> Batch:
+        prefix = {k: v.to(device) for k, v in self.prefix.items()}
+        return Batch(
+            prefix, self.ids.to(device), self.mask.to(device), self.labels.to(device), self.questions, self.per_scene
+        )
+
+
+def _ids(words: list[str]) -> list[int]:
+    index = _index()
+    return [index.get(w, index[vp.UNK]) for w in words]
+
+
+_INDEX: dict[str, int] = {}
+
+
+def _index() -> dict[str, int]:
+    if not _INDEX:
+        _INDEX.update({token: i for i, token in enumerate(vp.vocabulary())})
+    return _INDEX
+
+
+def prefix_ids(video: bool, tokens: int) -> list[int]:
+    pad = "<|video_pad|>" if video else "<|image_pad|>"
+    return _ids(["<|im_start|>", "user", "<|vision_start|>", *[pad] * tokens, "<|vision_end|>"])
+
+
+def question_ids(question: scenes_multi.Question) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one question row: the question, the assistant turn, the answer and its end."""
+    prompt = _ids([*question.text.split(), "<|im_end|>", "<|im_start|>", "assistant"])
+    answer = _ids([question.answer, "<|im_end|>"])
+    return prompt + answer, [IGNORE] * len(prompt) + answer
+
+
+def pick_questions(rng: random.Random, scene: scenes_multi.MultiScene, n: int) -> list[scenes_multi.Question]:
+    """`n` questions about `scene`, each of a type drawn uniformly from those it supports (so counting is asked
+    as often as colours, however many shapes there are)."""
+    pool = scenes_multi.questions(scene)
+    types = list(dict.fromkeys(q.type for q in pool))
+    out = []
+    for _ in range(n):
+        qtype = rng.choice(types)
+        out.append(rng.choice([q for q in pool if q.type == qtype]))
+    return out
+
+
+def prefix_inputs(scenes: list[scenes_multi.MultiScene]) -> dict[str, torch.Tensor]:
+    """Model inputs of the prefixes of same-kind scenes, laid out as the processor lays them out."""
+    video = scenes[0].video
+    frames = [vp.normalise(scenes_multi.render(s)) for s in scenes]
+    if not video:
+        frames = [f[None].expand(vp.TEMPORAL, -1, -1, -1) for f in frames]  # the image processor's repeat
+    pixels = torch.cat([vp.patchify(f) for f in frames])
+    t = frames[0].shape[0] // vp.TEMPORAL
+    side = scenes_multi.SIZE // vp.PATCH
+    grid = torch.tensor([[t, side, side]] * len(scenes))
+    tokens = t * side * side // vp.MERGE**2
+    ids = torch.tensor([prefix_ids(video, tokens)] * len(scenes))
+    kinds = torch.zeros_like(ids)
+    kinds[:, 3 : 3 + tokens] = 2 if video else 1
+    key = "video" if video else "image"
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": kinds,
+        f"pixel_values{'_videos' if video else ''}": pixels,
+        f"{key}_grid_thw": grid,
+    }
+
+
+def make_batch(
+    seed: int, step: int, scenes: int, per_scene: int, video_share: float, max_shapes: int | None = None
+) -> Batch:
+    """The batch of `step`: all images, or (with probability `video_share`) all videos, half as many.
+    `max_shapes` caps the shapes per scene (the curriculum)."""
+    rng = random.Random(f"ref-vlm-train-{seed}-{step}")
+    video = rng.random() < video_share
+    n = max(1, scenes // 2) if video else scenes
+    top = scenes_multi.MAX_VIDEO_SHAPES if video else scenes_multi.MAX_SHAPES
+    top = min(top, max_shapes or top)
+    drawn = [scenes_multi.sample_scene(rng, video, count=rng.randint(1, top)) for _ in range(n)]
+    questions = [q for scene in drawn for q in pick_questions(rng, scene, per_scene)]
+    rows = [question_ids(q) for q in questions]
+    length = max(len(ids) for ids, _ in rows)
+    ids = torch.full((len(rows), length), _index()[vp.PAD])
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE)
+    for i, (row, label) in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, : len(row)] = torch.tensor(label)
+    return Batch(prefix_inputs(drawn), ids, mask, labels, questions, per_scene)
+
+
+def packed_forward(model, batch: Batch, with_loss: bool = True):
+    """The model's output on the question rows of `batch`, each after its scene's prefix (run once, its KV cache
+    repeated per question): the real class's forward twice, with the M-RoPE positions generate() would give the
+    rows (text positions continue from the prefix's `get_rope_index`)."""
+    from accel._transformers_compat import cache_kwarg_name, output_cache
+
+    p = batch.prefix
+    grids = {k: p[k] for k in ("image_grid_thw", "video_grid_thw") if k in p}
+    _, deltas = model.model.get_rope_index(
+        p["input_ids"], p["mm_token_type_ids"], attention_mask=p["attention_mask"], **grids
+    )
+    prefix = model(**p, use_cache=True, logits_to_keep=1)
+    cache = output_cache(prefix)
+    cache.batch_repeat_interleave(batch.per_scene)
+    mask = torch.cat([p["attention_mask"].repeat_interleave(batch.per_scene, 0), batch.mask], 1)
+    text = (mask.cumsum(-1) - 1)[:, -batch.ids.shape[1] :] + deltas.view(-1, 1).repeat_interleave(batch.per_scene, 0)
+    return model(
+        input_ids=batch.ids,
+        attention_mask=mask,
+        position_ids=text[None].expand(3, -1, -1),
+        labels=batch.labels if with_loss else None,
+        **{cache_kwarg_name(model): cache},
+    )
+
+
+def answer_hits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Bool per row: whether the most likely token where the answer starts is the answer."""
+    first = (batch.labels != IGNORE).int().argmax(1)  # the answer's position in each row
+    rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
+    return logits[rows, first - 1].argmax(-1) == batch.ids[rows, first]

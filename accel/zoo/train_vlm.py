@@ -1,0 +1,209 @@
+"""Train `ref-vlm`: ``python -m accel.zoo.train_vlm`` (issue 13).
+
+Seeded, resumable and time-boxed: every step draws fresh scenes of `accel.zoo.scenes_multi` (`make_batch` of
+`accel.zoo._vlm_train_data`: 8 images, or 4 videos a quarter of the time, 6 questions each, the image prefix run
+once per scene), the loss is on the answer tokens only, AdamW with a linear warm-up and a cosine decay over
+``--steps``. A curriculum caps the shapes per scene at 2, then 3, for the first 8% and 20% of the steps. The
+model checks itself on a validation set (not the held-out one) every ``--eval-minutes`` and at the end, where it
+also reports the held-out accuracy; the weights (float16) and processor go to ``--out`` with `save_pretrained`.
+A checkpoint in ``--work`` is written every two minutes; run the same command again and it continues.
+
+On an idle 2-core CPU with one torch thread the default plan takes about 90 minutes; ``--minutes`` stops it
+earlier (and still saves), ``--device cuda`` trains on a GPU (``--scenes 32`` uses it better).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from accel.zoo import reference_vlm, scenes_multi
+from accel.zoo._vlm_train_data import answer_hits, make_batch, packed_forward
+
+STEPS = 3000
+CHECKPOINT_EVERY = 120.0  # seconds
+WARMUP = 100
+CURRICULUM = ((0.08, 2), (0.2, 3))  # (share of the steps, most shapes per scene) until then
+VALIDATION = 120  # questions, a third of them on videos
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m accel.zoo.train_vlm", description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="accel-train/ref-vlm", help="checkpoint folder (default: %(default)s)")
+    p.add_argument("--out", default=None, help="where to save model and processor (default: the shipped weights)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=STEPS, help="optimiser steps; sets the schedule (default: %(default)s)")
+    p.add_argument("--minutes", type=float, default=None, help="also stop after this much training time")
+    p.add_argument("--scenes", type=int, default=8, help="images per step (videos: half) (default: %(default)s)")
+    p.add_argument("--questions", type=int, default=6, help="questions per scene (default: %(default)s)")
+    p.add_argument("--video-share", type=float, default=0.25, help="share of video steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    p.add_argument("--eval-minutes", type=float, default=10.0, help="validation interval (default: %(default)s)")
+    p.add_argument("--validation", type=int, default=VALIDATION, help="validation questions (default: %(default)s)")
+    p.add_argument("--no-held-out", action="store_true", help="skip the held-out evaluation at the end")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def max_shapes(step: int, steps: int) -> int | None:
+    for share, top in CURRICULUM:
+        if step < share * steps:
+            return top
+    return None
+
+
+def validation_set(n: int) -> list:
+    """`n` questions (a third on videos) from the validation seed, which neither training nor the held-out set uses."""
+    return scenes_multi.question_set(scenes_multi.VALIDATION_SEED, n - n // 3, n // 3)
+
+
+def learning_rate(step: int, steps: int, peak: float) -> float:
+    if step < WARMUP:
+        return peak * (step + 1) / WARMUP
+    progress = min(1.0, (step - WARMUP) / max(1, steps - WARMUP))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Run:
+    """Model, optimiser, step and elapsed time, saved to and resumed from `work/checkpoint.pt`."""
+
+    def __init__(self, args):
+        self.args = args
+        self.model, self.processor = reference_vlm.untrained(seed=args.seed)
+        self.model.to(args.device).train()
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        self.step, self.elapsed, self.cpu = 0, 0.0, 0.0
+        self.file = Path(args.work) / "checkpoint.pt"
+        if self.file.exists() and not args.fresh:
+            state = torch.load(self.file, map_location=args.device, weights_only=False)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.step, self.elapsed, self.cpu = state["step"], state["elapsed"], state.get("cpu", 0.0)
+            _say(args, f"ref-vlm: resumed at step {self.step} ({self.elapsed / 60:.1f} min done)")
+
+    def save(self) -> None:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        state = dict(
+            model=self.model.state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            step=self.step,
+            elapsed=self.elapsed,
+            cpu=self.cpu,
+        )
+        torch.save(state, self.file.with_suffix(".tmp"))
+        self.file.with_suffix(".tmp").replace(self.file)  # never a half-written checkpoint
+
+    def train_step(self) -> tuple[float, float]:
+        args = self.args
+        batch = make_batch(
+            args.seed, self.step, args.scenes, args.questions, args.video_share, max_shapes(self.step, args.steps)
+        ).to(args.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.step, args.steps, args.lr)
+        out = packed_forward(self.model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.step += 1
+        return out.loss.item(), answer_hits(out.logits.detach(), batch).float().mean().item()
+
+    def evaluate(self, questions) -> dict:
+        self.model.eval()
+        predictions = reference_vlm.predict(self.model, self.processor, questions, batch_size=16)
+        self.model.train()
+        return summary(predictions, questions)
+
+
+def summary(predictions, questions) -> dict:
+    """Accuracy overall, on images, on videos and per question type."""
+    out = {"accuracy": reference_vlm.accuracy(predictions, questions), "n": len(questions)}
+    groups = {"images": [False], "videos": [True]}
+    for name, kinds in groups.items():
+        pairs = [(p, q) for p, q in zip(predictions, questions) if q.video in kinds]
+        if pairs:
+            out[name] = sum(p == q.answer for p, q in pairs) / len(pairs)
+    for qtype in scenes_multi.TYPES:
+        pairs = [(p, q) for p, q in zip(predictions, questions) if q.type == qtype]
+        if pairs:
+            out[qtype] = round(sum(p == q.answer for p, q in pairs) / len(pairs), 4)
+    return out
+
+
+def _say(args, text: str) -> None:
+    if not args.quiet:
+        print(text, file=sys.stderr)
+
+
+def _log(args, record: dict) -> None:
+    with open(Path(args.work) / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(args) -> Run:
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    run = Run(args)
+    budget = math.inf if args.minutes is None else args.minutes * 60.0
+    validation = validation_set(args.validation)
+    bar = tqdm(desc="ref-vlm", total=args.steps, initial=run.step, disable=args.quiet, unit="step")
+    last_save = last_eval = time.perf_counter()
+    losses, hits = [], []
+    while run.step < args.steps and run.elapsed < budget:
+        start, cpu = time.perf_counter(), time.process_time()
+        loss, hit = run.train_step()
+        run.elapsed += time.perf_counter() - start
+        run.cpu += time.process_time() - cpu
+        losses, hits = [*losses[-49:], loss], [*hits[-49:], hit]
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", acc=f"{sum(hits) / len(hits):.2f}")
+        record = {"step": run.step, "loss": loss, "train_accuracy": hit, "elapsed": round(run.elapsed, 1)}
+        record["cpu"] = round(run.cpu, 1)  # process CPU seconds: about the wall time on an idle machine
+        if time.perf_counter() - last_eval > args.eval_minutes * 60:
+            record["validation"] = run.evaluate(validation)
+            bar.write(f"step {run.step}: validation {json.dumps(record['validation'])}")
+            last_eval = time.perf_counter()
+        if time.perf_counter() - last_save > CHECKPOINT_EVERY:
+            run.save()
+            last_save = time.perf_counter()
+        if run.step % 10 == 0 or "validation" in record:
+            _log(args, record)
+    bar.close()
+    run.save()
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        start = time.perf_counter()
+        run = train(args)
+        out = Path(args.out) if args.out else reference_vlm.WEIGHTS
+        run.model.eval()
+        final = {"step": run.step, "elapsed": round(run.elapsed, 1)}
+        final["validation"] = run.evaluate(validation_set(args.validation))
+        if not args.no_held_out:
+            final["held_out"] = run.evaluate(scenes_multi.held_out())
+        reference_vlm.save(run.model, run.processor, out)
+        _log(args, {"final": final})
+        size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+        _say(args, f"ref-vlm: {json.dumps(final)}")
+        _say(args, f"saved to {out} ({size:.1f} MB) in {(time.perf_counter() - start) / 60:.1f} min")
+        return 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

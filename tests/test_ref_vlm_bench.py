@@ -1,0 +1,123 @@
+"""ref-vlm's trainer (a few tiny steps that save, resume and load) and the pruning accuracy benchmark on a few
+held-out questions with random weights (what CI runs before trained weights exist): rows for every method and
+budget, the baselines' token counts, FLOPs falling with the budget, the files and the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from accel.bench import pruning_accuracy as pa
+from accel.bench.pruning_baselines import Baseline
+from accel.bench.pruning_report import markdown, write
+from accel.cli import main as cli_main
+from accel.zoo import reference_vlm, scenes_multi, train_vlm
+
+
+def test_training_smoke_saves_resumes_and_loads(tmp_path):
+    work, out = tmp_path / "work", tmp_path / "out"
+    common = ["--work", str(work), "--out", str(out), "--scenes", "2", "--questions", "2", "--validation", "3"]
+    common += ["--no-held-out", "--quiet"]
+    assert train_vlm.main([*common, "--steps", "2"]) == 0
+    assert torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert train_vlm.main([*common, "--steps", "3"]) == 0  # resumes: one more step
+    assert torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 3
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    finals = [r["final"] for r in records if "final" in r]
+    assert [f["step"] for f in finals] == [2, 3] and finals[-1]["validation"]["n"] == 3
+    model, processor = reference_vlm.load(out)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert len(reference_vlm.predict(model, processor, scenes_multi.held_out(1, 0))) == 1
+
+
+def test_learning_rate_warms_up_and_decays_and_curriculum_grows():
+    rates = [train_vlm.learning_rate(s, 1000, 1e-3) for s in (0, 50, 100, 500, 1000)]
+    assert rates[0] < rates[1] < rates[2] == pytest.approx(1e-3) and rates[3] < rates[2] and rates[4] < rates[3]
+    assert [train_vlm.max_shapes(s, 1000) for s in (0, 100, 500)] == [2, 3, None]
+
+
+@pytest.fixture(scope="module")
+def result():
+    names = ["accel", "accel no temporal", "accel cls score", "accel in_lm layer 1", "random keep", "uniform pooling"]
+    return pa.run_pruning(questions=4, weights="random", names=names, repeats=1, progress=False)
+
+
+def test_suite_rows_cover_every_method_and_budget(result):
+    assert result["weights"] == "random" and result["questions"] == 4 and result["videos"] == 1
+    rows = {(r["method"], r["keep_ratio"]): r for r in result["rows"]}
+    assert rows[("keep-all", 1.0)]["tokens_kept_per_image"] == 256
+    assert rows[("keep-all", 1.0)]["tokens_kept_per_video"] == 512
+    for name in ("accel", "accel no temporal", "accel in_lm layer 1", "random keep", "uniform pooling"):
+        for ratio in pa.RATIOS:
+            row = rows[(name, ratio)]
+            assert row["status"] == "ok" and 0 <= row["accuracy"] <= 1
+            assert row["tokens_kept_per_image"] == pytest.approx(256 * ratio, abs=1)
+            assert {"prefill_ms_image", "prefill_ms_video", "share_of_keep_all"} <= set(row) or row["accuracy"] == 0
+    assert rows[("accel cls score", 0.25)]["status"].startswith("unsupported: ")
+    flops = [rows[("accel", r)]["prefill_gflops_image"] for r in (0.5, 0.25, 0.125)]
+    assert rows[("keep-all", 1.0)]["prefill_gflops_image"] > flops[0] > flops[1] > flops[2]
+    # FastV-style pruning runs its first layer on every token: more FLOPs than pruning before the LM
+    assert rows[("accel in_lm layer 1", 0.25)]["prefill_gflops_image"] > rows[("accel", 0.25)]["prefill_gflops_image"]
+    # temporal folding merges the static background before the budget: fewer video tokens than the budget
+    assert rows[("accel no temporal", 0.5)]["tokens_kept_per_video"] == 256
+
+
+def test_report_files_and_tables(result, tmp_path):
+    text = markdown(result)
+    assert "| keep-all |" in text and "| uniform pooling |" in text and "unsupported" in text
+    written = write(result, tmp_path)
+    assert json.loads((tmp_path / "pruning.json").read_text())["rows"] == result["rows"]
+    assert (tmp_path / "pruning.md").read_text() == text
+    assert written["plot"].endswith("pruning.png") and (tmp_path / "pruning.png").stat().st_size > 0
+
+
+def test_baselines_keep_the_budget_and_pool_blocks():
+    model, processor = reference_vlm.untrained(seed=0)
+    batch = reference_vlm.inputs(processor, scenes_multi.held_out(1, 0))
+    seen = {}
+
+    def capture(module, args, kwargs):
+        seen.update(kwargs)
+
+    lm = model.model.language_model
+    with torch.no_grad():
+        hook = lm.register_forward_pre_hook(capture, with_kwargs=True)
+        model(**batch)
+        hook.remove()
+        full = seen["inputs_embeds"].clone(), seen["position_ids"].clone()
+        with Baseline(model, "pooling", 0.25) as b:
+            hook = lm.register_forward_pre_hook(capture, with_kwargs=True)  # after the baseline's: sees its output
+            model(**batch)
+            hook.remove()
+    assert b.visual_kept == 64 and seen["inputs_embeds"].shape[1] == full[0].shape[1] - 192
+    start = int((batch["mm_token_type_ids"][0] > 0).nonzero()[0])
+    grid = full[0][0, start : start + 256].view(16, 16, -1)
+    torch.testing.assert_close(seen["inputs_embeds"][0, start], grid[:2, :2].reshape(4, -1).mean(0))
+    torch.testing.assert_close(seen["position_ids"][:, 0, start + 1], full[1][:, 0, start + 2])  # next block's first
+    with pytest.raises(ValueError, match="pooling takes"):
+        Baseline(model, "pooling", 0.3)
+
+
+def test_cli_suite_writes_its_folder(tmp_path, capsys):
+    args = ["bench", "--suite", "pruning", "--questions", "4", "--weights", "random", "--methods", "random keep"]
+    assert cli_main([*args, "--out", str(tmp_path), "--quiet", "--repeats", "1"]) == 0
+    assert "| random keep |" in capsys.readouterr().out
+    assert {p.name for p in tmp_path.iterdir()} >= {"pruning.json", "pruning.md"}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--suite", "pruning", "--family", "flux"], "drop --family/--pipeline/--attention"),
+        (["bench", "--suite", "pruning", "--methods", "nope"], "unknown pruning method 'nope'"),
+        (["bench", "--suite", "pruning", "--questions", "2"], "at least 4"),
+        (["bench", "--suite", "pruning", "--seeds", "2"], "--seeds: only with --suite fidelity"),
+        (["bench", "--family", "flux", "--questions", "3"], "--questions: only with --suite pruning"),
+    ],
+)
+def test_cli_suite_mistakes_are_one_line_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("accel: error: ") and message in err and "\n" not in err
