@@ -201,3 +201,51 @@ def test_local_folder(client):
     baseline, accelerated, metrics = compare(client, folder, {"preset": "lossless", "steps": 2, "size": 32})
     assert metrics["model"] == folder and metrics["kind"] == "image" and metrics["psnr"] == "inf"
     assert metrics["baseline"]["passes_computed"] == 2  # diffusers' FluxPipeline default: no true CFG
+
+
+def _llava_folder(folder: Path) -> str:
+    """The tiny LLaVA of the zoo saved with a processor (word-level tokenizer over its 256 ids, CLIP image
+    processor at its 56 px), so that AutoProcessor + AutoModelForImageTextToText load it as a real VLM."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    from accel import zoo
+    from accel.zoo._vlm_inputs import IMAGE_TOKEN_ID, VOCAB_SIZE
+
+    words = ["<pad>", "<s>", "</s>", *(f"w{i}" for i in range(3, VOCAB_SIZE))]
+    words[IMAGE_TOKEN_ID] = "<image>"
+    core = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="w3"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="w3")
+    tokenizer.add_tokens(["<image>"], special_tokens=True)  # so that 16 "<image>" in a row split
+    template = (
+        "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
+        "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
+    )
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}),
+        tokenizer=tokenizer,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS
+        chat_template=template,
+    )
+    zoo.build("llava").obj.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return str(folder)
+
+
+def test_local_vlm_folder_with_an_image(client, tmp_path):
+    from PIL import Image
+
+    folder = _llava_folder(tmp_path / "llava")
+    picture = tmp_path / "red.png"
+    Image.new("RGB", (80, 60), "red").save(picture)
+    settings = {"prune": True, "prune_keep": 4, "new_tokens": 5}
+    baseline, accelerated, metrics = compare(
+        client, folder, settings, prompt="w5 w6 w7", image=client_lib.handle_file(str(picture))
+    )
+    answer = Path(baseline).read_text().split()
+    assert len(answer) == 5 and all(word.startswith("w") for word in answer)  # decoded by the tokenizer
+    assert metrics["accelerated"]["visual_tokens_kept"] == "4/16" and 0 <= metrics["token_agreement"] <= 1

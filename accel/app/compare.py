@@ -14,6 +14,7 @@ table and the `compare` API endpoint show (their meaning is in docs/app.md):
                             answer and tokens (VLMs), visual_tokens_kept (VLMs with pruning)
     speedup                 baseline seconds / accelerated seconds
     psnr, ssim              of the accelerated pixels against the baseline's; psnr "inf" when identical
+    lpips                   LPIPS (AlexNet) distance when the lpips package and its weights are on this machine
     token_agreement         VLMs: share of generated positions where both sides chose the same token
     applied, skipped, warnings, report   from the accelerated side's `handle.report()` (report: to_dict())
 """
@@ -155,13 +156,14 @@ def _metrics(model, settings, request, baseline: Side, accelerated: Side, patch_
         "speedup": baseline.seconds / accelerated.seconds if accelerated.seconds > 0 else None,
         "psnr": None,
         "ssim": None,
+        "lpips": None,
         "token_agreement": None,
     }
     if model.kind == "vlm":
         doc["token_agreement"] = metrics.token_agreement(baseline.output.tokens, accelerated.output.tokens)
     else:
-        doc["psnr"] = metrics.psnr(accelerated.output.pixels, baseline.output.pixels)
-        doc["ssim"] = metrics.ssim(accelerated.output.pixels, baseline.output.pixels)
+        pair = (accelerated.output.pixels, baseline.output.pixels)
+        doc["psnr"], doc["ssim"], doc["lpips"] = metrics.psnr(*pair), metrics.ssim(*pair), metrics.lpips_or_none(*pair)
     doc["applied"] = [f"{a.accelerator}: {a.detail}" for a in report.applied]
     doc["skipped"] = [f"{s.accelerator}: {s.reason}" for s in report.skipped]
     doc["warnings"] = list(report.warnings)

@@ -12,7 +12,7 @@ from accel.app.models import KINDS, builtin_names
 from accel.app.pool import ModelPool
 from accel.app.service import Service
 from accel.app.settings import Settings
-from accel.app.ui_tab import TITLES, build_tab, control_updates, default_model, dependent_outputs, wire
+from accel.app.ui_tab import TITLES, build_tab, control_updates, default_model, dependent_outputs, log, wire
 from accel.errors import AccelError
 
 INTRO = """\
@@ -89,6 +89,9 @@ def _api_endpoint(service: Service, concurrency: int) -> None:
             raise gr.Error(str(err), print_exception=False) from None
         except TypeError as err:  # a setting of the wrong type, e.g. {"steps": "many"}
             raise gr.Error(f"bad settings: {err}", print_exception=False) from None
+        except Exception as err:
+            log.exception("comparison failed")
+            raise gr.Error(f"the comparison failed: {type(err).__name__}: {err}") from None
         return baseline, accelerated, result.metrics
 
     button.click(compare, inputs, outputs, api_name="compare", concurrency_limit=concurrency, concurrency_id="compare")

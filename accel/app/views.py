@@ -44,6 +44,8 @@ def table(metrics: dict) -> list[list[str]]:
         rows.append(["denoiser passes computed / reused", _passes(base), _passes(acc)])
         rows.append(["PSNR vs baseline (dB)", "-", _num(metrics["psnr"], 2)])
         rows.append(["SSIM vs baseline", "-", _num(metrics["ssim"], 4)])
+        if metrics.get("lpips") is not None:
+            rows.append(["LPIPS vs baseline", "-", _num(metrics["lpips"], 4)])
     if base["prompt_accuracy"] is not None or acc["prompt_accuracy"] is not None:
         rows.append(["prompt accuracy", _num(base["prompt_accuracy"], 2), _num(acc["prompt_accuracy"], 2)])
     return rows
