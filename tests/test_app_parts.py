@@ -113,7 +113,7 @@ def test_controls_follow_the_model(demo):
     finally:
         model.capabilities["attention:int8"] = None
     assert "random weights" in updates[tab.note]["value"]
-    assert "INT8 attention: INT8 attention needs a CUDA GPU" in updates[tab.why]["value"]
+    assert "- INT8 attention needs a CUDA GPU (as without one)" in updates[tab.why]["value"]
     choices = [value for _, value in updates[tab.controls["attention"]]["choices"]]
     assert "int8" not in choices and "sdpa" in choices and "default" in choices
     assert updates[tab.controls["cache"]]["interactive"] is True

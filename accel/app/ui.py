@@ -25,6 +25,28 @@ the accelerated side. Timings of the tiny models on a CPU say little about real 
 """
 
 
+# The two videos of the Video tab play, pause and seek together: whichever the user drives, the other follows.
+SYNC_VIDEOS = """
+() => {
+  const other = (video) => {
+    const box = video.closest('#accel-video-baseline, #accel-video-accelerated');
+    if (!box) return null;
+    const id = box.id === 'accel-video-baseline' ? 'accel-video-accelerated' : 'accel-video-baseline';
+    return document.querySelector(`#${id} video`);
+  };
+  for (const type of ['play', 'pause', 'seeked']) {
+    document.addEventListener(type, (event) => {
+      const follower = event.target instanceof HTMLVideoElement ? other(event.target) : null;
+      if (!follower) return;
+      if (Math.abs(follower.currentTime - event.target.currentTime) > 0.05) follower.currentTime = event.target.currentTime;
+      if (type === 'play' && follower.paused) follower.play().catch(() => {});
+      if (type === 'pause' && !follower.paused) follower.pause();
+    }, true);
+  }
+}
+"""
+
+
 def build_app(
     preload: str | None = None,
     max_models: int = 2,
@@ -60,6 +82,7 @@ def build_app(
         for tab in tabs:  # a preloaded model's controls show what applies from the start; nothing loads here
             show = lambda name, tab=tab: control_updates(tab, service.pool.peek(name))  # noqa: E731
             demo.load(show, tab.model, dependent_outputs(tab), api_visibility="private")
+        demo.load(None, js=SYNC_VIDEOS)
     demo.queue(default_concurrency_limit=max_models)
     # For embedding code and tests: the service (its pool and limits), the tabs' components, the session state.
     demo.accel = SimpleNamespace(service=service, tabs={tab.kind: tab for tab in tabs}, history=history)
@@ -98,8 +121,16 @@ def _api_endpoint(service: Service, concurrency: int) -> None:
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = None, share: bool = False, **kwargs):
-    """`demo.launch` with the upload limit of the app's `Limits` (refused before the upload is stored)."""
+    """`demo.launch` with the upload limit of the app's `Limits` (refused before the upload is stored). gradio gives
+    up when its own first request to the page takes over 3 s, which a loaded machine can make it do: that is tried
+    three times."""
     limits = demo.accel.service.limits
-    return demo.launch(
-        server_name=host, server_port=port, share=share, max_file_size=f"{limits.max_upload_mb}mb", **kwargs
-    )
+    for attempt in range(3):
+        try:
+            return demo.launch(
+                server_name=host, server_port=port, share=share, max_file_size=f"{limits.max_upload_mb}mb", **kwargs
+            )
+        except ValueError as err:
+            if "localhost is not accessible" not in str(err) or attempt == 2:
+                raise
+            demo.close()

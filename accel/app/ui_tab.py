@@ -124,8 +124,8 @@ def _outputs(tab: Tab) -> None:
     elif tab.kind == "video":
         with gr.Row():
             tab.shown = [
-                gr.Video(label="baseline", autoplay=True, loop=True, interactive=False),
-                gr.Video(label="accelerated", autoplay=True, loop=True, interactive=False),
+                gr.Video(label=side, autoplay=True, loop=True, interactive=False, elem_id=f"accel-video-{side}")
+                for side in ("baseline", "accelerated")
             ]
     else:
         with gr.Row():
@@ -151,8 +151,10 @@ def _outputs(tab: Tab) -> None:
     )
 
 
-def control_updates(tab: Tab, model: LoadedModel | None) -> list:
-    """Updates of [note, why, *controls that depend on the model]: unusable ones disabled, with the reason."""
+def control_updates(tab: Tab, model: LoadedModel | None, attention: str = "default") -> list:
+    """Updates of [note, why, *controls that depend on the model]: unusable ones disabled, the reasons listed
+    (a checkbox or radio carries its reason, the slider beside it is only disabled). The attention route stays
+    `attention` where the model can use it."""
     if model is None:
         return [gr.update()] * (2 + len(_dependent(tab)))
     caps = model.capabilities
@@ -160,19 +162,18 @@ def control_updates(tab: Tab, model: LoadedModel | None) -> list:
     updates = [gr.update(value=views.model_note(model))]
     for key in _dependent(tab):
         if key == "attention":
-            usable = [(ATTENTION_NAMES[k], k) for k in ("default", *ATTENTION) if caps.get(f"attention:{k}") is None]
-            reasons += [
-                f"{ATTENTION_NAMES[k]} attention: {caps[f'attention:{k}']}"
-                for k in ATTENTION
-                if caps.get(f"attention:{k}")
-            ]
-            updates.append(gr.update(choices=usable, value="default"))
+            usable = [k for k in ("default", *ATTENTION) if caps.get(f"attention:{k}") is None]
+            reasons += [caps[f"attention:{k}"] for k in ATTENTION if caps.get(f"attention:{k}")]
+            value = attention if attention in usable else "default"
+            updates.append(gr.update(choices=[(ATTENTION_NAMES[k], k) for k in usable], value=value))
             continue
         reason = caps.get(NEEDS[key])
-        if reason and not key.endswith(("_value", "_target", "_keep")):
-            reasons.append(f"{key}: {reason}")
-        info = quant_note(model) if key == "quant" else reason
+        main = not key.endswith(("_value", "_target", "_keep"))
+        if reason and main:
+            reasons.append(reason)
+        info = quant_note(model) if key == "quant" else reason if main else None
         updates.append(gr.update(interactive=reason is None, info=info))
+    reasons = list(dict.fromkeys(reasons))  # an attention route no model layer takes gives one reason per kernel
     why = "**Not available here:**\n" + "\n".join(f"- {r}" for r in reasons) if reasons else ""
     return [updates[0], gr.update(value=why), *updates[1:]]
 
@@ -197,17 +198,17 @@ def wire(tab: Tab, service: Service, history, concurrency: int) -> None:
             raise gr.Error(str(err), print_exception=False) from None
         return control_updates(tab, model)
 
-    def after_compare(name: str):
+    def after_compare(name: str, attention: str):
         loaded = name.strip() if isinstance(name, str) else None
         model = service.pool.peek(loaded) if loaded else None
-        return control_updates(tab, model)
+        return control_updates(tab, model, attention)
 
     inputs = {tab.model, tab.prompt, *tab.uploads, *tab.controls.values(), history}
     outputs = [*tab.shown, tab.summary, tab.table, tab.report, tab.details, tab.plot, history]
     common = dict(concurrency_limit=concurrency, concurrency_id="compare", api_visibility="private")
     tab.model.change(on_model, tab.model, dependent, **common)
     tab.button.click(_on_compare(tab, service, history), inputs, outputs, **common).then(
-        after_compare, tab.model, dependent, queue=False, api_visibility="private"
+        after_compare, [tab.model, tab.controls["attention"]], dependent, queue=False, api_visibility="private"
     )
 
 
