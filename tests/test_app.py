@@ -192,6 +192,18 @@ def test_local_folder(client):
     assert metrics["baseline"]["passes_computed"] == 2  # diffusers' FluxPipeline default: no true CFG
 
 
+def test_reference_vlm(client):
+    """ref-vlm (trained weights when shipped, else random ones) with its processor; without an upload it is asked
+    about a scene drawn from the seed."""
+    settings = {"prune": True, "prune_keep": 64, "new_tokens": 3, "seed": 2}
+    baseline, accelerated, metrics = compare(client, "ref-vlm", settings, prompt="how many shapes are there ?")
+    assert metrics["accelerated"]["visual_tokens_kept"] == "64/256"  # a 128 px scene: 256 visual tokens
+    assert [Path(p).read_text().strip() for p in (baseline, accelerated)] == [
+        metrics[side]["answer"].strip() for side in ("baseline", "accelerated")
+    ]
+    assert metrics["baseline"]["tokens"] and not metrics["baseline"]["answer"].startswith("token ids")
+
+
 def _llava_folder(folder: Path) -> str:
     """The tiny LLaVA of the zoo saved with a processor (word-level tokenizer over its 256 ids, CLIP image
     processor at its 56 px), so that AutoProcessor + AutoModelForImageTextToText load it as a real VLM."""

@@ -136,3 +136,18 @@ def test_page_handler(demo):
     assert details["settings"] == "fast" and len(history) == 1 and list(plot["speedup"]) == [history[0]["speedup"]]
     with pytest.raises(gr.Error, match="steps must be between 1 and 50, got 99"):
         _on_compare(tab, service, demo.accel.history)({**data, tab.controls["steps"]: 99})
+
+
+def test_page_handler_vlm(demo):
+    """The VLM tab's handler shows the scene ref-vlm was asked about (no upload) and both answers."""
+    from accel.app.ui_tab import _on_compare
+
+    tab, service = demo.accel.tabs["vlm"], demo.accel.service
+    data = {tab.model: "ref-vlm", tab.prompt: "how many shapes are there ?", demo.accel.history: []}
+    data.update({upload: None for upload in tab.uploads})
+    values = {"preset": "balanced", "attention": "default", "prune": False, "prune_keep": 64, "quant": False}
+    values.update(new_tokens=2, seed=3)
+    data.update({component: values[key] for key, component in tab.controls.items()})
+    picture, baseline, accelerated, summary, *_ = _on_compare(tab, service, demo.accel.history)(data)
+    assert picture.size == (128, 128) and baseline == accelerated  # nothing applies to a VLM in "balanced"
+    assert "token agreement **1.000**" in summary

@@ -2,8 +2,9 @@
 
 Three sources, one `LoadedModel` each:
 
-- the reference models (`accel.zoo.reference`: ref-flux makes images, ref-wan clips), trained on a toy domain of
-  coloured shapes; their prompts can be scored (`accel.bench.prompt_score`);
+- the reference models (`accel.zoo.reference`: ref-flux makes images, ref-wan clips, trained on a toy domain of
+  coloured shapes, their prompts scored by `accel.bench.prompt_score`; `accel.zoo.reference_vlm`: ref-vlm, a
+  Qwen2-VL with its processor answering questions about scenes of shapes);
 - the tiny random zoo (`accel.zoo.build`), named "tiny-random-<family>": real pipeline and model classes with
   tiny configs and random weights. They have no text encoder or processor, so they take no prompt (a diffusion
   pipeline gets fixed random prompt embeddings, a VLM seeded random tokens and pixels): they show what the
@@ -26,6 +27,7 @@ import torch
 
 KINDS = ("image", "video", "vlm")
 TINY_PREFIX = "tiny-random-"
+REFERENCE_VLM = "ref-vlm"  # accel.zoo.reference_vlm: a Qwen2-VL with its processor, on multi-shape scenes
 BASELINES_PER_MODEL = 16  # cached baseline outputs kept per loaded model
 
 
@@ -65,6 +67,7 @@ class Output:
     pixels: torch.Tensor | None = None  # float32 in [0, 1], on CPU
     tokens: list[int] | None = None  # VLM: the generated token ids
     text: str | None = None  # VLM: the decoded answer (token ids when the model has no tokenizer)
+    picture: Any = None  # VLM: the image it was asked about (PIL), when it read one
 
 
 @dataclass
@@ -98,7 +101,7 @@ def builtin_names(kind: str) -> list[str]:
     from accel.zoo import image, video, vlm
     from accel.zoo.reference import NAMES, reference
 
-    refs = [name for name in NAMES if reference(name).kind == kind]
+    refs = [name for name in NAMES if reference(name).kind == kind] + ([REFERENCE_VLM] if kind == "vlm" else [])
     builders = {"image": image.BUILDERS, "video": video.BUILDERS, "vlm": vlm.BUILDERS}[kind]
     return refs + [TINY_PREFIX + family for family in builders]
 
@@ -113,6 +116,8 @@ def load(name: str, device: torch.device) -> LoadedModel:
 
     if name in NAMES:
         return _reference(name, device)
+    if name == REFERENCE_VLM:
+        return _reference_vlm(device)
     if name.startswith(TINY_PREFIX) and builtin_kind(name):
         return _tiny(name)
     from accel.app.pretrained import load_pretrained
@@ -151,6 +156,33 @@ def _reference(name: str, device: torch.device) -> LoadedModel:
         note += " No trained weights were found, so it runs with random weights: its pictures are noise."
     frames = ref.frames if ref.kind == "video" else None
     return LoadedModel(name, ref.kind, "reference", pipe, run, ref.steps, ref.size, frames, note, device)
+
+
+def _reference_vlm(device: torch.device) -> LoadedModel:
+    import random
+
+    from accel.app.pretrained import chat_run
+    from accel.zoo import reference_vlm, scenes_multi
+
+    trained = (reference_vlm.WEIGHTS / "config.json").exists()
+    model, processor = reference_vlm.load(device=device) if trained else reference_vlm.untrained()
+    model.to(device)
+
+    def scene(seed: int):
+        from PIL import Image
+
+        pixels = scenes_multi.render(scenes_multi.sample_scene(random.Random(seed)))
+        return Image.fromarray(pixels.permute(1, 2, 0).numpy(), "RGB")
+
+    note = (
+        f"{REFERENCE_VLM}: a {type(model).__name__} trained here on scenes of coloured shapes (questions like "
+        "'how many shapes are there ?', 'what colour is the shape at the top left ?'). Without an upload it is "
+        "asked about a scene drawn from the seed."
+    )
+    if not trained:
+        note += " No trained weights were found, so it runs with random weights: its answers are noise."
+    run = chat_run(model, processor, device, picture=scene)
+    return LoadedModel(REFERENCE_VLM, "vlm", "reference", model, run, note=note, device=device)
 
 
 def _tiny(name: str) -> LoadedModel:

@@ -114,12 +114,23 @@ def _vlm(name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         raise ModelLoadError(f"{name!r} is not a vision-language model transformers can load: {err}") from None
     _check_supported(model, name)
 
+    run = chat_run(model, processor, device)
+    note = f"{name}: a {type(model).__name__} loaded with from_pretrained ({dtype}, {device})."
+    return LoadedModel(name, "vlm", "pretrained", model, run, note=note, device=device)
+
+
+def chat_run(model, processor, device: torch.device, picture=None):
+    """`run` of a VLM with a processor: the question (and the uploaded image or video) through the processor's
+    chat template, then greedy `generate`. `picture(seed)`, when given, is the image asked about when nothing
+    was uploaded."""
+
     def run(request: Request, label: str) -> Output:
-        content = []
-        if request.image is not None:
-            content.append({"type": "image", "image": request.image})
-        if request.video is not None:
-            content.append({"type": "video", "video": request.video})
+        image, video = request.image, request.video
+        if image is None and video is None and picture is not None:
+            image = picture(request.seed)
+        content = [{"type": "image", "image": image}] if image is not None else []
+        if video is not None:
+            content.append({"type": "video", "video": video})
         content.append({"type": "text", "text": request.prompt})
         inputs = processor.apply_chat_template(
             [{"role": "user", "content": content}],
@@ -130,7 +141,7 @@ def _vlm(name: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         ).to(device)
         out = model.generate(**inputs, max_new_tokens=request.new_tokens, do_sample=False)
         tokens = out[0, inputs["input_ids"].shape[1] :].tolist()
-        return Output(tokens=tokens, text=processor.decode(tokens, skip_special_tokens=True))
+        shown = image if image is not None else (video[0] if video else None)
+        return Output(tokens=tokens, text=processor.decode(tokens, skip_special_tokens=True), picture=shown)
 
-    note = f"{name}: a {type(model).__name__} loaded with from_pretrained ({dtype}, {device})."
-    return LoadedModel(name, "vlm", "pretrained", model, run, note=note, device=device)
+    return run

@@ -22,7 +22,7 @@ TITLES = {"image": "Image", "video": "Video", "vlm": "VLM"}
 PROMPTS = {
     "image": "a red circle on a navy background",
     "video": "a yellow square on a black background moving right",
-    "vlm": "What is in the picture?",
+    "vlm": "how many shapes are there ?",
 }
 ATTENTION_NAMES = {
     "default": "model's own",
@@ -128,8 +128,10 @@ def _outputs(tab: Tab) -> None:
                 for side in ("baseline", "accelerated")
             ]
     else:
+        asked = gr.Image(label="what the model was asked about", interactive=False, height=256)
         with gr.Row():
             tab.shown = [
+                asked,
                 gr.Textbox(label="baseline answer", lines=3, interactive=False),
                 gr.Textbox(label="accelerated answer", lines=3, interactive=False),
             ]
@@ -245,7 +247,7 @@ def _shown(tab: Tab, service: Service, model: LoadedModel, result) -> list:
     from accel.app import media
 
     if tab.kind == "vlm":
-        return [result.baseline.output.text, result.accelerated.output.text]
+        return [result.baseline.output.picture, result.baseline.output.text, result.accelerated.output.text]
     if tab.kind == "image":
         pixels = result.baseline.output.pixels
         scale = media.display_scale(pixels)
