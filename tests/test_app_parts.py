@@ -46,6 +46,12 @@ def test_import_is_lazy(monkeypatch):
     `import gradio` failing (monkeypatch puts the modules back afterwards)."""
     import importlib
 
+    import accel
+    import accel.cli
+
+    monkeypatch.setattr(accel, "app", sys.modules["accel.app"])  # the package attributes come back too
+    if "accel.cli.app" in sys.modules:
+        monkeypatch.setattr(accel.cli, "app", sys.modules["accel.cli.app"])
     for name in [n for n in sys.modules if n.startswith("accel.app") or n == "accel.cli.app"]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "gradio", None)
