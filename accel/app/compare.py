@@ -4,7 +4,7 @@ Under the model's lock (one job per model at a time), the baseline is taken from
 (prompt, seed, steps, size, frames, new tokens, upload) ran before, else run unpatched and cached; then the model
 is patched with the settings' keywords, run, and unpatched again (`accel.bench.harness.applied`, which unpatches
 on errors too), so nothing of one request's accelerators is left for the next. The metrics are the JSON the page's
-table and the `compare` API endpoint show (their meaning is in docs/app.md):
+table and the `compare` API endpoint show (their meaning is in README.md, "The app"):
 
     model, kind, settings (its label), patch (the accel.patch keywords, as text)
     baseline, accelerated   seconds (wall time of the pipeline call or generate), peak_memory_mb (CUDA: peak

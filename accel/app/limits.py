@@ -1,7 +1,7 @@
 """What one request may ask for, and the messages it gets when it asks for more.
 
 The app runs on a shared machine, so every input is bounded. A request outside the bounds is refused before any
-model runs, with one of these messages (docs/app.md lists them; `AppInputError` carries them to the page and to
+model runs, with one of these messages (README.md, "The app" lists them; `AppInputError` carries them to the page and to
 `gradio_client`, which raises it as `AppError` with the same text):
 
     steps must be between 1 and {max_steps}, got {value}

@@ -26,7 +26,7 @@ def _passes(side: dict) -> str:
 
 
 def table(metrics: dict) -> list[list[str]]:
-    """Rows of the metrics table (docs/app.md says what each means)."""
+    """Rows of the metrics table (README.md, "The app" says what each means)."""
     base, acc = metrics["baseline"], metrics["accelerated"]
     rows = [
         [
