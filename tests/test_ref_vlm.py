@@ -96,12 +96,14 @@ def test_packed_training_forward_matches_one_prompt_at_a_time(untrained):
     model, processor = untrained
     batch = td.make_batch(0, 2, scenes=2, per_scene=3, video_share=0.0)
     with torch.no_grad():
-        packed = td.packed_forward(model, batch)
+        packed, features = td.packed_forward(model, batch)
         single = model(**reference_vlm.inputs(processor, batch.questions)).logits[:, -1]
     answer_at = (batch.labels != td.IGNORE).int().argmax(1)
     rows = torch.arange(len(batch.questions))
     torch.testing.assert_close(packed.logits[rows, answer_at - 1], single, atol=1e-5, rtol=1e-4)
     assert torch.isfinite(packed.loss)
+    assert features.shape == (2 * reference_vlm.IMAGE_TOKENS, model.config.text_config.hidden_size)
+    assert torch.isfinite(td.token_loss(model, features, batch.targets))
 
 
 def test_saved_folder_loads_offline_with_from_pretrained(untrained, tmp_path, monkeypatch):
@@ -142,3 +144,19 @@ def test_accel_pruning_patches_ref_vlm_and_reports_what_it_kept(untrained, patch
     assert last["sequence_out"] < last["sequence_in"]
     if where == "before_lm":  # the static background folds into the first temporal patch
         assert last["video_tokens_merged"] > 0
+
+
+def test_token_targets_name_what_each_visual_token_shows():
+    scene = scenes_multi.MultiScene(
+        "navy", False, (scenes_multi.Placed("cyan", "ring", 1, 0.75, 0.25, 0.3, "up"),), video=True
+    )
+    targets = td.token_targets(scene)
+    assert all(t.shape == (reference_vlm.VIDEO_TOKENS,) for t in targets.values())
+    first = {k: v[:256].view(16, 16) for k, v in targets.items()}
+    words = {k: list(v) for k, v in td.TOKEN_WORDS.items()}
+    assert words["colour"][first["colour"][0, 0]] == "navy" and first["shape"][0, 0] == td.IGNORE
+    hit = first["shape"] != td.IGNORE
+    assert hit.any() and not hit[:, :8].any() and not hit[8:].any()  # only in the top-right cell
+    assert {words["colour"][i] for i in first["colour"][hit].tolist()} == {"cyan"}
+    assert {words["shape"][i] for i in first["shape"][hit].tolist()} == {"ring"}
+    assert {words["motion"][i] for i in first["motion"][hit].tolist()} == {"up"}

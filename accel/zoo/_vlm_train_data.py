@@ -17,13 +17,14 @@ Everything is drawn from a string-seeded `random.Random` per step, so a resumed 
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
 import torch
 
 from accel.zoo import _vlm_processor as vp
-from accel.zoo import scenes_multi
+from accel.zoo import scenes_multi, shapes
 
 IGNORE = -100
 
@@ -36,11 +37,16 @@ class Batch:
     labels: torch.Tensor  # [scenes * per_scene, L] the answer and its <|im_end|>, else IGNORE
     questions: list[scenes_multi.Question]  # row order: per_scene rows for each scene in turn
     per_scene: int
+    targets: dict[str, torch.Tensor]  # per visual token, in the merger's output order: see `token_targets`
 
     def to(self, device) -> Batch:
-        prefix = {k: v.to(device) for k, v in self.prefix.items()}
+        moved = {name: getattr(self, name) for name in ("ids", "mask", "labels")}
         return Batch(
-            prefix, self.ids.to(device), self.mask.to(device), self.labels.to(device), self.questions, self.per_scene
+            prefix={k: v.to(device) for k, v in self.prefix.items()},
+            **{k: v.to(device) for k, v in moved.items()},
+            questions=self.questions,
+            per_scene=self.per_scene,
+            targets={k: v.to(device) for k, v in self.targets.items()},
         )
 
 
@@ -49,13 +55,9 @@ def _ids(words: list[str]) -> list[int]:
     return [index.get(w, index[vp.UNK]) for w in words]
 
 
-_INDEX: dict[str, int] = {}
-
-
+@functools.cache
 def _index() -> dict[str, int]:
-    if not _INDEX:
-        _INDEX.update({token: i for i, token in enumerate(vp.vocabulary())})
-    return _INDEX
+    return {token: i for i, token in enumerate(vp.vocabulary())}
 
 
 def prefix_ids(video: bool, tokens: int) -> list[int]:
@@ -68,6 +70,45 @@ def question_ids(question: scenes_multi.Question) -> tuple[list[int], list[int]]
     prompt = _ids([*question.text.split(), "<|im_end|>", "<|im_start|>", "assistant"])
     answer = _ids([question.answer, "<|im_end|>"])
     return prompt + answer, [IGNORE] * len(prompt) + answer
+
+
+# What each visual token is taught to show (`token_loss`): the words it is scored against, in this order.
+TOKEN_WORDS = {
+    "colour": (*shapes.COLOURS, *shapes.BACKGROUNDS),  # a shape's colour, or the background's name
+    "shape": shapes.SHAPES,  # the shape it belongs to (background tokens: no target)
+    "motion": shapes.MOTIONS,  # videos: the way its shape moves
+}
+
+
+def token_targets(scene: scenes_multi.MultiScene) -> dict[str, torch.Tensor]:
+    """Per visual token of `scene` (raster order per temporal patch, as the merger outputs them): the index in
+    `TOKEN_WORDS[name]` of what it shows, IGNORE where it has none."""
+    owner = scenes_multi.owners(scene, vp.PATCH * vp.MERGE, group=vp.TEMPORAL).flatten()
+    items = scene.items
+    background = len(shapes.COLOURS) + list(shapes.BACKGROUNDS).index(scene.background)
+    colour = [list(shapes.COLOURS).index(i.colour) for i in items]
+    shape = [shapes.SHAPES.index(i.shape) for i in items]
+    motion = [shapes.MOTIONS.index(i.motion) if i.motion else IGNORE for i in items]
+
+    def pick(values: list[int], none: int) -> torch.Tensor:
+        table = torch.tensor([*values, none])  # index -1 (no shape) takes the last entry
+        return table[owner]
+
+    return {"colour": pick(colour, background), "shape": pick(shape, IGNORE), "motion": pick(motion, IGNORE)}
+
+
+def token_loss(model, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of each visual token's features (the merger's output, what the LM reads) against the (tied)
+    word embeddings of `TOKEN_WORDS`: it teaches the vision tower to put a token's colour, shape and motion where
+    the language model already has the words for them, the grounding a question-only loss finds slowly."""
+    embeddings = model.get_input_embeddings().weight
+    losses = []
+    for name, words in TOKEN_WORDS.items():
+        target = targets[name]
+        if bool((target != IGNORE).any()):
+            logits = features @ embeddings[_ids(list(words))].T
+            losses.append(torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE))
+    return torch.stack(losses).mean()
 
 
 def pick_questions(rng: random.Random, scene: scenes_multi.MultiScene, n: int) -> list[scenes_multi.Question]:
@@ -127,13 +168,16 @@ def make_batch(
         ids[i, : len(row)] = torch.tensor(row)
         mask[i, : len(row)] = 1
         labels[i, : len(row)] = torch.tensor(label)
-    return Batch(prefix_inputs(drawn), ids, mask, labels, questions, per_scene)
+    targets = [token_targets(scene) for scene in drawn]
+    targets = {name: torch.cat([t[name] for t in targets]) for name in TOKEN_WORDS}
+    return Batch(prefix_inputs(drawn), ids, mask, labels, questions, per_scene, targets)
 
 
 def packed_forward(model, batch: Batch, with_loss: bool = True):
-    """The model's output on the question rows of `batch`, each after its scene's prefix (run once, its KV cache
-    repeated per question): the real class's forward twice, with the M-RoPE positions generate() would give the
-    rows (text positions continue from the prefix's `get_rope_index`)."""
+    """(output, visual features): the model's output on the question rows of `batch`, each after its scene's prefix
+    (run once, its KV cache repeated per question), the real class's forward twice, with the M-RoPE positions
+    generate() would give the rows (text positions continue from the prefix's `get_rope_index`); and the merger's
+    output of the prefix (every visual token, what the language model reads)."""
     from accel._transformers_compat import cache_kwarg_name, output_cache
 
     p = batch.prefix
@@ -141,18 +185,24 @@ def packed_forward(model, batch: Batch, with_loss: bool = True):
     _, deltas = model.model.get_rope_index(
         p["input_ids"], p["mm_token_type_ids"], attention_mask=p["attention_mask"], **grids
     )
-    prefix = model(**p, use_cache=True, logits_to_keep=1)
+    features = []
+    hook = model.model.visual.merger.register_forward_hook(lambda module, args, out: features.append(out))
+    try:
+        prefix = model(**p, use_cache=True, logits_to_keep=1)
+    finally:
+        hook.remove()
     cache = output_cache(prefix)
     cache.batch_repeat_interleave(batch.per_scene)
     mask = torch.cat([p["attention_mask"].repeat_interleave(batch.per_scene, 0), batch.mask], 1)
     text = (mask.cumsum(-1) - 1)[:, -batch.ids.shape[1] :] + deltas.view(-1, 1).repeat_interleave(batch.per_scene, 0)
-    return model(
+    out = model(
         input_ids=batch.ids,
         attention_mask=mask,
         position_ids=text[None].expand(3, -1, -1),
         labels=batch.labels if with_loss else None,
         **{cache_kwarg_name(model): cache},
     )
+    return out, features[0]
 
 
 def answer_hits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:

@@ -107,29 +107,57 @@ def sample_scene(rng: random.Random, video: bool = False, count: int | None = No
     return MultiScene(background, gradient, tuple(items), video)
 
 
-def _frame(scene: MultiScene, size: int, t: float) -> torch.Tensor:
-    """One frame at clip time `t` in [-0.5, 0.5] (0 for an image): the background, then each shape over it."""
-    base = shapes.Scene(scene.items[0].colour, scene.items[0].shape, scene.background, scene.gradient)
-    image = shapes._background(base, size)
+def _alphas(scene: MultiScene, size: int, t: float) -> list[torch.Tensor]:
+    """Each shape's coverage [size, size] in [0, 1] at clip time `t` in [-0.5, 0.5] (0 for an image)."""
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    out = []
     for item in scene.items:
         dx, dy = shapes.DIRECTIONS[item.motion] if item.motion else (0.0, 0.0)
         cx, cy = item.cx + dx * VIDEO_TRAVEL * t, item.cy + dy * VIDEO_TRAVEL * t
         distance = shapes._signed_distance(
             item.shape, coords.view(1, size) - cx, coords.view(size, 1) - cy, item.size / 2
         )
-        alpha = (0.5 - distance * size).clamp(0, 1)  # the one-pixel anti-aliased edge of accel.zoo.shapes
+        out.append((0.5 - distance * size).clamp(0, 1))  # the one-pixel anti-aliased edge of accel.zoo.shapes
+    return out
+
+
+def _times(frames: int) -> list[float]:
+    return [i / (frames - 1) - 0.5 for i in range(frames)] if frames > 1 else [0.0]
+
+
+def _frame(scene: MultiScene, size: int, t: float) -> torch.Tensor:
+    """One frame: the background, then each shape over it."""
+    base = shapes.Scene(scene.items[0].colour, scene.items[0].shape, scene.background, scene.gradient)
+    image = shapes._background(base, size)
+    for item, alpha in zip(scene.items, _alphas(scene, size, t)):
         colour = torch.tensor(shapes.COLOURS[item.colour]).view(3, 1, 1)
         image = image + alpha * (colour - image)
     return image
+
+
+def owners(scene: MultiScene, cell: int, size: int = SIZE, frames: int = FRAMES, group: int = 2) -> torch.Tensor:
+    """Which shape each `cell` x `cell` pixel block shows: [T, size/cell, size/cell] indices into `scene.items`, -1
+    where no shape covers a quarter of the block. A video's frames are averaged in groups of `group` (T of them);
+    an image has T = 1. Shapes drawn later win where they overlap, as in `render`."""
+    times = _times(frames) if scene.video else [0.0]
+    steps = []
+    for start in range(0, len(times), group if scene.video else 1):
+        chunk = times[start : start + group]
+        maps = [sum(a) / len(chunk) for a in zip(*(_alphas(scene, size, t) for t in chunk))]
+        cover = torch.stack(maps)  # [items, size, size]
+        for i in range(len(maps) - 1):  # what later shapes hide of earlier ones
+            cover[i] = cover[i] * (1 - cover[i + 1 :].amax(0))
+        pooled = torch.nn.functional.avg_pool2d(cover[:, None], cell)[:, 0]
+        best = pooled.max(0)
+        steps.append(torch.where(best.values >= 0.25, best.indices, -1))
+    return torch.stack(steps)
 
 
 def render(scene: MultiScene, size: int = SIZE, frames: int = FRAMES) -> torch.Tensor:
     """uint8 pixels: [3, size, size] for an image, [frames, 3, size, size] for a video (what a camera gives and
     what the processor rescales by 1/255)."""
     if scene.video:
-        times = [i / (frames - 1) - 0.5 for i in range(frames)] if frames > 1 else [0.0]
-        pixels = torch.stack([_frame(scene, size, t) for t in times])
+        pixels = torch.stack([_frame(scene, size, t) for t in _times(frames)])
     else:
         pixels = _frame(scene, size, 0.0)
     return (pixels * 255).round().clamp(0, 255).to(torch.uint8)
