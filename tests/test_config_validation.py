@@ -54,6 +54,7 @@ BAD = {
         "stride": [8.0, None, 0, -8, 7],
         "reorder": [None, 1, "spiral"],
         "int8": [1, "yes"],
+        "remainder": [1, "yes", None],
     },
     PruneConfig: {
         "keep": [2.5, True, "64", 0, -1],
