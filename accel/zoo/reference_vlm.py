@@ -8,7 +8,9 @@ tokenizer with Qwen2-VL's special tokens and chat template, Qwen2-VL image and v
   4-frame videos (2 temporal patches) = 512 tokens; budgets of 64/128 tokens are a real choice.
   (Qwen2-VL's 14-pixel patches merged 2x2 would need 448x448 images and a ViT over 1024 patches for the same
   256 tokens, four times the vision cost on a CPU.)
-* ViT: 2 blocks of width 64; language model: 3 layers of width 128, 4 heads of 32 (2 KV heads). M-RoPE sections
+* ViT: 4 blocks of width 64 (cheap at 256 patches: 4 instead of 2 blocks cost no measurable step time and
+  answered 44% of the training questions at step 400 instead of 35%); language model: 3 layers of width 128,
+  4 heads of 32 (2 KV heads). 0.77M parameters, 1.5 MB in float16. M-RoPE sections
   (2, 7, 7) with rope_theta 20: in a 32-wide head the height and width bands get 7 frequencies each that turn
   visibly over 16 rows/columns (at Qwen2-VL's theta 1e6 the width band would hardly turn at all), which is how
   the language model tells left from right.
@@ -32,7 +34,7 @@ from accel.zoo._base import UnknownModelError, seeded
 
 NAME = "ref-vlm"
 WEIGHTS = Path(__file__).parent / "weights" / NAME
-VISION = dict(depth=2, embed_dim=64, num_heads=2, mlp_ratio=2)
+VISION = dict(depth=4, embed_dim=64, num_heads=2, mlp_ratio=2)
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
 ROPE = {"rope_type": "default", "rope_theta": 20.0, "mrope_section": [2, 7, 7]}
 IMAGE_TOKENS = (scenes_multi.SIZE // vp.PATCH // vp.MERGE) ** 2  # 256 visual tokens per image
