@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from accel.attention import pattern
+from accel.attention import pattern, sparse_estimate
 from accel.attention.pattern import (
     METHODS,
     block_mass_exact,
@@ -89,6 +89,9 @@ def test_search_keeps_target_mass(reordered, method, target):
     assert sparsity > 0.75  # the structure is really exploited
     if method == "exact":
         assert kept.min() >= target - 1e-5
+    elif method == "rows":  # exact rows, 4 of each block's 32: right on average; a block whose unsampled rows
+        assert kept.mean() >= target - 0.01  # need other keys than its sampled ones falls short (0.74 at 0.9)
+        assert kept.min() >= target - 0.2
     elif method == "antidiagonal":
         assert kept.mean() >= target
         assert kept.min() >= target - 0.06
@@ -167,15 +170,68 @@ def test_default_tile_fits_block_within_grid():
     assert default_tile(2, 2, 2, 128) == (2, 2, 2)
 
 
-@pytest.mark.parametrize("method", ["antidiagonal", "exact"])
+@pytest.mark.parametrize("method", ["rows", "antidiagonal", "exact"])
 def test_chunked_search_equals_one_shot(monkeypatch, method):
     q, k = synthetic_qk(LatentGrid(2, 8, 8), noise=1.0)
     valid = torch.rand(1, 128, generator=torch.Generator().manual_seed(0)) < 0.9
     kw = dict(sm_scale=0.2, key_valid=valid)
     one = pattern.block_mass(method, q, k, 32, 16, **kw)
-    monkeypatch.setattr(pattern, "CHUNK_ELEMENTS", 1)  # one query block per chunk
+    monkeypatch.setattr(sparse_estimate, "CHUNK_ELEMENTS", 1)  # one query block per chunk
     torch.testing.assert_close(pattern.block_mass(method, q, k, 32, 16, **kw), one)
     torch.testing.assert_close(one.sum(-1), torch.ones_like(one[..., 0]))
+
+
+def test_sampled_rows_estimate():
+    """Every stride-th row of each block (a ragged last block keeps one); at stride 1 the estimate is exact."""
+    assert pattern.sampled_rows(40, 16, 4).tolist() == [2, 6, 10, 14, 18, 22, 26, 30, 34, 38]
+    assert pattern.sampled_rows(34, 16, 8).tolist() == [4, 12, 20, 28, 32]
+    q, k = synthetic_qk(LatentGrid(2, 4, 9), noise=1.0)  # 72 tokens: a ragged last block
+    valid = torch.rand(1, 72, generator=torch.Generator().manual_seed(2)) < 0.8
+    kw = dict(sm_scale=0.2, key_valid=valid)
+    exact = block_mass_exact(q, k, 16, 16, **kw)
+    torch.testing.assert_close(pattern.block_mass_rows(q, k, 16, 16, stride=1, **kw), exact)
+    sampled = pattern.block_mass_rows(q, k, 16, 16, stride=4, **kw)
+    torch.testing.assert_close(sampled.sum(-1), torch.ones_like(sampled[..., 0]))
+    rows = pattern.sampled_rows(72, 16, 4)
+    one_row = block_mass_exact(q[:, :, rows[:1]], k, 1, 16, **kw)[:, :, 0]
+    torch.testing.assert_close(
+        pattern.block_mass_rows(q[:, :, : 1 + int(rows[0])], k, 16, 16, stride=4, **kw)[:, :, 0], one_row
+    )
+
+
+def test_stand_in_error_of_sampled_rows_is_the_remainders_error():
+    """The error `block_mass_rows` ranks by, written out for one (query block, key block): summed over the
+    block's sampled rows, |exact share of the output - stand-in's share| with the key block's visible mean key
+    and value, weighted by their count, under the row's full softmax (GQA, key padding)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (
+        torch.randn(1, 4, 40, 8, generator=g),
+        torch.randn(1, 2, 40, 8, generator=g),
+        torch.randn(1, 2, 40, 8, generator=g),
+    )
+    valid = torch.rand(1, 40, generator=g) < 0.8
+    mass, error = pattern.block_mass_rows(q, k, 16, 16, sm_scale=0.3, stride=4, key_valid=valid, value=v)
+    torch.testing.assert_close(mass, pattern.block_mass_rows(q, k, 16, 16, sm_scale=0.3, stride=4, key_valid=valid))
+    head, qb, kb = 3, 1, 0
+    keys, values = k[0, head // 2, :16][valid[0, :16]], v[0, head // 2, :16][valid[0, :16]]
+    scores = (q[0, head] @ k[0, head // 2].T * 0.3).masked_fill(~valid[0], -math.inf)
+    want = 0.0
+    for row in pattern.sampled_rows(40, 16, 4).tolist():
+        if row // 16 != qb:
+            continue
+        p = scores[row].softmax(-1)[:16][valid[0, :16]]
+        weight = (q[0, head, row] @ keys.mean(0) * 0.3 + math.log(len(keys)) - scores[row].logsumexp(-1)).exp()
+        want += (p @ values - weight * values.mean(0)).norm()
+    torch.testing.assert_close(error[0, head, qb, kb], want, atol=1e-5, rtol=1e-5)
+
+
+def test_rank_chooses_which_blocks_mass_says_how_many():
+    mass = torch.tensor([[[[0.5, 0.3, 0.15, 0.05]]]])
+    rank = torch.tensor([[[[0.0, 1.0, 3.0, 2.0]]]])
+    assert select_blocks(mass, 0.75).tolist() == [[[[True, True, False, False]]]]
+    assert select_blocks(mass, 0.75, rank=rank).tolist() == [[[[False, False, True, True]]]]
+    diagonal = torch.tensor([[True, False, False, False]])
+    assert select_blocks(mass, 0.75, rank=rank, diagonal=diagonal).tolist() == [[[[True, False, True, True]]]]
 
 
 def test_per_head_orders_keep_fewer_blocks_than_any_shared_order():
@@ -183,7 +239,7 @@ def test_per_head_orders_keep_fewer_blocks_than_any_shared_order():
     so the kept mass is guaranteed) fewer blocks are kept than with any one order shared by all heads."""
     q, k = synthetic_qk(GRID, heads=("spatial", "temporal", "local", "temporal"))
     orders = candidate_orders(GRID, BLOCK)
-    assert orders.names == ("tiles", "frames", "positions")
+    assert orders.names == ("model", "tiles", "frames", "positions")
     choice = choose_orders(q, k, orders, block_q=BLOCK, block_k=BLOCK, target=0.95, sm_scale=q.shape[-1] ** -0.5)
     assert choice.shape == (1, 4)
     assert [orders.names[i] for i in choice[0, [0, 1, 3]].tolist()] == ["frames", "positions", "positions"]
@@ -209,7 +265,8 @@ def test_per_head_orders_round_trip_exactly(position, text):
     video = torch.zeros(n, dtype=torch.bool)
     video[orders.video[0] : orders.video[1]] = True
     assert (orders.perms[:, ~video] == torch.arange(n)[~video]).all()
-    assert candidate_orders(LatentGrid(1, 8, 8), 16).names == ("tiles", "positions")  # one frame: tiles == frames
+    assert candidate_orders(LatentGrid(1, 8, 8), 16).names == ("model", "tiles")  # one frame: tiles == frames,
+    # positions == model
 
 
 def test_stage_reordering_with_per_head_orders_and_gqa_is_undone_exactly():

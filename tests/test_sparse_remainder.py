@@ -136,3 +136,21 @@ def test_block_means_weights_visible_keys_and_smooths():
     torch.testing.assert_close(v_mean, -k_mean)
     smoothed = block_means(k, v, 4, key_valid, smooth_k=True)[0]
     torch.testing.assert_close(smoothed, k_mean - k.mean(2, keepdim=True))
+
+
+def test_orders_for_the_remainder_pick_the_one_whose_stand_ins_are_exact():
+    """Keys constant along each row of a frame: in the model's order every 16-token block is one row, so its
+    stand-in is exact and choose_orders(value=...) picks "model" for every head; tiles mix rows."""
+    from accel.attention.pattern import candidate_orders, choose_orders
+    from accel.pipelines.base import LatentGrid
+
+    grid = LatentGrid(2, 4, 16)
+    g = torch.Generator().manual_seed(12)
+    rows = torch.randn(1, 3, grid.frames * grid.height, 16, generator=g)
+    k = rows.repeat_interleave(grid.width, dim=2)  # [1, 3, 128, 16]
+    q = torch.randn(1, 3, grid.tokens, 16, generator=g)
+    v = torch.randn(1, 3, grid.tokens, 16, generator=g)
+    orders = candidate_orders(grid, 16, names=("tiles", "frames", "model"))  # no tie goes to "model" by place
+    assert orders.names == ("tiles", "frames", "model")
+    kw = dict(block_q=16, block_k=16, target=0.5, sm_scale=1.0)
+    assert choose_orders(q, k, orders, value=v, **kw).tolist() == [[2, 2, 2]]

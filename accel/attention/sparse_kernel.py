@@ -28,6 +28,12 @@ INT8 path (`int8=True`): Q and K are smoothed and quantised exactly as in `accel
 P·V runs in 16-bit. Its reference uses the same INT8 tensors, so kernel and reference differ only in
 accumulation order and in where P is rounded.
 
+Remainder (`remainder=True`): after its kept blocks a query block also visits one stand-in key per key block
+it skipped (`block_means`: the block's mean key and value, its score raised by log of its key count), so
+the mass of the skipped blocks is approximated rather than dropped; a row that keeps no block then sees
+every block through its stand-in. The byte-per-pair "kept" map the kernel reads is made from the index on
+each call and dropped after it.
+
 Files: this module holds the pattern, the reference and the custom op `torch.ops.accel.block_sparse_attention`;
 the kernel and its launcher are `block_sparse_kernel.py`, loaded on first use.
 """
