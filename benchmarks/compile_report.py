@@ -172,7 +172,7 @@ def quant_int8(name, per_row):
     )
 
 
-def block_sparse(name, *, int8=False, valid=False, dtype=torch.bfloat16, note=""):
+def block_sparse(name, *, int8=False, valid=False, remainder=False, dtype=torch.bfloat16, note=""):
     """`accel.attention.sparse_kernel.block_sparse_attention` with 128x64 blocks, as launched on a GPU."""
     from accel.attention import sparse_kernel
 
@@ -215,6 +215,11 @@ def block_sparse(name, *, int8=False, valid=False, dtype=torch.bfloat16, note=""
         BLOCK_D=128,
         num_warps=8,
     )
+    if remainder:  # the skipped blocks' stand-ins, in the P·V type, as `_remainder_inputs` passes them
+        from triton.runtime.jit import MockTensor  # warmup wraps positional dtypes only
+
+        pointers = dict(KM=v_dtype, VM=v_dtype, LC=torch.float32, KEPT=torch.uint8)
+        kwargs.update({key: MockTensor(dt) for key, dt in pointers.items()}, REMAINDER=True, REST_N=32)
     mma = ("s8", "bf16") if int8 else () if dtype == torch.float32 else ("bf16",)
     return KernelVariant(
         name,
@@ -320,6 +325,8 @@ def variants() -> list[KernelVariant]:
         block_sparse("sparse-bf16", note="block_sparse_attention, 128x64 blocks"),
         block_sparse("sparse-bf16-valid", valid=True, note="with key_valid (HunyuanVideo text mask)"),
         block_sparse("sparse-int8", int8=True),
+        block_sparse("sparse-bf16-remainder", remainder=True, note="remainder=True: one stand-in per skipped block"),
+        block_sparse("sparse-int8-remainder", int8=True, remainder=True),
         w4a16("w4a16-m16", 16),
         w4a16("w4a16-m64-awq", M_DECODE, ins=True),
         w4a16("w4a16-m4096", M_PREFILL, note='kernel="triton" forced at many tokens (auto uses dequant + cuBLAS)'),

@@ -133,7 +133,7 @@ def test_page_handler(demo):
     tab, service = demo.accel.tabs["image"], demo.accel.service
     data = {tab.model: "tiny-random-flux", tab.prompt: "", demo.accel.history: []}
     defaults = {"preset": "fast", "cache": "preset", "cache_value": 0.4, "attention": "default", "sparse": False}
-    defaults.update(sparse_target=0.95, quant=False, steps=4, size=32, seed=0)
+    defaults.update(sparse_target=0.85, quant=False, steps=4, size=32, seed=0)
     data.update({component: defaults[key] for key, component in tab.controls.items()})
     slider, summary, table, report, details, plot, history = _on_compare(tab, service, demo.accel.history)(data)
     assert slider[0].size == slider[1].size == (256, 256)  # 32 px enlarged 8x for the page
@@ -157,3 +157,10 @@ def test_page_handler_vlm(demo):
     picture, baseline, accelerated, summary, *_ = _on_compare(tab, service, demo.accel.history)(data)
     assert picture.size == (128, 128) and baseline == accelerated  # nothing applies to a VLM in "balanced"
     assert "token agreement **1.000**" in summary
+
+
+def test_sparse_default_follows_sparse_config():
+    from accel.app.settings import Settings
+    from accel.attention.sparse import SparseConfig
+
+    assert Settings().sparse_target == SparseConfig().target

@@ -39,7 +39,7 @@ class Settings:
     cache_value: float = 0.4
     attention: str = "default"
     sparse: bool = False
-    sparse_target: float = 0.95
+    sparse_target: float = 0.85
     prune: bool = False
     prune_keep: int = 64
     quant: bool = False

@@ -110,7 +110,9 @@ def _accelerator_controls(kind: str, c: dict) -> None:
     if kind != "vlm":
         with gr.Row():
             c["sparse"] = gr.Checkbox(False, label="sparse attention")
-            c["sparse_target"] = gr.Slider(0.5, 1.0, value=0.95, step=0.01, label="attention mass kept")
+            c["sparse_target"] = gr.Slider(
+                0.5, 1.0, value=Settings.sparse_target, step=0.01, label="attention mass kept"
+            )
     else:
         with gr.Row():
             c["prune"] = gr.Checkbox(False, label="visual token pruning")
