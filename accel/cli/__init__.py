@@ -8,6 +8,7 @@ is one module and one entry in `COMMANDS`.
     accel bench-vlm --family llava --keep 8,4    visual token pruning on a tiny VLM (accel.cli.bench_vlm)
     accel eval --model ID --keep 192,128,64      pruning accuracy on lmms-eval tasks (accel.cli.eval)
     accel app --model ref-flux                   the web app, baseline vs accelerated (accel.cli.app)
+    accel comfy-install ~/ComfyUI                the ComfyUI nodes' loader into custom_nodes (accel.cli.comfy_install)
 
 The comparisons, tables and JSON are accel.bench's; this package parses and checks the arguments. A mistake in
 them ends as one line `accel: error: ...` on stderr and exit status 2, never a traceback.
@@ -22,7 +23,8 @@ import warnings
 
 from accel.cli._common import UsageError, check_positive
 
-COMMANDS = ("demo", "bench", "bench_vlm", "eval", "app")  # modules of accel.cli, in the order `accel --help` lists them
+# modules of accel.cli, in the order `accel --help` lists them
+COMMANDS = ("demo", "bench", "bench_vlm", "eval", "app", "comfy_install")
 
 
 def build_parser() -> argparse.ArgumentParser:

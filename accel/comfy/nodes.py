@@ -1,0 +1,203 @@
+"""accel's ComfyUI nodes, in both of ComfyUI's node APIs. Imported only by the loader `accel comfy-install` writes
+(ComfyUI runs it), so importing `comfy` here is fine.
+
+Each node is described once (`NodeSpec`: id, display name, inputs, outputs, what it runs) and both APIs are built
+from that: the V3 schema (`comfy_api.latest`: `io.ComfyNode` classes and `comfy_entrypoint`) where this ComfyUI
+has it, else `NODE_CLASS_MAPPINGS` / `NODE_DISPLAY_NAME_MAPPINGS`. ComfyUI reads NODE_CLASS_MAPPINGS first when a
+module has both, so the module exports exactly one of the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..pipelines.comfy_native import find_comfy_adapter
+from .report import report_text
+from .step_cache import StepCacheSettings, apply_step_cache
+
+CATEGORY = "accel"
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    node_id: str
+    display_name: str
+    description: str
+    inputs: tuple  # (name, type, options): type "MODEL", "FLOAT", "INT", "*" (anything) or a tuple of choices
+    outputs: tuple[tuple[str, str], ...]  # (type, name)
+    run: Callable  # (**inputs) -> tuple of outputs, or (outputs, ui text) for an output node
+    output_node: bool = False
+
+
+def _step_cache(model, mode, value, start_percent, end_percent, taylor_order, max_consecutive):
+    settings = StepCacheSettings(mode, value, start_percent, end_percent, taylor_order, max_consecutive)
+    return (apply_step_cache(model, find_comfy_adapter(model.model.diffusion_model), settings),)
+
+
+def _report(model, after=None):
+    text = report_text(model)
+    return (text,), text
+
+
+def _percent(default: float, tooltip: str) -> dict:
+    return {"default": default, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": tooltip}
+
+
+STEP_CACHE = NodeSpec(
+    "AccelStepCache",
+    "Accel Step Cache",
+    "Skips the expensive blocks of the diffusion model on steps where its first block barely changed, and "
+    "forecasts the output instead (accel's step cache, on ComfyUI's own FLUX, Chroma, Wan, HunyuanVideo and "
+    "LTX-Video models). Value 0 changes nothing.",
+    (
+        ("model", "MODEL", {"tooltip": "The diffusion model to cache (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video)."}),
+        (
+            "mode",
+            ("target", "threshold"),
+            {"default": "target", "tooltip": "target: an error budget for the run; threshold: a raw change limit"},
+        ),
+        (
+            "value",
+            "FLOAT",
+            {
+                "default": 0.4,
+                "min": 0.0,
+                "max": 10.0,
+                "step": 0.01,
+                "tooltip": "target: 0.4 balanced, 1.6 fast; threshold: 0.05-0.2 typical. 0 never reuses a step.",
+            },
+        ),
+        ("start_percent", "FLOAT", _percent(0.1, "Steps before this fraction of the run are always computed.")),
+        ("end_percent", "FLOAT", _percent(1.0, "Steps after this fraction (and the last step) are always computed.")),
+        ("taylor_order", "INT", {"default": 2, "min": 0, "max": 3, "tooltip": "Highest forecast order (0: reuse)."}),
+        ("max_consecutive", "INT", {"default": 3, "min": 1, "max": 50, "tooltip": "Most reused steps in a row."}),
+    ),
+    (("MODEL", "model"),),
+    _step_cache,
+)
+
+REPORT = NodeSpec(
+    "AccelReport",
+    "Accel Report",
+    "Shows what accel applied to a model and, for each sampling run, the steps computed and reused.",
+    (
+        ("model", "MODEL", {"tooltip": "The model the sampler ran (or the Accel node's output it came from)."}),
+        ("after", "*", {"tooltip": "Connect the sampler's output (or the decoded image): the report waits for it."}),
+    ),
+    (("STRING", "report"),),
+    _report,
+    output_node=True,
+)
+
+SPECS = (STEP_CACHE, REPORT)
+
+
+# -- the legacy API -------------------------------------------------------------------------------------------------
+
+
+def legacy_node(spec: NodeSpec) -> type:
+    def input_types(cls):
+        return {
+            "required": {
+                name: (kind if isinstance(kind, str) else list(kind), opts) for name, kind, opts in spec.inputs
+            }
+        }
+
+    def run(self, **inputs):
+        result = spec.run(**inputs)
+        if spec.output_node:
+            outputs, text = result
+            return {"ui": {"text": [text]}, "result": outputs}
+        return result
+
+    return type(
+        spec.node_id,
+        (),
+        {
+            "INPUT_TYPES": classmethod(input_types),
+            "RETURN_TYPES": tuple(kind for kind, _ in spec.outputs),
+            "RETURN_NAMES": tuple(name for _, name in spec.outputs),
+            "FUNCTION": "run",
+            "CATEGORY": CATEGORY,
+            "DESCRIPTION": spec.description,
+            "OUTPUT_NODE": spec.output_node,
+            "run": run,
+        },
+    )
+
+
+def legacy_mappings() -> tuple[dict, dict]:
+    """NODE_CLASS_MAPPINGS and NODE_DISPLAY_NAME_MAPPINGS."""
+    return {s.node_id: legacy_node(s) for s in SPECS}, {s.node_id: s.display_name for s in SPECS}
+
+
+# -- the V3 API -----------------------------------------------------------------------------------------------------
+
+
+def _v3_input(io, name: str, kind, opts: dict):
+    if not isinstance(kind, str):
+        return io.Combo.Input(name, options=list(kind), **opts)
+    types = {"MODEL": io.Model, "FLOAT": io.Float, "INT": io.Int, "*": io.AnyType}
+    return types[kind].Input(name, **opts)
+
+
+def v3_node(spec: NodeSpec) -> type:
+    from comfy_api.latest import io, ui
+
+    outputs = {"MODEL": io.Model, "STRING": io.String}
+
+    def define_schema(cls):
+        return io.Schema(
+            node_id=spec.node_id,
+            display_name=spec.display_name,
+            category=CATEGORY,
+            description=spec.description,
+            inputs=[_v3_input(io, *item) for item in spec.inputs],
+            outputs=[outputs[kind].Output(display_name=name) for kind, name in spec.outputs],
+            is_output_node=spec.output_node,
+        )
+
+    def execute(cls, **inputs):
+        result = spec.run(**inputs)
+        if spec.output_node:
+            values, text = result
+            return io.NodeOutput(*values, ui=ui.PreviewText(text))
+        return io.NodeOutput(*result)
+
+    node = type(spec.node_id, (io.ComfyNode,), {})
+    node.define_schema = classmethod(define_schema)
+    node.execute = classmethod(execute)
+    return node
+
+
+def v3_extension():
+    from comfy_api.latest import ComfyExtension
+
+    nodes = [v3_node(s) for s in SPECS]
+
+    class AccelExtension(ComfyExtension):
+        async def get_node_list(self):
+            return nodes
+
+    return AccelExtension()
+
+
+def has_v3() -> bool:
+    try:
+        import comfy_api.latest  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+if has_v3():
+
+    async def comfy_entrypoint():
+        """ComfyUI's V3 entry point."""
+        return v3_extension()
+
+    __all__ = ["comfy_entrypoint"]
+else:
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = legacy_mappings()
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
