@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_tiny import sample, tiny_model
+from comfy_tiny import FAMILIES, sample, tiny_model
 
 from accel.comfy.nodes import REPORT, STEP_CACHE, legacy_mappings, v3_node
 from accel.comfy.report import report_data, report_text
 from accel.comfy.step_cache import KEY, StepCacheSettings, apply_step_cache
 from accel.pipelines.comfy_native import find_comfy_adapter
 
-FAMILIES = ("flux", "wan")
 
-
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request):
     return request.param
 
@@ -45,9 +43,10 @@ def test_value_zero_is_bit_identical(base, family, mode):
 
 
 def test_default_reuses_steps_and_stays_close(base, family):
-    model, expected = base
+    model, _ = base
+    expected = sample(model, family, steps=20)  # random weights forecast poorly: 10 steps leave no budget to reuse
     patched = cached(model)  # target 0.4, as the node's default
-    out = sample(patched, family)
+    out = sample(patched, family, steps=20)
     assert reused(patched) > 0
     assert not torch.equal(out, expected)
     assert (out - expected).abs().mean() < 0.2 * expected.abs().mean()

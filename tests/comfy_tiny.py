@@ -92,6 +92,32 @@ FLUX = dict(
     qkv_bias=True,
     txt_ids_dims=[],
 )
+CHROMA = dict(
+    FLUX,
+    image_model="chroma",
+    in_channels=64,  # Chroma counts channels after patching
+    out_channels=64,
+    vec_in_dim=None,
+    depth=1,
+    in_dim=64,  # its modulation network: 16 + 16 timestep/guidance features + 32 index features
+    out_dim=32,
+    hidden_dim=32,
+    n_layers=2,
+)
+del CHROMA["guidance_embed"]
+HUNYUAN_VIDEO = dict(
+    FLUX,
+    image_model="hunyuan_video",
+    depth=1,
+    patch_size=[1, 2, 2],
+    guidance_embed=True,
+    byt5=False,
+    meanflow=False,
+    use_cond_type_embedding=False,
+    vision_in_dim=None,
+    meanflow_sum=False,
+)
+del HUNYUAN_VIDEO["txt_ids_dims"]
 WAN = dict(
     image_model="wan2.1",
     model_type="t2v",
@@ -105,17 +131,34 @@ WAN = dict(
     out_dim=16,
     text_len=8,
 )
+LTXV = dict(
+    image_model="ltxv",
+    in_channels=128,
+    cross_attention_dim=32,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    caption_channels=16,
+    num_layers=3,
+)
+# family: (supported_models class name, unet config, latent shape, extra conditioning)
+FAMILIES = {
+    "flux": ("FluxSchnell", FLUX, (1, 16, 8, 8), "pooled"),
+    "chroma": ("Chroma", CHROMA, (1, 16, 8, 8), "pooled"),
+    "wan": ("WAN21_T2V", WAN, (1, 16, 2, 8, 8), None),
+    "hunyuan_video": ("HunyuanVideo", HUNYUAN_VIDEO, (1, 16, 2, 8, 8), "pooled"),
+    "ltxv": ("LTXV", LTXV, (1, 128, 2, 4, 4), "mask"),
+}
 
 
 def tiny_model(family: str, seed: int = 0):
-    """A ModelPatcher around a tiny native model of `family` ("flux" or "wan"), float32 on the CPU."""
+    """A ModelPatcher around a tiny native model of `family` (a key of FAMILIES), float32 on the CPU."""
     import torch
 
     comfy = import_comfy()
     import comfy.supported_models as sm
 
-    config_cls, unet_config = {"flux": (sm.FluxSchnell, FLUX), "wan": (sm.WAN21_T2V, WAN)}[family]
-    model_config = config_cls(dict(unet_config))
+    config_name, unet_config, _, _ = FAMILIES[family]
+    model_config = getattr(sm, config_name)(dict(unet_config))
     model_config.set_inference_dtype(torch.float32, None)
     model = model_config.get_model({}, device="cpu")
     _randomize(model, seed)
@@ -128,14 +171,17 @@ def conds(family: str, seed: int = 1):
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    extra = (lambda: {"pooled_output": torch.randn(1, 8, generator=generator)}) if family == "flux" else dict
+    kind = FAMILIES[family][3]
+
+    def extra():
+        if kind == "pooled":
+            return {"pooled_output": torch.randn(1, 8, generator=generator)}
+        return {"attention_mask": torch.ones(1, 4, dtype=torch.long)} if kind == "mask" else {}
+
     return [
         [[torch.randn(1, 4, 16, generator=generator), extra()]],
         [[torch.randn(1, 4, 16, generator=generator), extra()]],
     ]
-
-
-LATENTS = {"flux": (1, 16, 8, 8), "wan": (1, 16, 2, 8, 8)}
 
 
 def sample(model_patcher, family: str, steps: int = 10, cfg: float = 2.0, seed: int = 0, sampler: str = "euler"):
@@ -143,7 +189,7 @@ def sample(model_patcher, family: str, steps: int = 10, cfg: float = 2.0, seed: 
     import torch
 
     comfy = import_comfy()
-    latent = torch.zeros(LATENTS[family])
+    latent = torch.zeros(FAMILIES[family][2])
     noise = comfy.sample.prepare_noise(latent, seed)
     positive, negative = conds(family)
     return comfy.sample.sample(
