@@ -3,11 +3,14 @@ nothing of ComfyUI. No ComfyUI needed."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import accel.comfy
 from accel.cli import main
 from accel.comfy import LOADER_DIR
 from accel.errors import UnsupportedModelError
@@ -57,3 +60,23 @@ def test_an_unsupported_model_is_named():
         import torch
 
         find_comfy_adapter(torch.nn.Linear(2, 2))
+
+
+def test_the_example_workflows_agree():
+    """The UI-format example is the API-format one laid out: same nodes, same links, same Accel settings."""
+    folder = Path(accel.comfy.__file__).parent / "examples"
+    api = json.loads((folder / "flux_step_cache_api.json").read_text())
+    ui = json.loads((folder / "flux_step_cache_ui.json").read_text())
+    assert {int(i): n["class_type"] for i, n in api.items()} == {n["id"]: n["type"] for n in ui["nodes"]}
+    api_links = {
+        (int(v[0]), v[1], int(i), name)
+        for i, n in api.items()
+        for name, v in n["inputs"].items()
+        if isinstance(v, list)
+    }
+    inputs = {n["id"]: n["inputs"] for n in ui["nodes"]}
+    ui_links = {(src, slot, dst, inputs[dst][dst_slot]["name"]) for _, src, slot, dst, dst_slot, _ in ui["links"]}
+    assert api_links == ui_links
+    cache = next(n for n in ui["nodes"] if n["type"] == "AccelStepCache")
+    settings = [v for k, v in api["7"]["inputs"].items() if k != "model"]
+    assert cache["widgets_values"] == settings

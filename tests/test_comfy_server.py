@@ -161,6 +161,10 @@ def test_nodes_in_a_real_comfyui_server(tmp_path):
             }.items():
                 assert node in info, f"{node} not loaded:\n{_tail(log)}"
                 assert all(name in info[node]["input"]["required"] for name in inputs), info[node]["input"]
+            example = json.loads((REPO / "accel" / "comfy" / "examples" / "flux_step_cache_api.json").read_text())
+            for node in example.values():  # the example names nodes and inputs this ComfyUI has
+                known = info[node["class_type"]]["input"]
+                assert set(node["inputs"]) <= {**known["required"], **known.get("optional", {})}.keys(), node
             assert info["AccelStepCache"]["display_name"] == "Accel Step Cache"
             assert info["AccelStepCache"]["output"] == ["MODEL"] and info["AccelReport"]["output_node"]
 
