@@ -117,7 +117,11 @@ def test_a_two_call_sampler_and_a_shorter_run(base, family):
 def test_both_node_apis(base, family):
     model, _ = base
     classes, names = legacy_mappings()
-    assert names == {"AccelStepCache": "Accel Step Cache", "AccelReport": "Accel Report"}
+    assert names == {
+        "AccelStepCache": "Accel Step Cache",
+        "AccelAttention": "Accel Attention",
+        "AccelReport": "Accel Report",
+    }
     step_cache = classes["AccelStepCache"]
     inputs = step_cache.INPUT_TYPES()["required"]
     assert inputs["mode"][0] == ["target", "threshold"] and inputs["value"][1]["default"] == 0.4

@@ -150,8 +150,8 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, seed: int = 0):
-    """A ModelPatcher around a tiny native model of `family` (a key of FAMILIES), float32 on the CPU."""
+def tiny_model(family: str, seed: int = 0, dtype: str = "float32"):
+    """A ModelPatcher around a tiny native model of `family` (a key of FAMILIES) in `dtype`, on the CPU."""
     import torch
 
     comfy = import_comfy()
@@ -159,7 +159,7 @@ def tiny_model(family: str, seed: int = 0):
 
     config_name, unet_config, _, _ = FAMILIES[family]
     model_config = getattr(sm, config_name)(dict(unet_config))
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(getattr(torch, dtype), None)
     model = model_config.get_model({}, device="cpu")
     _randomize(model, seed)
     cpu = torch.device("cpu")

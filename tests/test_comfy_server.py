@@ -157,6 +157,7 @@ def test_nodes_in_a_real_comfyui_server(tmp_path):
             info = _wait("/object_info", lambda: _get(f"{url}/object_info"), START_TIMEOUT, server, log)
             for node, inputs in {
                 "AccelStepCache": ["model", "mode", "value", "start_percent", "end_percent", "taylor_order"],
+                "AccelAttention": ["model", "route", "dense_first_steps", "dense_last_steps"],
                 "AccelReport": ["model", "after"],
             }.items():
                 assert node in info, f"{node} not loaded:\n{_tail(log)}"

@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..attention.config import AttentionConfig
 from ..pipelines.comfy_native import find_comfy_adapter
+from .attention import apply_attention
 from .report import report_text
 from .step_cache import StepCacheSettings, apply_step_cache
 
@@ -33,6 +35,11 @@ class NodeSpec:
 def _step_cache(model, mode, value, start_percent, end_percent, taylor_order, max_consecutive):
     settings = StepCacheSettings(mode, value, start_percent, end_percent, taylor_order, max_consecutive)
     return (apply_step_cache(model, find_comfy_adapter(model.model.diffusion_model), settings),)
+
+
+def _attention(model, route, dense_first_steps, dense_last_steps):
+    config = AttentionConfig(kernel=route, dense_first_steps=dense_first_steps, dense_last_steps=dense_last_steps)
+    return (apply_attention(model, find_comfy_adapter(model.model.diffusion_model), config),)
 
 
 def _report(model, after=None):
@@ -77,6 +84,31 @@ STEP_CACHE = NodeSpec(
     _step_cache,
 )
 
+ATTENTION = NodeSpec(
+    "AccelAttention",
+    "Accel Attention",
+    "Computes the attention of this model's blocks with accel's route: sdpa (torch's), or int8 (INT8 Q·K, a "
+    "Triton kernel on CUDA GPUs; on the CPU its PyTorch reference, slow, to preview quality). Only this model: "
+    "ComfyUI's global attention is untouched. Calls the route does not take (masks, calls outside the blocks, the "
+    "dense first/last steps) run ComfyUI's own attention.",
+    (
+        ("model", "MODEL", {"tooltip": "The diffusion model (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video)."}),
+        ("route", ("int8", "sdpa"), {"default": "int8", "tooltip": "int8: accel's INT8 attention; sdpa: torch's."}),
+        (
+            "dense_first_steps",
+            "INT",
+            {"default": 0, "min": 0, "max": 1000, "tooltip": "The first steps keep ComfyUI's own attention."},
+        ),
+        (
+            "dense_last_steps",
+            "INT",
+            {"default": 0, "min": 0, "max": 1000, "tooltip": "The last steps keep ComfyUI's own attention."},
+        ),
+    ),
+    (("MODEL", "model"),),
+    _attention,
+)
+
 REPORT = NodeSpec(
     "AccelReport",
     "Accel Report",
@@ -90,7 +122,7 @@ REPORT = NodeSpec(
     output_node=True,
 )
 
-SPECS = (STEP_CACHE, REPORT)
+SPECS = (STEP_CACHE, ATTENTION, REPORT)
 
 
 # -- the legacy API -------------------------------------------------------------------------------------------------

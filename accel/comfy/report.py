@@ -3,6 +3,7 @@ reused. Plain text built from the sessions registered on the ModelPatcher (no Co
 
 from __future__ import annotations
 
+from .attention import KEY as ATTENTION_KEY
 from .step_cache import KEY as STEP_CACHE_KEY
 
 
@@ -21,22 +22,41 @@ def run_lines(number: int, run: dict) -> list[str]:
     return lines
 
 
+def _attention_lines(session) -> list[str]:
+    stats = session.stats()
+    lines = [f"Accel: {session.describe()}", f"  calls: {stats['calls'] or 'none yet'}"]
+    back = {**stats["back_to_comfyui"]}
+    if back:
+        lines.append(f"  back to ComfyUI's attention: {back}")
+    lines += [f"  note: {warning}" for warning in stats["warnings"]]
+    return lines
+
+
 def report_text(model_patcher) -> str:
     """The report of one ModelPatcher (the MODEL a sampler ran, or the Accel node's output it came from)."""
-    session = model_patcher.get_attachment(STEP_CACHE_KEY)
-    if session is None:
+    cache = model_patcher.get_attachment(STEP_CACHE_KEY)
+    attention = model_patcher.get_attachment(ATTENTION_KEY)
+    if cache is None and attention is None:
         return "Accel: no Accel node on this model (nothing applied)."
-    lines = [f"Accel: {session.describe()}"]
-    if not session.runs:
-        lines.append("no sampling run yet")
-    for number, run in enumerate(session.runs, start=1):
-        lines += run_lines(number, run)
+    lines = _attention_lines(attention) if attention is not None else []
+    if cache is not None:
+        lines.append(f"Accel: {cache.describe()}")
+        if not cache.runs:
+            lines.append("no sampling run yet")
+        for number, run in enumerate(cache.runs, start=1):
+            lines += run_lines(number, run)
     return "\n".join(lines)
 
 
 def report_data(model_patcher) -> dict:
     """The same as a JSON-ready dict."""
-    session = model_patcher.get_attachment(STEP_CACHE_KEY)
-    if session is None:
-        return {"applied": []}
-    return {"applied": ["step_cache"], "step_cache": session.describe(), "runs": list(session.runs)}
+    data = {"applied": []}
+    cache = model_patcher.get_attachment(STEP_CACHE_KEY)
+    if cache is not None:
+        data["applied"].append("step_cache")
+        data.update(step_cache=cache.describe(), runs=list(cache.runs))
+    attention = model_patcher.get_attachment(ATTENTION_KEY)
+    if attention is not None:
+        data["applied"].append("attention")
+        data["attention"] = attention.stats()
+    return data

@@ -24,6 +24,9 @@ class ComfyDiTAdapter(DiTAdapter):
     # The forward runs ComfyUI's DIFFUSION_MODEL wrappers (every family here; MMDiT does not, so SD3 is left out).
     output_wrapper: ClassVar[bool] = True
     patch_dims: ClassVar[int] = 2  # 2: latent [B, C, H, W]; 3: [B, C, F, H, W]
+    # The forward names the running block in transformer_options ("block_type", "block_index"); attention outside
+    # the blocks (HunyuanVideo's token refiner) is then recognised by their absence.
+    names_blocks: ClassVar[bool] = True
 
     def block_keys(self) -> list[tuple[str, int]]:
         """The patches_replace["dit"] key of every block, in call order."""
@@ -101,6 +104,7 @@ class ComfyLTXVAdapter(ComfyDiTAdapter):
     block_list_attrs = ("transformer_blocks",)
     block_patch_names = ("double_block",)
     patch_dims = 3
+    names_blocks = False
 
 
 COMFY_ADAPTERS: list[type[ComfyDiTAdapter]] = [
