@@ -2,8 +2,8 @@
 
 - "lossless": only transforms that change no output bit. Step caching is approximate, so it is off.
 - "balanced" (default): step caching with an online-calibrated error budget (`CacheConfig.target`),
-  so no per-model threshold tuning is needed.
-- "fast": a larger budget, longer runs of reused steps.
+  so no per-model threshold tuning is needed; VLMs: visual token pruning to half the tokens.
+- "fast": a larger budget, longer runs of reused steps; VLMs: pruning to a quarter of the tokens.
 
 A preset names configs; `accel.patch(..., name=...)` overrides any one of them. Accelerators a preset
 asks for but the model or machine cannot serve are skipped with a reason in the report; the same
@@ -16,13 +16,15 @@ from dataclasses import replace
 
 from .caching import CacheConfig
 from .errors import ConfigError
+from .pruning.config import PruneConfig
 
 _PRESETS = {
     "lossless": {"cache": None},
     # Chosen on the reference models (benchmarks/RESULTS.md, "Reference models"): on ref-flux, target 0.4 computes
     # 60% of the passes at 41.0 dB and 1.6 computes 41% at 29.5 dB; on ref-wan 63% at 31.9 dB and 45% at 30.2 dB.
-    "balanced": {"cache": CacheConfig(target=0.4, max_consecutive=3)},
-    "fast": {"cache": CacheConfig(target=1.6, max_consecutive=3)},
+    # VLMs: pruning budgets from ref-vlm's table (benchmarks/RESULTS.md, "Visual token pruning").
+    "balanced": {"cache": CacheConfig(target=0.4, max_consecutive=3), "prune": PruneConfig(keep_ratio=0.5)},
+    "fast": {"cache": CacheConfig(target=1.6, max_consecutive=3), "prune": PruneConfig(keep_ratio=0.25)},
 }
 
 PRESET_NAMES = tuple(_PRESETS)

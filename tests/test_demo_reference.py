@@ -55,7 +55,7 @@ def panels(picture: Image.Image, n: int, side: int) -> list[Image.Image]:
 
 def test_demo_writes_gallery_json_and_table(tmp_path, capsys, no_weights):
     path = tmp_path / "run.json"
-    argv = ["demo", "--steps", "2", "--warmup", "0", "--quiet", "--json", str(path)]
+    argv = ["demo", "--models", "ref-flux,ref-wan", "--steps", "2", "--warmup", "0", "--quiet", "--json", str(path)]
     assert main(argv) == 0
     out = capsys.readouterr().out
     warnings = [line for line in out.splitlines() if line.startswith("WARNING")]
@@ -102,6 +102,23 @@ def test_demo_writes_gallery_json_and_table(tmp_path, capsys, no_weights):
     assert clip.format == "GIF" and clip.n_frames == reference.reference("ref-wan").frames
     clip.seek(clip.n_frames - 1)
     panels(clip.convert("RGB"), len(VARIANTS), 64 * SCALE)
+
+
+def test_demo_on_the_reference_vlm(tmp_path, capsys):
+    """ref-vlm in the demo: lossless leaves every token (same answers), fast prunes by its preset's budget."""
+    path = tmp_path / "vlm.json"
+    argv = ["demo", "--models", "ref-vlm", "--presets", "lossless,fast", "--warmup", "0", "--quiet"]
+    assert main(argv + ["--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "ref-vlm (" in out and "held-out questions" in out
+    vlm = json.loads(path.read_text())["vlm"]
+    rows = {r["variant"]: r for r in vlm["rows"]}
+    assert list(rows) == ["baseline", "lossless", "fast"] and vlm["questions"] == 48
+    assert rows["lossless"]["applied"] == "nothing" and rows["fast"]["applied"] == "prune"
+    assert rows["lossless"]["accuracy"] == rows["baseline"]["accuracy"]
+    assert rows["lossless"]["tokens_kept_per_image"] == rows["baseline"]["tokens_kept_per_image"] == 256
+    assert rows["fast"]["tokens_kept_per_image"] < 256 and rows["fast"]["tokens_kept_per_video"] < 512
+    assert rows["fast"]["prefill_gflops_image"] < rows["baseline"]["prefill_gflops_image"]
 
 
 class Terminal(io.StringIO):

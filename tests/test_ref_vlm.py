@@ -160,3 +160,22 @@ def test_token_targets_name_what_each_visual_token_shows():
     assert {words["colour"][i] for i in first["colour"][hit].tolist()} == {"cyan"}
     assert {words["shape"][i] for i in first["shape"][hit].tolist()} == {"ring"}
     assert {words["motion"][i] for i in first["motion"][hit].tolist()} == {"up"}
+
+
+def test_default_preset_prunes_ref_vlm_and_lossless_does_not(untrained, patched):
+    """`accel.patch(vlm)` does something for VLMs: the default preset's pruning budget, shown in the report."""
+    import accel
+    from accel.presets import preset_configs
+
+    model, processor = untrained
+    questions = scenes_multi.held_out(2, 0)
+    handle = patched(model)
+    reference_vlm.predict(model, processor, questions, batch_size=2)
+    report = handle.report()
+    ratio = preset_configs(report.preset)["prune"].keep_ratio
+    assert [a.accelerator for a in report.applied] == ["prune"]
+    assert report.stats["prune"]["last_call"]["visual_tokens_kept"] == [int(256 * ratio)] * 2
+    assert f"{int(256 * ratio)}" in str(report) and "cache" in {s.accelerator for s in report.skipped}
+    accel.unpatch(model)
+    lossless = patched(model, "lossless")
+    assert not lossless.report().applied and "prune" in {s.accelerator for s in lossless.report().skipped}

@@ -44,8 +44,8 @@ WEIGHTS = ("auto", "trained", "random")
 @dataclass(frozen=True)
 class Method:
     name: str
-    family: str  # "accel" | "baseline"
-    settings: dict = field(default_factory=dict)  # PruneConfig fields, or {"baseline": kind}
+    family: str  # "accel" | "baseline" | "preset"
+    settings: dict = field(default_factory=dict)  # PruneConfig fields, {"baseline": kind} or {"preset": name}
 
 
 def methods() -> list[Method]:
@@ -76,6 +76,8 @@ class _Run:
             return self
         if m.family == "baseline":
             self._baseline = Baseline(self.model, m.settings["baseline"], self.ratio, self.seed).__enter__()
+        elif m.family == "preset":  # what `accel.patch(vlm, preset=...)` does on its own
+            accel.patch(self.model, preset=m.settings["preset"])
         else:
             accel.patch(self.model, prune=PruneConfig(keep_ratio=self.ratio, **m.settings))
         return self
@@ -102,9 +104,10 @@ class _Run:
             b = self._baseline
             kept, b.visual_in, b.visual_kept = b.visual_kept // rows, 0, 0
             return [kept] * rows, b.sequence_out
-        if self.method is None:
+        stats = None if self.method is None else accel.get_handle(self.model).report().stats.get("prune")
+        if stats is None:  # nothing pruned
             return [visual] * rows, full
-        last = accel.get_handle(self.model).report().stats["prune"]["last_call"]
+        last = stats["last_call"]
         return list(last["visual_tokens_kept"]), last["sequence_out"]
 
 
@@ -186,7 +189,7 @@ def load_model(weights: str = "auto", seed: int = 0):
     return model, processor, "random"
 
 
-def _row(method: Method | None, ratio: float, result: dict, config, baseline: dict | None) -> dict:
+def result_row(method: Method | None, ratio: float, result: dict, config, baseline: dict | None) -> dict:
     row = {
         "method": "keep-all" if method is None else method.name,
         "family": "baseline" if method is None else method.family,
@@ -244,7 +247,7 @@ def run_pruning(
                 }
             )
             continue
-        row = _row(method, ratio, result, model.config, baseline)
+        row = result_row(method, ratio, result, model.config, baseline)
         for q in timed:
             row[f"prefill_ms_{'video' if q.video else 'image'}"] = round(
                 prefill_ms(model, processor, q, method, ratio, repeats, seed), 2

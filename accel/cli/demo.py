@@ -24,24 +24,25 @@ DESCRIPTION = (
     "Offline, on CPU: on the reference models ref-flux (images) and ref-wan (clips), trained here on a toy "
     "shapes domain, run the unpatched baseline and each preset with the same prompt and seed; print passes "
     "computed/reused, attention blocks kept, estimated FLOPs saved, PSNR/SSIM against the baseline, the prompt "
-    "score and CPU time, and write the outputs side by side (PNG/GIF) next to the JSON. With --families or "
-    "--tiny: the tiny random-weight families instead, as before."
+    "score and CPU time, and write the outputs side by side (PNG/GIF) next to the JSON. On the reference VLM "
+    "ref-vlm: accuracy on held-out questions about the same domain, visual tokens kept, prefill FLOPs and time. "
+    "With --families or --tiny: the tiny random-weight families instead, as before."
 )
 EPILOG = """\
 examples:
-  accel demo                                              ref-flux and ref-wan, every preset
+  accel demo                                              ref-flux, ref-wan and ref-vlm, every preset
   accel demo --prompt "a green ring on a beige background" --steps 10
   accel demo --video-prompt "a white cross on a gray background moving up" --models ref-wan
   accel demo --tiny                                       every tiny random-weight family
   accel demo --families flux,wan --presets fast"""
 REFERENCE_ONLY = ("--models", "--prompt", "--video-prompt")
+VLM = "ref-vlm"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from accel.presets import PRESET_NAMES
-    from accel.zoo.reference import NAMES
 
-    p.add_argument("--models", help=f"comma-separated reference models (default: {','.join(NAMES)})")
+    p.add_argument("--models", help=f"comma-separated reference models (default: {','.join(_model_names())})")
     p.add_argument(
         "--prompt",
         help="ref-flux's prompt: 'a {colour} {shape} on a {background} background' "
@@ -85,12 +86,18 @@ def _check_prompt(option: str, text: str, video: bool) -> str:
     return text
 
 
+def _model_names() -> tuple[str, ...]:
+    from accel.zoo import reference, reference_vlm
+
+    return (*reference.NAMES, reference_vlm.NAME)
+
+
 def _prompts(args, models: list[str]) -> dict[str, str]:
     from accel.bench.reference_demo import PROMPTS
 
     flux = _check_prompt("--prompt", args.prompt or PROMPTS["ref-flux"], video=False)
     wan = _check_prompt("--video-prompt", args.video_prompt or PROMPTS["ref-wan"], video=True)
-    return {m: {"ref-flux": flux, "ref-wan": wan}[m] for m in models}
+    return {m: {"ref-flux": flux, "ref-wan": wan}[m] for m in models if m in PROMPTS}
 
 
 def gallery_path(json_path: str, model: str, kind: str) -> Path:
@@ -121,10 +128,12 @@ def _run_reference(args) -> int:
     from accel.bench.reference_demo import build, run_reference
     from accel.bench.tables import REFERENCE_LEGEND, reference_doc, reference_table_header, reference_table_lines
     from accel.presets import PRESET_NAMES
-    from accel.zoo.reference import NAMES, path
+    from accel.zoo.reference import path
 
-    models, presets = split(args.models) or list(NAMES), split(args.presets)
-    check_names("reference model", models, NAMES)
+    models, presets = split(args.models) or list(_model_names()), split(args.presets)
+    check_names("reference model", models, _model_names())
+    vlm = VLM in models
+    models = [m for m in models if m != VLM]
     check_names("preset", presets, PRESET_NAMES)
     prompts = _prompts(args, models)
     check_output("--json", args.json)
@@ -140,10 +149,13 @@ def _run_reference(args) -> int:
                 f"WARNING: no trained weights for {model} at {path(model)}; running it with random weights, so its "
                 f"pictures are noise (train them: python -m accel.zoo.train {model})"
             )
-    for line in reference_table_header():
+    for line in reference_table_header() if models else []:
         out(line)
     bar = tqdm(
-        total=len(models) * (1 + len(presets)), desc="accel demo", unit="run", disable=True if args.quiet else None
+        total=(len(models) + vlm) * (1 + len(presets)),
+        desc="accel demo",
+        unit="run",
+        disable=True if args.quiet else None,
     )
     try:
         for model, (pipe, trained) in pipes.items():
@@ -156,15 +168,31 @@ def _run_reference(args) -> int:
             galleries[model] = _write_gallery(args.json, result)
             for line in reference_table_lines(result):
                 out(line)
+        vlm_result = _run_vlm(args, presets, bar) if vlm else None
     finally:
         bar.close()
-    out("\n" + REFERENCE_LEGEND + "\n")
+    out("\n" + REFERENCE_LEGEND + "\n" if models else "")
     for model, prompt in prompts.items():
         out(f"{model} ({prompt!r}): {galleries[model]}")
     total = time.perf_counter() - start
-    write_json(args.json, reference_doc(NAME, settings(args), results, total, galleries))
+    doc = reference_doc(NAME, settings(args), results, total, galleries)
+    if vlm_result is not None:
+        doc["vlm"] = vlm_result
+    write_json(args.json, doc)
     out(f"\ntotal {total:.1f} s; JSON written to {args.json}")
     return 0
+
+
+def _run_vlm(args, presets: list[str], bar) -> dict:
+    from accel.bench.vlm_demo import run_vlm_demo, table_lines
+
+    bar.set_postfix_str(VLM)
+    result = run_vlm_demo(presets, seed=args.seed, repeats=args.repeats, on_run=lambda _: bar.update())
+    if result["weights"] != "trained":
+        out(f"WARNING: no trained weights for {VLM}; its answers are guesses (train: python -m accel.zoo.train_vlm)")
+    for line in table_lines(result):
+        out(line)
+    return result
 
 
 def _run_tiny(args) -> int:

@@ -30,10 +30,13 @@ def load(name: str, **kwargs):
     """A trained reference model: `load("ref-flux")` (FluxPipeline, 64x64 images) or `load("ref-wan")`
     (WanPipeline, 9-frame 64x64 clips), see `accel.zoo.reference.load`; or `load("ref-vlm")`, `(model,
     processor)` of a Qwen2-VL on 128x128 images and 4-frame videos, see `accel.zoo.reference_vlm.load`."""
-    if name == "ref-vlm":
-        from accel.zoo import reference_vlm
+    from accel.zoo import reference_vlm
 
+    if name == reference_vlm.NAME:
         return reference_vlm.load(**kwargs)
+    if name not in reference.NAMES:
+        names = ", ".join((*reference.NAMES, reference_vlm.NAME))
+        raise UnknownModelError(f"unknown reference model {name!r}; choose one of: {names}")
     return reference.load(name, **kwargs)
 
 
