@@ -151,11 +151,11 @@ def test_page_handler_vlm(demo):
     tab, service = demo.accel.tabs["vlm"], demo.accel.service
     data = {tab.model: "ref-vlm", tab.prompt: "how many shapes are there ?", demo.accel.history: []}
     data.update({upload: None for upload in tab.uploads})
-    values = {"preset": "balanced", "attention": "default", "prune": False, "prune_keep": 64, "quant": False}
+    values = {"preset": "lossless", "attention": "default", "prune": False, "prune_keep": 64, "quant": False}
     values.update(new_tokens=2, seed=3)
     data.update({component: values[key] for key, component in tab.controls.items()})
     picture, baseline, accelerated, summary, *_ = _on_compare(tab, service, demo.accel.history)(data)
-    assert picture.size == (128, 128) and baseline == accelerated  # nothing applies to a VLM in "balanced"
+    assert picture.size == (128, 128) and baseline == accelerated  # "lossless" changes nothing
     assert "token agreement **1.000**" in summary
 
 

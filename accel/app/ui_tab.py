@@ -115,7 +115,7 @@ def _accelerator_controls(kind: str, c: dict) -> None:
             )
     else:
         with gr.Row():
-            c["prune"] = gr.Checkbox(False, label="visual token pruning")
+            c["prune"] = gr.Checkbox(False, label="fixed pruning budget (else the preset's)")
             c["prune_keep"] = gr.Slider(1, 576, value=64, step=1, label="visual tokens kept")
     c["quant"] = gr.Checkbox(False, label="W4 weights (4-bit)")
 
