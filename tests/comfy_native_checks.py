@@ -43,10 +43,9 @@ def test_value_zero_is_bit_identical(base, family, mode):
 
 
 def test_default_reuses_steps_and_stays_close(base, family):
-    model, _ = base
-    expected = sample(model, family, steps=20)  # random weights forecast poorly: 10 steps leave no budget to reuse
+    model, expected = base
     patched = cached(model)  # target 0.4, as the node's default
-    out = sample(patched, family, steps=20)
+    out = sample(patched, family)
     assert reused(patched) > 0
     assert not torch.equal(out, expected)
     assert (out - expected).abs().mean() < 0.2 * expected.abs().mean()
@@ -55,7 +54,7 @@ def test_default_reuses_steps_and_stays_close(base, family):
 def test_a_larger_threshold_reuses_more(base, family):
     model, _ = base
     counts = []
-    for value in (0.05, 0.5, 2.0):
+    for value in (0.0005, 0.5, 2.0):
         patched = cached(model, mode="threshold", value=value)
         sample(patched, family)
         counts.append(reused(patched))
@@ -117,11 +116,8 @@ def test_a_two_call_sampler_and_a_shorter_run(base, family):
 def test_both_node_apis(base, family):
     model, _ = base
     classes, names = legacy_mappings()
-    assert names == {
-        "AccelStepCache": "Accel Step Cache",
-        "AccelAttention": "Accel Attention",
-        "AccelReport": "Accel Report",
-    }
+    assert set(names) == {"AccelStepCache", "AccelAttention", "AccelQuantizeW4", "AccelReport"}
+    assert names["AccelStepCache"] == "Accel Step Cache" and names["AccelReport"] == "Accel Report"
     step_cache = classes["AccelStepCache"]
     inputs = step_cache.INPUT_TYPES()["required"]
     assert inputs["mode"][0] == ["target", "threshold"] and inputs["value"][1]["default"] == 0.4

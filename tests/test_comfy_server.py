@@ -158,6 +158,7 @@ def test_nodes_in_a_real_comfyui_server(tmp_path):
             for node, inputs in {
                 "AccelStepCache": ["model", "mode", "value", "start_percent", "end_percent", "taylor_order"],
                 "AccelAttention": ["model", "route", "dense_first_steps", "dense_last_steps"],
+                "AccelQuantizeW4": ["model", "group_size", "min_features"],
                 "AccelReport": ["model", "after"],
             }.items():
                 assert node in info, f"{node} not loaded:\n{_tail(log)}"

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from ..attention.config import AttentionConfig
 from ..pipelines.comfy_native import find_comfy_adapter
+from ..quant.config import QuantConfig
 from .attention import apply_attention
+from .quant import apply_w4
 from .report import report_text
 from .step_cache import StepCacheSettings, apply_step_cache
 
@@ -40,6 +42,11 @@ def _step_cache(model, mode, value, start_percent, end_percent, taylor_order, ma
 def _attention(model, route, dense_first_steps, dense_last_steps):
     config = AttentionConfig(kernel=route, dense_first_steps=dense_first_steps, dense_last_steps=dense_last_steps)
     return (apply_attention(model, find_comfy_adapter(model.model.diffusion_model), config),)
+
+
+def _w4(model, group_size, min_features):
+    config = QuantConfig(group_size=group_size, min_features=min_features)
+    return (apply_w4(model, find_comfy_adapter(model.model.diffusion_model), config),)
 
 
 def _report(model, after=None):
@@ -109,6 +116,30 @@ ATTENTION = NodeSpec(
     _attention,
 )
 
+W4 = NodeSpec(
+    "AccelQuantizeW4",
+    "Accel W4 Weights",
+    "Stores the linear layers of the diffusion model's blocks in 4 bits (accel's W4 layers; embedders and output "
+    "layers stay 16-bit) as ComfyUI model patches: the model still loads, offloads, clones and unloads as usual, and "
+    "other uses of the same model keep their 16-bit weights. On CUDA GPUs accel's Triton kernels run them; on the "
+    "CPU the PyTorch reference (slow, to preview quality).",
+    (
+        ("model", "MODEL", {"tooltip": "The diffusion model (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video)."}),
+        (
+            "group_size",
+            "INT",
+            {"default": 128, "min": 16, "max": 256, "step": 16, "tooltip": "16, 32, 64, 128 or 256 weights per scale"},
+        ),
+        (
+            "min_features",
+            "INT",
+            {"default": 256, "min": 1, "max": 65536, "tooltip": "Smaller layers stay 16-bit."},
+        ),
+    ),
+    (("MODEL", "model"),),
+    _w4,
+)
+
 REPORT = NodeSpec(
     "AccelReport",
     "Accel Report",
@@ -122,7 +153,7 @@ REPORT = NodeSpec(
     output_node=True,
 )
 
-SPECS = (STEP_CACHE, ATTENTION, REPORT)
+SPECS = (STEP_CACHE, ATTENTION, W4, REPORT)
 
 
 # -- the legacy API -------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ reused. Plain text built from the sessions registered on the ModelPatcher (no Co
 from __future__ import annotations
 
 from .attention import KEY as ATTENTION_KEY
+from .quant import KEY as W4_KEY
 from .step_cache import KEY as STEP_CACHE_KEY
 
 
@@ -36,9 +37,11 @@ def report_text(model_patcher) -> str:
     """The report of one ModelPatcher (the MODEL a sampler ran, or the Accel node's output it came from)."""
     cache = model_patcher.get_attachment(STEP_CACHE_KEY)
     attention = model_patcher.get_attachment(ATTENTION_KEY)
-    if cache is None and attention is None:
+    w4 = model_patcher.get_attachment(W4_KEY)
+    if cache is None and attention is None and w4 is None:
         return "Accel: no Accel node on this model (nothing applied)."
-    lines = _attention_lines(attention) if attention is not None else []
+    lines = [f"Accel: {w4.describe()}"] if w4 is not None else []
+    lines += _attention_lines(attention) if attention is not None else []
     if cache is not None:
         lines.append(f"Accel: {cache.describe()}")
         if not cache.runs:
@@ -59,4 +62,8 @@ def report_data(model_patcher) -> dict:
     if attention is not None:
         data["applied"].append("attention")
         data["attention"] = attention.stats()
+    w4 = model_patcher.get_attachment(W4_KEY)
+    if w4 is not None:
+        data["applied"].append("w4")
+        data["w4"] = w4.stats()
     return data

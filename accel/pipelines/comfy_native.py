@@ -51,6 +51,14 @@ class ComfyFluxAdapter(ComfyDiTAdapter):
 
     family = "flux"
     display_name = "FLUX (ComfyUI)"
+    quant_exclude = (
+        "img_in",
+        "txt_in",
+        "time_in.*",
+        "vector_in.*",
+        "guidance_in.*",
+        "final_layer.*",
+    )  # embedders and output layers stay 16-bit
     model_classes = ("comfy.ldm.flux.model:Flux",)
     text_layout = TextLayout("prefix")
     attention_roles = {"img_attn": "joint"}  # the double blocks' attention; single blocks compute theirs inline
@@ -63,6 +71,12 @@ class ComfyChromaAdapter(ComfyFluxAdapter):
 
     family = "chroma"
     display_name = "Chroma (ComfyUI)"
+    quant_exclude = (
+        "img_in",
+        "txt_in",
+        "distilled_guidance_layer.*",
+        "final_layer.*",
+    )  # embedders and output layers stay 16-bit
     model_classes = ("comfy.ldm.chroma.model:Chroma",)
 
 
@@ -71,6 +85,13 @@ class ComfyWanAdapter(ComfyDiTAdapter):
 
     family = "wan"
     display_name = "Wan (ComfyUI)"
+    quant_exclude = (
+        "patch_embedding",
+        "text_embedding.*",
+        "time_embedding.*",
+        "time_projection.*",
+        "head.*",
+    )  # embedders and output layers stay 16-bit
     model_classes = ("comfy.ldm.wan.model:WanModel",)
     text_layout = TextLayout("none")
     attention_roles = {"self_attn": "self", "cross_attn": "cross"}
@@ -85,6 +106,14 @@ class ComfyHunyuanVideoAdapter(ComfyDiTAdapter):
 
     family = "hunyuan_video"
     display_name = "HunyuanVideo (ComfyUI)"
+    quant_exclude = (
+        "img_in.*",
+        "txt_in.*",
+        "time_in.*",
+        "vector_in.*",
+        "guidance_in.*",
+        "final_layer.*",
+    )  # embedders and output layers stay 16-bit
     model_classes = ("comfy.ldm.hunyuan_video.model:HunyuanVideo",)
     text_layout = TextLayout("suffix", masked=True)
     attention_roles = {"img_attn": "joint"}
@@ -98,6 +127,12 @@ class ComfyLTXVAdapter(ComfyDiTAdapter):
 
     family = "ltx"
     display_name = "LTX-Video (ComfyUI)"
+    quant_exclude = (
+        "patchify_proj",
+        "adaln_single.*",
+        "caption_projection.*",
+        "proj_out",
+    )  # embedders and output layers stay 16-bit
     model_classes = ("comfy.ldm.lightricks.model:LTXVModel",)
     text_layout = TextLayout("none")
     attention_roles = {"attn1": "self", "attn2": "cross"}

@@ -202,15 +202,16 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
 
 
 def select_layers(
-    model: nn.Module, config: QuantConfig, family_exclude: tuple[str, ...] = ()
+    model: nn.Module, config: QuantConfig, family_exclude: tuple[str, ...] = (), named=None
 ) -> tuple[dict[str, nn.Linear], dict[str, str]]:
     """(layers to quantize by name, layers kept in 16-bit by name -> reason). Raises ConfigError for a
     selected layer whose in_features the group size does not divide, ModelStateError for a model that
-    already has 4-bit layers."""
+    already has 4-bit layers. `named`: (name, module) pairs to choose from instead of `model.named_modules()`
+    (ComfyUI: the original layers where another clone's patches are swapped in)."""
     selected: dict[str, nn.Linear] = {}
     kept: dict[str, str] = {}
     seen: set[int] = set()
-    for name, module in model.named_modules():
+    for name, module in named if named is not None else model.named_modules():
         if isinstance(module, W4Linear):
             raise ModelStateError(
                 f"{type(model).__name__} already has 4-bit layers ({name}); it was quantized or loaded with "
