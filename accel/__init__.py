@@ -12,6 +12,7 @@ from .errors import (
     CopyError,
     NotApplicableError,
     NotPatchedError,
+    ParallelismError,
     UnsupportedModelError,
 )
 from .presets import PRESET_NAMES
@@ -32,6 +33,7 @@ __all__ = [
     "NotApplicableError",
     "NotPatchedError",
     "PRESET_NAMES",
+    "ParallelismError",
     "PruneConfig",
     "QuantConfig",
     "SparseConfig",

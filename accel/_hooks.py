@@ -13,7 +13,7 @@ from typing import Any
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 
-from ._private import ContextHook, delete_hook_registry, hook_registry
+from ._private import ContextHook, delete_hook_registry, hook_order, hook_registry
 
 __all__ = ["ContextHook", "HookSet", "ModelHook", "add", "get_arg", "invalidate_registry_caches", "remove"]
 
@@ -41,6 +41,30 @@ def remove(module: nn.Module, name: str) -> None:
         delete_hook_registry(module)
     if not module.__dict__.pop(_HAD_FORWARD_FLAG, True):
         module.__dict__.pop("forward", None)
+
+
+# diffusers' context-parallel hooks (`enable_parallelism`) split a block's inputs and gather its outputs under these
+# names; the hooks registered last wrap the others.
+_CONTEXT_PARALLEL_HOOKS = ("cp_input---", "cp_output---")
+
+
+def keep_context_parallel_outermost(module: nn.Module) -> None:
+    """Re-register diffusers' context-parallel hooks of `module` after accel's, so that they wrap accel's: accel's
+    block hooks then see the rank's slice, as if they had been installed before `enable_parallelism`. The denoiser
+    itself is left alone: hooks there see the whole inputs, as the pipeline passes them."""
+    registry = hook_registry(module)
+    if registry is None:
+        return
+    order = hook_order(registry)
+    first = next((i for i, name in enumerate(order) if name.startswith(_CONTEXT_PARALLEL_HOOKS)), len(order))
+    moved = order[first:]
+    hooks = {name: registry.get_hook(name) for name in moved}
+    # Outermost first: diffusers' removal of an inner hook bypasses an outer hook that replaces forward.
+    for name in reversed(moved):
+        registry.remove_hook(name, recurse=False)
+    cp_last = sorted(moved, key=lambda name: name.startswith(_CONTEXT_PARALLEL_HOOKS))
+    for name in cp_last:
+        registry.register_hook(hooks[name], name)
 
 
 def invalidate_registry_caches(root: nn.Module) -> None:
@@ -77,6 +101,8 @@ class HookSet:
     def install(self) -> None:
         for module, hook in self.pairs:
             add(module, hook, self.name)
+            if module is not self.root:
+                keep_context_parallel_outermost(module)
         invalidate_registry_caches(self.root)
 
     def remove(self) -> None:

@@ -99,3 +99,23 @@ def keep_in_fp32_modules(model: nn.Module) -> list[str]:
     """Submodule names a diffusers or transformers class keeps in float32 when loaded in another dtype: a class
     attribute from_pretrained reads, with no public getter (the zoo casts its tiny models the same way)."""
     return list(getattr(model, "_keep_in_fp32_modules", None) or [])
+
+
+# diffusers records `enable_parallelism`'s resolved ParallelConfig on the model in this attribute (no public getter),
+# and the context-parallel config keeps its device meshes in private fields set by its `setup`.
+_PARALLEL_CONFIG_ATTR = "_parallel_config"
+
+
+def parallel_config(model: nn.Module) -> Any | None:
+    """The ParallelConfig `enable_parallelism` applied to `model`, or None."""
+    return getattr(model, _PARALLEL_CONFIG_ATTR, None)
+
+
+def context_parallel_group(cp_config: Any) -> Any:
+    """The process group over all context-parallel ranks (ring x ulysses): those that share one sequence."""
+    return cp_config._flattened_mesh.get_group()
+
+
+def hook_order(registry: HookRegistry) -> list[str]:
+    """Hook names of a registry, innermost first (the registry keeps the order only in a private list)."""
+    return list(registry._hook_order)

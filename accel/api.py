@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from . import parallel
 from ._unit import NotApplicable, PatchContext, StepClock, Unit, registration, registrations
 from ._versions import check_versions
 from .errors import (
@@ -27,7 +28,7 @@ from .report import Applied, Report, Skipped
 _HANDLE_ATTR = "_accel_handle"
 # Copying or pickling a patched object would copy hooks bound to the original (a deep copy would run the
 # original's weights), so both are refused on the patched objects until `unpatch`.
-_GUARDS = ("__deepcopy__", "__reduce_ex__")
+_GUARDS = ("__deepcopy__", "__reduce_ex__", "enable_parallelism")
 
 _DENOISER_COMPONENTS = ("transformer", "unet")
 
@@ -118,6 +119,7 @@ def patch(
         report.skipped.append(Skipped("all", f"unsupported model {type(model).__name__}"))
         _attach(handle)  # so that unpatch works the same way
         return handle
+    parallel.check_model(model)
     handle.adapter = adapter
     report.family = adapter.family
     steps_hint = _steps_hint(pipeline)
@@ -178,6 +180,8 @@ def _install_units(
                 report.skipped.append(Skipped(name, why))
                 continue
             try:
+                if (reason := parallel.refusal(ctx.model, name)) is not None:
+                    raise NotApplicable(reason)
                 unit = registered.install(ctx, config)
             except NotApplicable as reason:
                 if name in explicit:
@@ -266,6 +270,8 @@ def _attach(handle: Handle) -> None:
         name = type(obj).__name__
         obj.__dict__["__deepcopy__"] = functools.partial(_refuse_copy, name)
         obj.__dict__["__reduce_ex__"] = functools.partial(_refuse_pickle, name)
+        if hasattr(obj, "enable_parallelism"):  # enabled after patching, it would wrap accel's hooks (accel.parallel)
+            obj.__dict__["enable_parallelism"] = functools.partial(parallel.refuse_enable_parallelism, name)
         obj.__dict__[_HANDLE_ATTR] = handle
 
 

@@ -59,3 +59,8 @@ class IrreversibleError(AccelError, RuntimeError):
 
 class KernelInputError(AccelError, ValueError):
     """Arguments a kernel cannot take (shape, dtype, device, head dim, tile size); the message names the fix."""
+
+
+class ParallelismError(AccelError, RuntimeError):
+    """accel and diffusers' parallelism (`enable_parallelism`) were combined in a way accel cannot serve: enabled
+    after `accel.patch` (enable it first), or tensor parallelism; the message says what to do instead."""

@@ -7,9 +7,10 @@ from __future__ import annotations
 from diffusers.hooks import ModelHook
 from torch import nn
 
-from .. import _hooks
+from .. import _hooks, parallel
 from ..errors import AccelError
 from ..pipelines.base import Adapter
+from . import distributed
 from .config import CacheConfig
 from .controller import CacheController
 
@@ -29,6 +30,7 @@ class DenoiserCallHook(_hooks.ContextHook):
         self.steps_hint = steps_hint  # () -> int | None, from the pipeline's scheduler when known
         self.managed = False  # True while a patched pipeline call is running
         self.on_output = lambda output: output  # a cache that forecasts the denoiser's output swaps it here
+        self.group = None  # the context-parallel group whose ranks must decide alike (accel.parallel)
 
     def new_forward(self, module: nn.Module, *args, **kwargs):
         ctx = self.cache_context()
@@ -41,7 +43,8 @@ class DenoiserCallHook(_hooks.ContextHook):
             managed=self.managed,
         )
         try:
-            return self.on_output(self.fn_ref.original_forward(*args, **kwargs))
+            with distributed.scope(self.group):
+                return self.on_output(self.fn_ref.original_forward(*args, **kwargs))
         finally:
             self.controller.exit()
 
@@ -58,6 +61,7 @@ class StepCache:
         self.adapter = adapter
         self.controller = CacheController(config)
         self._call_hook = DenoiserCallHook(self.controller, steps_hint)
+        self._call_hook.group = parallel.context_group(adapter.model)
         pairs = [(adapter.model, self._call_hook), *self.block_hooks()]
         self._hooks = _hooks.HookSet(adapter.model, HOOK, pairs)
 
@@ -72,9 +76,10 @@ class StepCache:
     def describe(self) -> str:
         cfg = self.controller.config
         mode = f"target={cfg.target}" if cfg.target is not None else f"threshold={cfg.threshold}"
+        ranks = parallel.describe(self._call_hook.group)
         return (
             f"{self.summary()}, {mode}, taylor_order={cfg.taylor_order}, max_consecutive={cfg.max_consecutive}, "
-            f"decision={cfg.decision}"
+            f"decision={cfg.decision}{ranks}"
         )
 
     def install(self) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed
 from .config import CacheConfig
 from .forecast import DeviceScalar, TaylorForecast, Values
 
@@ -37,7 +38,7 @@ def relative_l1(new: Sequence[torch.Tensor | None], old: Sequence[torch.Tensor |
         n = b.float().abs().sum()
         num = d if num is None else num + d
         den = n if den is None else den + n
-    return num / den.clamp_min(1e-12)
+    return distributed.ratio(num, den)
 
 
 @dataclass

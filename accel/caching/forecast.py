@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from . import distributed
+
 Values = tuple[torch.Tensor | None, ...]
 
 
@@ -138,4 +140,4 @@ class TaylorForecast:
 def _error(diffs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor | None]) -> torch.Tensor:
     num = sum(d.float().abs().sum() for d in diffs)
     den = sum(r.float().abs().sum() for r in reference if r is not None)
-    return num / den.clamp_min(1e-12)
+    return distributed.ratio(num, den)
