@@ -73,6 +73,9 @@ def _randomize(model, seed: int) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+        for name, b in model.named_buffers():
+            if name.endswith("pos_embed"):  # MMDiT's, a buffer filled from checkpoints
+                b.copy_(torch.randn(b.shape, generator=generator) * 0.05)
 
 
 FLUX = dict(
@@ -141,6 +144,18 @@ LTXV = dict(
     caption_channels=16,
     num_layers=3,
 )
+SD3 = dict(
+    in_channels=16,
+    pos_embed_scaling_factor=None,
+    depth=2,  # MMDiT's width is 64 x depth
+    patch_size=2,
+    adm_in_channels=8,
+    context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 16, "out_features": 128}},
+    pos_embed_max_size=16,
+    num_patches=256,
+    qk_norm=None,
+    x_block_self_attn_layers=[],
+)
 # family: (supported_models class name, unet config, latent shape, extra conditioning)
 FAMILIES = {
     "flux": ("FluxSchnell", FLUX, (1, 16, 8, 8), "pooled"),
@@ -148,6 +163,7 @@ FAMILIES = {
     "wan": ("WAN21_T2V", WAN, (1, 16, 2, 8, 8), None),
     "hunyuan_video": ("HunyuanVideo", HUNYUAN_VIDEO, (1, 16, 2, 8, 8), "pooled"),
     "ltxv": ("LTXV", LTXV, (1, 128, 2, 4, 4), "mask"),
+    "sd3": ("SD3", SD3, (1, 16, 8, 8), "pooled"),
 }
 
 

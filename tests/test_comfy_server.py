@@ -1,7 +1,8 @@
 """The node pack in a real ComfyUI server: ComfyUI 0.8.0 from ../shared/comfyui started on 127.0.0.1 (a free port,
 CPU) with a temporary base directory into which `accel comfy-install` put the loader. The test checks the nodes and
-their inputs in /object_info, posts a workflow that samples a tiny FLUX through Accel Step Cache and Accel Report to
-/prompt, and reads the saved latent and the report from /history. The server is always stopped.
+their inputs in /object_info, posts a workflow that samples a tiny FLUX through Accel W4 Weights, Accel Attention,
+Accel Step Cache and Accel Report to /prompt, and reads the saved latent and the report from /history. The server
+is always stopped.
 
 The tiny model and its conditioning come from a test-only node module written into the same base directory
 (ComfyUI's checkpoint loaders cannot make a tiny FLUX: its detection fixes the width). Skips when ComfyUI or its
@@ -58,10 +59,15 @@ NODE_CLASS_MAPPINGS = {{"AccelTestTinyModel": AccelTestTinyModel, "AccelTestCond
 WORKFLOW = {
     "1": {"class_type": "AccelTestTinyModel", "inputs": {"family": "flux"}},
     "2": {"class_type": "AccelTestConditioning", "inputs": {"family": "flux"}},
+    "8": {"class_type": "AccelQuantizeW4", "inputs": {"model": ["1", 0], "group_size": 16, "min_features": 16}},
+    "9": {
+        "class_type": "AccelAttention",
+        "inputs": {"model": ["8", 0], "route": "sdpa", "dense_first_steps": 1, "dense_last_steps": 0},
+    },
     "3": {
         "class_type": "AccelStepCache",
         "inputs": {
-            "model": ["1", 0],
+            "model": ["9", 0],
             "mode": "threshold",
             "value": 2.0,
             "start_percent": 0.1,
@@ -183,6 +189,7 @@ def test_nodes_in_a_real_comfyui_server(tmp_path):
             assert (base / "output" / saved["subfolder"] / saved["filename"]).is_file()
             report = history["outputs"]["7"]["text"][0]
             assert "step cache on FLUX (ComfyUI)" in report and "threshold=2.0" in report
+            assert "W4 weights on FLUX (ComfyUI)" in report and "sdpa attention on FLUX (ComfyUI)" in report
             assert "run 1: 8 steps" in report and "reused 0 " not in report, report
         finally:
             _stop(server)

@@ -97,7 +97,8 @@ class AttentionSession:
         else:
             return self._back("outside the blocks")
         if not skip_reshape:
-            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+            # [B, N, heads*D]; MMDiT passes v as [B, N, heads, D], which ComfyUI's functions reshape alike
+            q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
         if self.text_position == "none":
             role = "self" if k.shape[-2] == q.shape[-2] else "cross"
         else:

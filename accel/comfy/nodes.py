@@ -62,10 +62,14 @@ STEP_CACHE = NodeSpec(
     "AccelStepCache",
     "Accel Step Cache",
     "Skips the expensive blocks of the diffusion model on steps where its first block barely changed, and "
-    "forecasts the output instead (accel's step cache, on ComfyUI's own FLUX, Chroma, Wan, HunyuanVideo and "
-    "LTX-Video models). Value 0 changes nothing.",
+    "forecasts the output instead (accel's step cache, on ComfyUI's own FLUX, Chroma, Wan, HunyuanVideo, LTX-Video "
+    "and SD3 models). Value 0 changes nothing.",
     (
-        ("model", "MODEL", {"tooltip": "The diffusion model to cache (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video)."}),
+        (
+            "model",
+            "MODEL",
+            {"tooltip": "The diffusion model to cache (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video, SD3)."},
+        ),
         (
             "mode",
             ("target", "threshold"),
@@ -99,7 +103,7 @@ ATTENTION = NodeSpec(
     "ComfyUI's global attention is untouched. Calls the route does not take (masks, calls outside the blocks, the "
     "dense first/last steps) run ComfyUI's own attention.",
     (
-        ("model", "MODEL", {"tooltip": "The diffusion model (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video)."}),
+        ("model", "MODEL", {"tooltip": "The diffusion model (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video, SD3)."}),
         ("route", ("int8", "sdpa"), {"default": "int8", "tooltip": "int8: accel's INT8 attention; sdpa: torch's."}),
         (
             "dense_first_steps",
@@ -124,7 +128,7 @@ W4 = NodeSpec(
     "other uses of the same model keep their 16-bit weights. On CUDA GPUs accel's Triton kernels run them; on the "
     "CPU the PyTorch reference (slow, to preview quality).",
     (
-        ("model", "MODEL", {"tooltip": "The diffusion model (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video)."}),
+        ("model", "MODEL", {"tooltip": "The diffusion model (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video, SD3)."}),
         (
             "group_size",
             "INT",

@@ -7,7 +7,8 @@ Everything is registered on one `ModelPatcher` clone, under the key "accel_step_
 - block patches in `transformer_options["patches_replace"]["dit"]`: the head block measures how much its residual
   moved and asks the controller; on a reused step the tail blocks hand their inputs through unchanged;
 - a DIFFUSION_MODEL wrapper stores the denoiser's output at computed steps and returns the controller's Taylor
-  forecast of it at reused steps (accel's `forecast="output"`).
+  forecast of it at reused steps (accel's `forecast="output"`); for a model whose forward runs no such wrappers
+  (MMDiT) an object patch of `diffusion_model.forward` does the same.
 
 The session object that holds the controller is reached only through these registrations. `ModelPatcher.clone()`
 deep-copies model options (where the block patches live) and copies wrapper lists, so the session declares itself
@@ -197,5 +198,18 @@ def apply_step_cache(model_patcher, adapter: ComfyDiTAdapter, settings: StepCach
         if isinstance(previous, BlockPatch):  # an earlier Accel Step Cache: replace it, keep what it wrapped
             previous = previous.previous
         clone.set_model_patch_replace(BlockPatch(session, index, previous), "dit", key[0], key[1])
+    if not adapter.output_wrapper:
+        forward = type(adapter.model).forward.__get__(adapter.model)
+        clone.add_object_patch("diffusion_model.forward", ForwardPatch(session, forward))
     clone.set_attachments(KEY, session)
     return clone
+
+
+class ForwardPatch:
+    """The diffusion model's forward as an object patch, for models that run no DIFFUSION_MODEL wrappers."""
+
+    def __init__(self, session: StepCacheSession, forward):
+        self.session, self.forward = session, forward
+
+    def __call__(self, *args, **kwargs):
+        return self.session.diffusion_model(self.forward, *args, **kwargs)

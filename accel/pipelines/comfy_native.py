@@ -21,7 +21,7 @@ class ComfyDiTAdapter(DiTAdapter):
 
     # Per block list (block_list_attrs, same order): the name its blocks have in the patches_replace["dit"] keys.
     block_patch_names: ClassVar[tuple[str, ...]]
-    # The forward runs ComfyUI's DIFFUSION_MODEL wrappers (every family here; MMDiT does not, so SD3 is left out).
+    # The forward runs ComfyUI's DIFFUSION_MODEL wrappers (MMDiT's does not: the step cache patches its forward).
     output_wrapper: ClassVar[bool] = True
     patch_dims: ClassVar[int] = 2  # 2: latent [B, C, H, W]; 3: [B, C, F, H, W]
     # The forward names the running block in transformer_options ("block_type", "block_index"); attention outside
@@ -142,12 +142,28 @@ class ComfyLTXVAdapter(ComfyDiTAdapter):
     names_blocks = False
 
 
+class ComfySD3Adapter(ComfyDiTAdapter):
+    """SD3 / SD3.5 (MMDiT) in ComfyUI: joint blocks on [text, image] (the reverse of diffusers' order)."""
+
+    family = "sd3"
+    display_name = "SD3 (ComfyUI)"
+    quant_exclude = ("x_embedder.*", "t_embedder.*", "y_embedder.*", "context_embedder", "final_layer.*")
+    model_classes = ("comfy.ldm.modules.diffusionmodules.mmdit:OpenAISignatureMMDITWrapper",)
+    text_layout = TextLayout("prefix")
+    attention_roles = {"attn": "joint"}
+    block_list_attrs = ("joint_blocks",)
+    block_patch_names = ("double_block",)
+    output_wrapper = False
+    names_blocks = False
+
+
 COMFY_ADAPTERS: list[type[ComfyDiTAdapter]] = [
     ComfyFluxAdapter,
     ComfyChromaAdapter,
     ComfyWanAdapter,
     ComfyHunyuanVideoAdapter,
     ComfyLTXVAdapter,
+    ComfySD3Adapter,
 ]
 
 
