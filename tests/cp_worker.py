@@ -1,34 +1,46 @@
 """One rank of the two-process context-parallel checks (tests/test_context_parallel.py starts two of these).
 
-Run as `python tests/cp_worker.py OUT_DIR` with torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
-Joins a gloo group, runs every scenario and saves what it saw to OUT_DIR/rank{RANK}.pt; rank 0 also runs each
-scenario on an unparallelised copy of the model (same weights) as the reference. The test compares.
+The test forks two ranks into `run_rank`; by hand, run `python tests/cp_worker.py OUT_DIR` under torchrun's environment
+(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), e.g. `torchrun --nproc-per-node 2 tests/cp_worker.py OUT_DIR`. Joins a gloo group, runs every scenario and saves what it saw to OUT_DIR/rank{RANK}.pt; each rank also runs half of
+the scenarios on an unparallelised copy of the model (same weights), the references. The test compares.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
-# Scenarios: (name, family, accel.patch keywords, steps). The threshold ones reuse some steps on the tiny models.
+# Scenarios: (name, family, accel.patch keywords by name (see _keywords), steps). The threshold ones reuse some steps on
+# the tiny models; the others put each accelerator, then all of them, under Ulysses.
 SCENARIOS = [
-    ("wan-threshold", "wan", {"cache": ("threshold", 0.3)}, 12),
-    ("wan-balanced", "wan", {}, 12),
-    ("flux-threshold", "flux", {"cache": ("threshold", 0.3)}, 12),
-    ("flux-balanced", "flux", {}, 12),
+    ("wan-threshold", "wan", "threshold", 12),
+    ("wan-balanced", "wan", "balanced", 12),
+    ("flux-threshold", "flux", "threshold", 12),
+    ("wan-int8", "wan", "int8", 3),
+    ("wan-sparse", "wan", "sparse", 3),
+    ("wan-w4", "wan", "w4", 3),
+    ("wan-all", "wan", "all", 6),
+    ("flux-int8", "flux", "int8", 3),
 ]
 
 
-def _keywords(spec: dict) -> dict:
-    from accel import CacheConfig
+def _keywords(name: str) -> dict:
+    from accel import CacheConfig, QuantConfig, SparseConfig
 
-    out = {}
-    for name, value in spec.items():
-        out[name] = CacheConfig(**{value[0]: value[1]}) if name == "cache" else value
-    return out
+    sparse = SparseConfig(target=0.7, block_q=16, block_k=16, stride=4, dense_fraction=0.0)
+    w4 = QuantConfig(group_size=16, min_features=0)
+    return {
+        "threshold": {"cache": CacheConfig(threshold=0.3)},
+        "balanced": {},
+        "int8": {"cache": False, "attention": "int8"},
+        "sparse": {"cache": False, "sparse": sparse},
+        "w4": {"cache": False, "quant": w4},
+        "all": {"quant": w4, "attention": "int8", "sparse": sparse},
+    }[name]
 
 
 def _decisions(handle) -> dict:
@@ -47,9 +59,13 @@ def _run(family: str, keywords: dict, steps: int, parallel: bool) -> dict:
         tiny.obj.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
     handle = accel.patch(tiny.obj, **keywords)
     output = tiny.run(0, num_inference_steps=steps)
-    result = {"output": output, "decisions": _decisions(handle), "applied": [str(a) for a in handle.report().applied]}
+    report = handle.report()
+    stats = {name: value for name, value in report.stats.items() if name != "cache"}
+    result = {"output": output, "applied": [str(a) for a in report.applied], "stats": stats}
+    result["decisions"] = _decisions(handle) if "cache" in report.stats else None
     accel.unpatch(tiny.obj)
-    result["unpatched_output"] = tiny.run(0, num_inference_steps=2)  # accel's hooks left diffusers' intact
+    if "cache" in report.stats and keywords:  # once per family: accel's hooks left diffusers' intact
+        result["unpatched_output"] = tiny.run(0, num_inference_steps=2)
     return result
 
 
@@ -87,15 +103,25 @@ def main(out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
     # diffusers picks the device as rank % torch.accelerator.device_count(), which is 0 on a CPU-only machine.
     torch.accelerator.device_count = lambda: 1
+    start = time.monotonic()
     results = {"divergent": _divergent(rank)}
-    for name, family, spec, steps in SCENARIOS:
-        keywords = _keywords(spec)
-        if rank == 0:
-            results[f"{name}/reference"] = _run(family, keywords, steps, parallel=False)
-        results[name] = _run(family, keywords, steps, parallel=True)
+    # The unparallelised references, shared out between the ranks so that they run side by side.
+    for index, (name, family, keywords, steps) in enumerate(SCENARIOS):
+        if index % 2 == rank:
+            results[f"{name}/reference"] = _run(family, _keywords(keywords), steps, parallel=False)
+            print(f"{time.monotonic() - start:6.1f} s  {name}/reference", flush=True)
+    for name, family, keywords, steps in SCENARIOS:
+        results[name] = _run(family, _keywords(keywords), steps, parallel=True)
+        print(f"{time.monotonic() - start:6.1f} s  {name}", flush=True)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run_rank(rank: int, port: int, out_dir: str) -> None:
+    """Entry point of a forked rank (the test's way: the parent has already imported torch, diffusers and accel)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
+    main(out_dir)
 
 
 if __name__ == "__main__":
