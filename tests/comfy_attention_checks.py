@@ -8,6 +8,7 @@ import torch
 from comfy_tiny import FAMILIES, sample, tiny_model
 
 from accel.attention.config import AttentionConfig
+from accel.attention.sparse import SparseConfig
 from accel.comfy.attention import KEY, OVERRIDE, apply_attention
 from accel.comfy.nodes import ATTENTION, legacy_mappings, v3_node
 from accel.comfy.report import report_data, report_text
@@ -26,8 +27,9 @@ def base(family):
     return model, sample(model, family)
 
 
-def routed(model, **config):
-    return apply_attention(model, find_comfy_adapter(model.model.diffusion_model), AttentionConfig(**config))
+def routed(model, sparse=None, **config):
+    adapter = find_comfy_adapter(model.model.diffusion_model)
+    return apply_attention(model, adapter, AttentionConfig(**config), sparse)
 
 
 def relative_error(out, expected) -> float:
@@ -103,10 +105,44 @@ def test_both_node_apis(base, family):
     classes, names = legacy_mappings()
     assert names["AccelAttention"] == "Accel Attention"
     node = classes["AccelAttention"]
-    assert node.INPUT_TYPES()["required"]["route"][0] == ["int8", "sdpa"]
-    (patched,) = getattr(node(), node.FUNCTION)(model=model, route="sdpa", dense_first_steps=0, dense_last_steps=0)
+    assert node.INPUT_TYPES()["required"]["route"][0] == ["int8", "sdpa", "sparse"]
+    sparse = dict(sparse_target=0.85, sparse_block_q=128, sparse_block_k=64)
+    (patched,) = getattr(node(), node.FUNCTION)(
+        model=model, route="sdpa", dense_first_steps=0, dense_last_steps=0, **sparse
+    )
     assert relative_error(sample(patched, family), expected) < 1e-5
     v3 = v3_node(ATTENTION)
-    assert [i.id for i in v3.GET_SCHEMA().inputs] == ["model", "route", "dense_first_steps", "dense_last_steps"]
-    out = v3.execute(model=model, route="int8", dense_first_steps=10, dense_last_steps=0)
+    assert [i.id for i in v3.GET_SCHEMA().inputs][:4] == ["model", "route", "dense_first_steps", "dense_last_steps"]
+    out = v3.execute(model=model, route="int8", dense_first_steps=10, dense_last_steps=0, **sparse)
     assert torch.equal(sample(out.args[0], family), expected)
+
+
+@pytest.fixture
+def cpu_reference(monkeypatch):
+    """The block-sparse kernel's PyTorch reference, as a CPU user gets it (the Triton kernel itself is tested in
+    Triton's interpreter in tests/test_sparse_kernel.py; here it would only be slow)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def test_sparse_route_at_full_mass_matches_comfyui_and_declines_back(base, family, cpu_reference):
+    model, expected = base
+    patched = routed(model, sparse=SparseConfig(target=1.0, block_q=16, block_k=16))
+    assert relative_error(sample(patched, family), expected) < 1e-5
+    stats = patched.get_attachment(KEY).stats()
+    assert stats["sparse"]["sparse_calls"] > 0 and stats["sparse"]["mean_blocks_kept"] == 1.0
+    back = stats["back_to_comfyui"]
+    assert back["dense warm-up steps"] > 0  # the first quarter of the steps
+    if family in ("wan", "ltxv"):
+        assert back.get("cross-attention (sparse takes self and joint attention)", 0) + back.get(
+            "a mask (ComfyUI computes it)", 0
+        )
+    assert "sparse attention on" in report_text(patched) and "PyTorch reference" in " ".join(stats["warnings"])
+
+
+@pytest.mark.parametrize("name", ["wan", "ltxv"])  # enough visual tokens for 16-token blocks to be skipped
+def test_sparse_route_skips_blocks_at_a_lower_target(name, cpu_reference):
+    model = tiny_model(name)
+    expected = sample(model, name)
+    patched = routed(model, sparse=SparseConfig(target=0.5, block_q=16, block_k=16))
+    assert relative_error(sample(patched, name), expected) < 5e-2
+    assert patched.get_attachment(KEY).stats()["sparse"]["mean_blocks_kept"] < 1.0

@@ -62,7 +62,15 @@ WORKFLOW = {
     "8": {"class_type": "AccelQuantizeW4", "inputs": {"model": ["1", 0], "group_size": 16, "min_features": 16}},
     "9": {
         "class_type": "AccelAttention",
-        "inputs": {"model": ["8", 0], "route": "sdpa", "dense_first_steps": 1, "dense_last_steps": 0},
+        "inputs": {
+            "model": ["8", 0],
+            "route": "sdpa",
+            "dense_first_steps": 1,
+            "dense_last_steps": 0,
+            "sparse_target": 0.85,
+            "sparse_block_q": 128,
+            "sparse_block_k": 64,
+        },
     },
     "3": {
         "class_type": "AccelStepCache",
@@ -163,7 +171,7 @@ def test_nodes_in_a_real_comfyui_server(tmp_path):
             info = _wait("/object_info", lambda: _get(f"{url}/object_info"), START_TIMEOUT, server, log)
             for node, inputs in {
                 "AccelStepCache": ["model", "mode", "value", "start_percent", "end_percent", "taylor_order"],
-                "AccelAttention": ["model", "route", "dense_first_steps", "dense_last_steps"],
+                "AccelAttention": ["model", "route", "dense_first_steps", "dense_last_steps", "sparse_target"],
                 "AccelQuantizeW4": ["model", "group_size", "min_features"],
                 "AccelReport": ["model", "after"],
             }.items():

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..attention.config import AttentionConfig
+from ..attention.sparse import SparseConfig
 from ..pipelines.comfy_native import find_comfy_adapter
 from ..quant.config import QuantConfig
 from .attention import apply_attention
@@ -39,9 +40,13 @@ def _step_cache(model, mode, value, start_percent, end_percent, taylor_order, ma
     return (apply_step_cache(model, find_comfy_adapter(model.model.diffusion_model), settings),)
 
 
-def _attention(model, route, dense_first_steps, dense_last_steps):
-    config = AttentionConfig(kernel=route, dense_first_steps=dense_first_steps, dense_last_steps=dense_last_steps)
-    return (apply_attention(model, find_comfy_adapter(model.model.diffusion_model), config),)
+def _attention(model, route, dense_first_steps, dense_last_steps, sparse_target, sparse_block_q, sparse_block_k):
+    kernel = "sdpa" if route == "sparse" else route
+    config = AttentionConfig(kernel=kernel, dense_first_steps=dense_first_steps, dense_last_steps=dense_last_steps)
+    sparse = None
+    if route == "sparse":
+        sparse = SparseConfig(target=sparse_target, block_q=sparse_block_q, block_k=sparse_block_k)
+    return (apply_attention(model, find_comfy_adapter(model.model.diffusion_model), config, sparse),)
 
 
 def _w4(model, group_size, min_features):
@@ -98,13 +103,18 @@ STEP_CACHE = NodeSpec(
 ATTENTION = NodeSpec(
     "AccelAttention",
     "Accel Attention",
-    "Computes the attention of this model's blocks with accel's route: sdpa (torch's), or int8 (INT8 Q·K, a "
-    "Triton kernel on CUDA GPUs; on the CPU its PyTorch reference, slow, to preview quality). Only this model: "
+    "Computes the attention of this model's blocks with accel's route: sdpa (torch's), int8 (INT8 Q·K), or sparse "
+    "(block-sparse self and joint attention with a searched pattern; the first quarter of the steps dense). Triton "
+    "kernels on CUDA GPUs; on the CPU their PyTorch references, slow, to preview quality. Only this model: "
     "ComfyUI's global attention is untouched. Calls the route does not take (masks, calls outside the blocks, the "
     "dense first/last steps) run ComfyUI's own attention.",
     (
         ("model", "MODEL", {"tooltip": "The diffusion model (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video, SD3)."}),
-        ("route", ("int8", "sdpa"), {"default": "int8", "tooltip": "int8: accel's INT8 attention; sdpa: torch's."}),
+        (
+            "route",
+            ("int8", "sdpa", "sparse"),
+            {"default": "int8", "tooltip": "int8: accel's INT8 attention; sdpa: torch's; sparse: block-sparse."},
+        ),
         (
             "dense_first_steps",
             "INT",
@@ -115,6 +125,19 @@ ATTENTION = NodeSpec(
             "INT",
             {"default": 0, "min": 0, "max": 1000, "tooltip": "The last steps keep ComfyUI's own attention."},
         ),
+        (
+            "sparse_target",
+            "FLOAT",
+            {
+                "default": 0.85,
+                "min": 0.01,
+                "max": 1.0,
+                "step": 0.01,
+                "tooltip": "sparse: attention mass each query block keeps (1.0 keeps every block).",
+            },
+        ),
+        ("sparse_block_q", "INT", {"default": 128, "min": 16, "max": 256, "step": 16, "tooltip": "sparse: query tile"}),
+        ("sparse_block_k", "INT", {"default": 64, "min": 16, "max": 256, "step": 16, "tooltip": "sparse: key tile"}),
     ),
     (("MODEL", "model"),),
     _attention,
