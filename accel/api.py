@@ -180,7 +180,7 @@ def _install_units(
                 report.skipped.append(Skipped(name, why))
                 continue
             try:
-                if (reason := parallel.refusal(ctx.model, name)) is not None:
+                if (reason := parallel.refusal(ctx.model, name, ctx.adapter)) is not None:
                     raise NotApplicable(reason)
                 unit = registered.install(ctx, config)
             except NotApplicable as reason:

@@ -10,6 +10,8 @@ What runs under context parallelism (Ulysses / ring):
 - attention routes ("int8", "sdpa", ...) and sparse attention: Ulysses, where after the all-to-all each rank runs
   ordinary attention over the whole sequence for its share of the heads, the SDPA call accel's router takes. Not
   ring: it merges partial attention over key blocks with their log-sum-exp, which accel's routes do not return.
+  Sparse attention not where text and image tokens share the attention (FLUX): each rank joins its own text and
+  image tokens before the all-to-all, so the text arrives in pieces between the image tokens.
 - W4 weights: both (context parallelism replicates the weights).
 - tensor parallelism (`TensorParallelConfig`): refused; it shards the weights accel's hooks and layers work on.
 """
@@ -60,16 +62,25 @@ def check_model(model: nn.Module) -> None:
         )
 
 
-def refusal(model: nn.Module, accelerator: str) -> str | None:
+def refusal(model: nn.Module, accelerator: str, adapter: Any = None) -> str | None:
     """Why `accelerator` (a patch keyword) cannot run under this model's context parallelism, or None."""
     cp = context_config(model)
-    if cp is None or accelerator not in _ROUTES or cp.ring_degree <= 1:
+    if cp is None or accelerator not in _ROUTES:
         return None
-    return (
-        f"ring attention (ring_degree={cp.ring_degree}) merges partial attention over key blocks with their "
-        "log-sum-exp, which accel's attention routes do not return; use ContextParallelConfig(ulysses_degree=...) "
-        f"without ring, or {accelerator}=False"
-    )
+    if cp.ring_degree > 1:
+        return (
+            f"ring attention (ring_degree={cp.ring_degree}) merges partial attention over key blocks with their "
+            "log-sum-exp, which accel's attention routes do not return; use ContextParallelConfig(ulysses_degree=...) "
+            f"without ring, or {accelerator}=False"
+        )
+    position = getattr(getattr(adapter, "text_layout", None), "position", "none")
+    if accelerator == "sparse" and position != "none":
+        return (
+            f"each rank joins its own text and image tokens before the all-to-all, so the sequence sparse attention sees "
+            f"has the text in pieces between the image tokens, not as the {position} its search lays out; sparse=False "
+            "here (attention='int8' does not depend on the token order)"
+        )
+    return None
 
 
 def refuse_enable_parallelism(name: str, *args, **kwargs):

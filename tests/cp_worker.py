@@ -19,6 +19,8 @@ import torch.distributed as dist
 SCENARIOS = [
     ("wan-threshold", "wan", "threshold", 12),
     ("wan-balanced", "wan", "balanced", 12),
+    ("wan-fast", "wan", "fast", 12),
+    ("wan-residual", "wan", "residual", 12),
     ("flux-threshold", "flux", "threshold", 12),
     ("wan-int8", "wan", "int8", 3),
     ("wan-sparse", "wan", "sparse", 3),
@@ -36,6 +38,8 @@ def _keywords(name: str) -> dict:
     return {
         "threshold": {"cache": CacheConfig(threshold=0.3)},
         "balanced": {},
+        "fast": {"preset": "fast"},
+        "residual": {"cache": CacheConfig(threshold=0.3, forecast="residual")},
         "int8": {"cache": False, "attention": "int8"},
         "sparse": {"cache": False, "sparse": sparse},
         "w4": {"cache": False, "quant": w4},
@@ -64,7 +68,7 @@ def _run(family: str, keywords: dict, steps: int, parallel: bool) -> dict:
     result = {"output": output, "applied": [str(a) for a in report.applied], "stats": stats}
     result["decisions"] = _decisions(handle) if "cache" in report.stats else None
     accel.unpatch(tiny.obj)
-    if "cache" in report.stats and keywords:  # once per family: accel's hooks left diffusers' intact
+    if keywords.get("cache"):  # a few scenarios: accel's hooks left diffusers' intact
         result["unpatched_output"] = tiny.run(0, num_inference_steps=2)
     return result
 

@@ -26,6 +26,8 @@ TIMEOUT_S = 240
 TOLERANCE = {
     "wan-threshold": None,
     "wan-balanced": None,
+    "wan-fast": None,
+    "wan-residual": None,
     "flux-threshold": 1e-5,
     "wan-int8": None,
     "wan-sparse": 1e-6,
@@ -106,7 +108,7 @@ def test_sparse_patterns_per_head_match_one_process(ranks):
         assert mine == {layer: [heads[index]] for layer, heads in reference.items()}
 
 
-@pytest.mark.parametrize("scenario", ["wan-threshold", "flux-threshold"])
+@pytest.mark.parametrize("scenario", ["wan-threshold", "wan-residual", "flux-threshold"])
 def test_threshold_reuses_the_same_steps_on_both_ranks(ranks, scenario):
     decisions = ranks[0][scenario]["decisions"]
     assert all(reused for _, reused in decisions.values()), decisions
@@ -144,6 +146,13 @@ def test_attention_routes_decline_ring(keyword):
     with pytest.raises(NotApplicableError, match="log-sum-exp"):
         accel.patch(tiny.obj, cache=False, **keyword)
     assert accel.get_handle(tiny.obj) is None
+
+
+def test_sparse_declines_text_joined_with_image_tokens():
+    tiny = build("flux")
+    _pretend_parallel(tiny.obj.transformer, ulysses_degree=2)
+    with pytest.raises(NotApplicableError, match="in pieces between the image tokens"):
+        accel.patch(tiny.obj, cache=False, sparse=True)
 
 
 def test_tensor_parallelism_is_refused():
