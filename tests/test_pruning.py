@@ -248,6 +248,26 @@ def test_score_cls_without_cls_token_is_an_error():
     assert accel.get_handle(model_of("qwen2_vl")) is None
 
 
+def test_distinct_score_ranks_tokens_that_differ_from_the_typical_one():
+    """Most tokens background (alike), a few showing something: the few score highest, even when the background is
+    not the majority of any single direction's mass (the median, not the mean, is the reference)."""
+    from accel.pruning.select import distinct_scores
+
+    g = torch.Generator().manual_seed(0)
+    background = torch.ones(12, 8) + 0.01 * torch.randn(12, 8, generator=g)
+    shapes = torch.randn(4, 8, generator=g) * 3
+    x = torch.cat([background[:5], shapes[:2], background[5:], shapes[2:]])
+    scores = distinct_scores(x)
+    assert torch.isclose(scores.sum(), torch.tensor(1.0)) and (scores >= 0).all()
+    assert set(scores.topk(4).indices.tolist()) == {5, 6, 14, 15}
+
+
+@pytest.mark.parametrize("family,score", [("qwen2_vl", "distinct"), ("llava", "cls")])
+def test_auto_score_is_cls_where_there_is_one_else_distinct(family, score, patched):
+    handle = patched(model_of(family), prune=PruneConfig(keep=4))
+    assert next(u for u in handle.units if u.name == "prune").score == score
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="only one of"):
         PruneConfig(keep=4, mass=0.5)

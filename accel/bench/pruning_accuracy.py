@@ -8,9 +8,10 @@ Every method runs at keep ratios 50%, 25% and 12.5% of each image's 256 (each vi
 unpatched model (keep-all) has answered every question:
 
     accel                   accel.patch(prune=PruneConfig(keep_ratio=r)): the default mode (before the LM,
-                            sampled-attention score, 15% contextual tokens, video temporal folding at 0.9)
+                            distinct score, 15% contextual tokens, video temporal folding at 0.9)
     accel no temporal       the same without temporal folding (differs from accel on videos only)
     accel dominant only     the same with contextual=0 (the top-scoring tokens alone)
+    accel sampled score     score='sampled' (attention from evenly spaced tokens, the default before 'distinct')
     accel cls score         score='cls': Qwen2-VL's ViT has no [CLS] token, so this row records the refusal
     accel in_lm layer K     where='in_lm', layer=K (FastV-style, text-guided), K = 1, 2
     random keep             `accel.bench.pruning_baselines`: uniform random tokens
@@ -53,6 +54,7 @@ def methods() -> list[Method]:
         Method("accel", "accel"),
         Method("accel no temporal", "accel", {"temporal_threshold": None}),
         Method("accel dominant only", "accel", {"contextual": 0.0}),
+        Method("accel sampled score", "accel", {"score": "sampled"}),
         Method("accel cls score", "accel", {"score": "cls"}),
         Method("accel in_lm layer 1", "accel", {"where": "in_lm", "layer": 1}),
         Method("accel in_lm layer 2", "accel", {"where": "in_lm", "layer": 2}),

@@ -8,7 +8,7 @@ from .._validate import check_choice, check_float, check_int
 from ..errors import ConfigError
 
 _WHERE = ("before_lm", "in_lm")
-_SCORES = ("auto", "cls", "sampled")
+_SCORES = ("auto", "cls", "distinct", "sampled")
 
 
 @dataclass
@@ -31,9 +31,11 @@ class PruneConfig:
     rows, so SDPA / FlashAttention stay on.
 
     `score`: `"auto"` uses the vision tower's [CLS] attention row where there is a [CLS] token
-    (LLaVA-1.5's CLIP) and `"sampled"` otherwise: the mean attention each visual token receives from
-    `sampled_queries` evenly spaced tokens of its own image, computed with the first decoder layer's
-    query/key projections (no positions). Ignored for `where="in_lm"`.
+    (LLaVA-1.5's CLIP) and `"distinct"` otherwise: how far each visual token's feature is from its image's
+    typical (per-channel median) token, so the repetitive background scores low. `"sampled"`: the mean
+    attention each visual token receives from `sampled_queries` evenly spaced tokens of its own image,
+    computed with the first decoder layer's query/key projections (no positions); on `ref-vlm` it kept less
+    accuracy than random tokens (benchmarks/RESULTS.md). Ignored for `where="in_lm"`.
 
     `contextual`: fraction of the budget spent on merged "contextual" tokens (VisionZip): the tokens not
     kept as dominant are averaged into that many evenly spaced targets by cosine similarity. 0 keeps the

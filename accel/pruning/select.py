@@ -34,6 +34,15 @@ def sampled_attention(q: torch.Tensor, k: torch.Tensor, num_queries: int, scale:
     return logits.softmax(-1).mean((0, 1))
 
 
+def distinct_scores(x: torch.Tensor) -> torch.Tensor:
+    """How far each of the n tokens x [n, D] is from the segment's per-channel median token, as a distribution [n].
+
+    A median, not a mean: where most tokens are background the median is a background token, so the tokens that
+    show something score high however large their share."""
+    distance = (x.float() - x.float().median(0).values).norm(dim=-1)
+    return distance / distance.sum().clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def temporal_merge(
     x: torch.Tensor, frame_len: int, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -40,7 +40,7 @@ from ..report import Report
 from .config import PruneConfig
 from .errors import PruneError, compile_refusal
 from .segments import Segment, find_segments, left_pad
-from .select import Selection, keeps_all, sampled_attention, select_segment
+from .select import Selection, distinct_scores, keeps_all, sampled_attention, select_segment
 
 _MAX_PENDING_ROWS = 16  # vision-tower runs whose [CLS] rows wait for the projector
 _IGNORE_INDEX = -100  # transformers' label of positions without a loss
@@ -68,7 +68,7 @@ class PruneUnit(Unit):
     def __init__(self, adapter, config: PruneConfig, score: str):
         self.adapter = adapter
         self.config = config
-        self.score = score  # "cls" | "sampled" (resolved from config.score)
+        self.score = score  # "cls" | "distinct" | "sampled" (resolved from config.score)
         self._handles: list = []
         self._call: dict | None = None
         self._cls_pending: list[torch.Tensor] = []  # [CLS] rows of tower runs not yet paired with features
@@ -320,6 +320,8 @@ class PruneUnit(Unit):
     def _segment_scores(self, embeds: torch.Tensor, segments: list[Segment]) -> list[torch.Tensor]:
         if self.score == "cls":
             return self._cls_scores(embeds, segments)
+        if self.score == "distinct":
+            return [distinct_scores(embeds[segment.row, segment.positions]) for segment in segments]
         scores = []
         for segment in segments:
             x = embeds[segment.row : segment.row + 1, segment.positions]
@@ -341,7 +343,7 @@ class PruneUnit(Unit):
                 raise PruneError(
                     f"image {k} of the batch (row {segment.row}) is none of the {n} images the vision tower encoded "
                     "last, so it has no [CLS] score: pass pixel_values with the prompt (image features computed "
-                    "before accel.patch, or with another model, cannot be scored), or use PruneConfig(score='sampled')"
+                    "before accel.patch, or with another model, cannot be scored), or use PruneConfig(score='distinct')"
                 )
             scores.append(rows[match].to(embeds.device))
         return scores
@@ -421,10 +423,10 @@ def resolve_score(adapter, config: PruneConfig) -> str:
     if config.score == "cls" and not has_cls:
         raise ConfigError(
             f"PruneConfig(score='cls'): {adapter.display_name}'s vision tower has no [CLS] token at the feature "
-            "layer; use score='sampled' (or 'auto')"
+            "layer; use score='distinct' or 'sampled' (or 'auto')"
         )
     if config.score == "auto":
-        return "cls" if has_cls else "sampled"
+        return "cls" if has_cls else "distinct"
     return config.score
 
 
