@@ -102,9 +102,9 @@ def keep_in_fp32_modules(model: nn.Module) -> list[str]:
 
 
 # diffusers records `enable_parallelism`'s resolved ParallelConfig on the model in this attribute (no public getter),
-# and the context-parallel config keeps its device meshes in private fields set by its `setup`. These three were
-# checked against 0.42.1 (where accel's context-parallel tests run) and the context-parallel code of earlier releases,
-# which has the same names; accel reads them only on a model with parallelism enabled.
+# and the context-parallel config keeps its device meshes in private fields set by its `setup`. These were checked
+# against 0.42.1 only (where accel's context-parallel tests run; earlier releases' `setup` sets the same mesh fields);
+# accel reads them only on a model with parallelism enabled.
 _PARALLEL_CONFIG_ATTR = "_parallel_config"
 
 
