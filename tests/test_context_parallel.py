@@ -162,3 +162,41 @@ def test_tensor_parallelism_is_refused():
     tiny.obj.transformer._parallel_config = ParallelConfig(tensor_parallel_config=TensorParallelConfig(tp_degree=2))
     with pytest.raises(ParallelismError, match="tensor parallelism"):
         accel.patch(tiny.obj, cache=CacheConfig())
+
+
+def test_accel_hooks_sit_inside_context_parallel_hooks():
+    """Block hooks installed after enable_parallelism are moved inside diffusers' split hook (so they see the rank's
+    slice), and removing them leaves the split hook running (diffusers' removal of an inner hook would bypass an
+    outer hook that replaces forward, which is why accel re-registers outermost first)."""
+    from diffusers.hooks import HookRegistry, ModelHook
+    from torch import nn
+
+    from accel import _hooks
+    from accel._private import hook_order
+
+    calls = []
+
+    class Split(ModelHook):  # stands in for diffusers' ContextParallelSplitHook: pre_forward only
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append("split")
+            return args, kwargs
+
+    class Accel(ModelHook):
+        def new_forward(self, module, *args, **kwargs):
+            calls.append("accel")
+            return self.fn_ref.original_forward(*args, **kwargs)
+
+    root = nn.Sequential(nn.Linear(2, 2))
+    block = root[0]
+    registry = HookRegistry.check_if_exists_or_initialize(block)
+    registry.register_hook(Split(), "cp_input---0")
+    hooks = _hooks.HookSet(root, "accel_test", [(block, Accel())])
+    hooks.install()
+    assert hook_order(registry) == ["accel_test", "cp_input---0"]
+    x = torch.randn(1, 2)
+    expected = block.__class__.forward(block, x)
+    assert torch.equal(root(x), expected) and calls == ["split", "accel"]
+    hooks.remove()
+    calls.clear()
+    assert torch.equal(root(x), expected) and calls == ["split"]
+    assert hook_order(registry) == ["cp_input---0"]
