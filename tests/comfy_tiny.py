@@ -156,6 +156,26 @@ SD3 = dict(
     qk_norm=None,
     x_block_self_attn_layers=[],
 )
+UNET = dict(  # SD1.5's layout, 32 channels wide, two levels
+    context_dim=16,
+    model_channels=32,
+    use_linear_in_transformer=True,
+    adm_in_channels=None,
+    use_temporal_attention=False,
+    use_temporal_resblock=False,
+    in_channels=4,
+    out_channels=4,
+    num_res_blocks=[1, 1],
+    channel_mult=[1, 2],
+    transformer_depth=[1, 1],
+    transformer_depth_output=[1, 1, 1, 1],
+    transformer_depth_middle=1,
+    use_spatial_transformer=True,
+    legacy=False,
+    num_heads=2,
+    num_head_channels=-1,
+    image_size=32,
+)
 # family: (supported_models class name, unet config, latent shape, extra conditioning)
 FAMILIES = {
     "flux": ("FluxSchnell", FLUX, (1, 16, 8, 8), "pooled"),
@@ -164,6 +184,7 @@ FAMILIES = {
     "hunyuan_video": ("HunyuanVideo", HUNYUAN_VIDEO, (1, 16, 2, 8, 8), "pooled"),
     "ltxv": ("LTXV", LTXV, (1, 128, 2, 4, 4), "mask"),
     "sd3": ("SD3", SD3, (1, 16, 8, 8), "pooled"),
+    "unet": ("SD15", UNET, (1, 4, 8, 8), None),
 }
 
 

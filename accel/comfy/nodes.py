@@ -68,12 +68,12 @@ STEP_CACHE = NodeSpec(
     "Accel Step Cache",
     "Skips the expensive blocks of the diffusion model on steps where its first block barely changed, and "
     "forecasts the output instead (accel's step cache, on ComfyUI's own FLUX, Chroma, Wan, HunyuanVideo, LTX-Video "
-    "and SD3 models). Value 0 changes nothing.",
+    "SD3 and SD1.5/SDXL models). Value 0 changes nothing.",
     (
         (
             "model",
             "MODEL",
-            {"tooltip": "The diffusion model to cache (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video, SD3)."},
+            {"tooltip": "The diffusion model to cache (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video, SD3, SD1.5/SDXL)."},
         ),
         (
             "mode",
@@ -109,7 +109,11 @@ ATTENTION = NodeSpec(
     "ComfyUI's global attention is untouched. Calls the route does not take (masks, calls outside the blocks, the "
     "dense first/last steps) run ComfyUI's own attention.",
     (
-        ("model", "MODEL", {"tooltip": "The diffusion model (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video, SD3)."}),
+        (
+            "model",
+            "MODEL",
+            {"tooltip": "The diffusion model (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video, SD3, SD1.5/SDXL)."},
+        ),
         (
             "route",
             ("int8", "sdpa", "sparse"),
@@ -151,7 +155,11 @@ W4 = NodeSpec(
     "other uses of the same model keep their 16-bit weights. On CUDA GPUs accel's Triton kernels run them; on the "
     "CPU the PyTorch reference (slow, to preview quality).",
     (
-        ("model", "MODEL", {"tooltip": "The diffusion model (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video, SD3)."}),
+        (
+            "model",
+            "MODEL",
+            {"tooltip": "The diffusion model (FLUX, Chroma, Wan, HunyuanVideo, LTX-Video, SD3, SD1.5/SDXL)."},
+        ),
         (
             "group_size",
             "INT",

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ..caching.config import CacheConfig
 from ..caching.controller import CacheController
-from ..pipelines.comfy_native import ComfyDiTAdapter
+from ..pipelines.comfy_native import ComfyDiTAdapter, ComfyUNetAdapter
 
 KEY = "accel_step_cache"
 RUNS_KEPT = 20  # a long-running ComfyUI keeps the statistics of its latest runs only
@@ -75,9 +75,12 @@ def branch_name(cond_or_uncond) -> str:
 class StepCacheSession:
     """The cache of one patched clone: its settings, the current run's controller, the finished runs."""
 
-    def __init__(self, adapter: ComfyDiTAdapter, settings: StepCacheSettings):
+    def __init__(self, adapter: ComfyDiTAdapter | ComfyUNetAdapter, settings: StepCacheSettings):
         self.family = adapter.display_name
-        self.num_blocks = len(adapter.block_keys())
+        if adapter.kind == "unet":
+            self.head_text = f"the stem and input block {adapter.head_block} run every step"
+        else:
+            self.head_text = f"1 of {len(adapter.block_keys())} blocks runs every step"
         self.settings = settings
         settings.config(10)  # a bad value fails when the node runs, not in the middle of sampling
         self.controller: CacheController | None = None
@@ -122,13 +125,16 @@ class StepCacheSession:
 
     def diffusion_model(self, executor, *args, **kwargs):
         """The denoiser's output: stored at a computed step, forecast at a reused one."""
-        output = executor(*args, **kwargs)
+        try:
+            output = executor(*args, **kwargs)
+        except SkipRest:  # a UNet stopped after its head: the step is reused
+            output = None
         controller = self.controller
         if controller is None or not controller.active:
             return output
         if controller.reusing:
             (forecast,) = controller.cached()
-            return forecast.to(output.dtype, copy=True)  # ComfyUI may work on it in place
+            return forecast.clone()  # ComfyUI may work on it in place
         controller.store((output.detach(),), reference=(output,))
         return output
 
@@ -155,9 +161,32 @@ class StepCacheSession:
     # -- what happened ------------------------------------------------------------------------------------------
 
     def describe(self) -> str:
-        return f"step cache on {self.family}: 1 of {self.num_blocks} blocks runs every step, output forecast; " + (
-            self.settings.describe()
-        )
+        return f"step cache on {self.family}: {self.head_text}, output forecast; {self.settings.describe()}"
+
+
+class SkipRest(Exception):
+    """Raised by the UNet head patch on a reused step, caught by the DIFFUSION_MODEL wrapper: ComfyUI's UNet forward
+    has no block replacement, so the rest of a reused step is skipped by leaving the forward."""
+
+
+class UNetHeadPatch:
+    """An "input_block_patch" (called after every input block of ComfyUI's UNet): records the head block's input,
+    measures its residual, and ends a reused step there."""
+
+    def __init__(self, session: StepCacheSession, head_block: int):
+        self.session, self.head_block = session, head_block
+
+    def __call__(self, h, transformer_options):
+        session, block = self.session, transformer_options.get("block")
+        if session.controller is None or not session.controller.active:
+            return h
+        if block == ("input", self.head_block - 1):
+            session.head_in = h.clone()
+        elif block == ("input", self.head_block):
+            session.controller.decide((h - session.head_in,))
+            if session.controller.reusing:
+                raise SkipRest
+        return h
 
 
 class BlockPatch:
@@ -178,7 +207,7 @@ class BlockPatch:
         return self.session.tail(args, run_block)
 
 
-def apply_step_cache(model_patcher, adapter: ComfyDiTAdapter, settings: StepCacheSettings):
+def apply_step_cache(model_patcher, adapter: ComfyDiTAdapter | ComfyUNetAdapter, settings: StepCacheSettings):
     """A clone of `model_patcher` with the step cache registered on it (an earlier Accel Step Cache replaced)."""
     import comfy.patcher_extension as ext
 
@@ -192,6 +221,14 @@ def apply_step_cache(model_patcher, adapter: ComfyDiTAdapter, settings: StepCach
     for kind, wrapper in wrappers.items():
         clone.remove_wrappers_with_key(kind, KEY)
         clone.add_wrapper_with_key(kind, KEY, wrapper)
+    if adapter.kind == "unet":
+        patches = clone.model_options["transformer_options"].get("patches", {})
+        if "input_block_patch" in patches:  # an earlier Accel Step Cache's patch goes, others stay
+            kept = [p for p in patches["input_block_patch"] if not isinstance(p, UNetHeadPatch)]
+            clone.model_options["transformer_options"]["patches"] = {**patches, "input_block_patch": kept}
+        clone.set_model_input_block_patch(UNetHeadPatch(session, adapter.head_block))
+        clone.set_attachments(KEY, session)
+        return clone
     replaced = clone.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for index, key in enumerate(adapter.block_keys()):
         previous = replaced.get(key)

@@ -13,7 +13,7 @@ import math
 from typing import Any, ClassVar
 
 from ..errors import UnsupportedModelError
-from .base import DiTAdapter, LatentGrid, TextLayout
+from .base import DiTAdapter, LatentGrid, TextLayout, UNetAdapter
 
 
 class ComfyDiTAdapter(DiTAdapter):
@@ -157,17 +157,50 @@ class ComfySD3Adapter(ComfyDiTAdapter):
     names_blocks = False
 
 
-COMFY_ADAPTERS: list[type[ComfyDiTAdapter]] = [
+class ComfyUNetAdapter(UNetAdapter):
+    """SD1.5 / SDXL in ComfyUI (`UNetModel`): input blocks (input block 0 is the stem convolution), middle block,
+    output blocks. Its forward runs DIFFUSION_MODEL wrappers and "input_block_patch" patches after every input
+    block, but takes no block replacement: the step cache stops a reused step after its head input block instead."""
+
+    family = "unet"
+    display_name = "SD1.5/SDXL UNet (ComfyUI)"
+    quant_exclude = ("time_embed.*", "label_emb.*")
+    model_classes = ("comfy.ldm.modules.diffusionmodules.openaimodel:UNetModel",)
+    text_layout = TextLayout("none")  # text only through cross-attention
+    head_block = 1  # the first input block after the stem: its residual is the cache's signal
+    output_wrapper = True
+    names_blocks = False
+    block_patch_names: ClassVar[tuple[str, ...]] = ()
+
+    def down_blocks(self):
+        return list(self.model.input_blocks)
+
+    def mid_block(self):
+        return self.model.middle_block
+
+    def up_blocks(self):
+        return list(self.model.output_blocks)
+
+    def block_lists(self) -> list:
+        return []  # no blocks ComfyUI lets a patch replace
+
+    def latent_grid(self, args: tuple, kwargs: dict) -> LatentGrid:
+        shape = (args[0] if args else kwargs["x"]).shape
+        return LatentGrid(1, shape[-2], shape[-1])
+
+
+COMFY_ADAPTERS: list[type[ComfyDiTAdapter | ComfyUNetAdapter]] = [
     ComfyFluxAdapter,
     ComfyChromaAdapter,
     ComfyWanAdapter,
     ComfyHunyuanVideoAdapter,
     ComfyLTXVAdapter,
     ComfySD3Adapter,
+    ComfyUNetAdapter,
 ]
 
 
-def find_comfy_adapter(diffusion_model: Any) -> ComfyDiTAdapter:
+def find_comfy_adapter(diffusion_model: Any) -> ComfyDiTAdapter | ComfyUNetAdapter:
     """The adapter of a ComfyUI diffusion model (`model_patcher.model.diffusion_model`)."""
     for adapter_cls in COMFY_ADAPTERS:
         if adapter_cls.matches(diffusion_model):
