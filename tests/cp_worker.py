@@ -13,6 +13,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from diffusers.models import attention_dispatch
 
 # Scenarios: (name, family, accel.patch keywords by name (see _keywords), steps). The threshold ones reuse some steps on
 # the tiny models; the others put each accelerator, then all of them, under Ulysses.
@@ -27,6 +28,7 @@ SCENARIOS = [
     ("wan-w4", "wan", "w4", 3),
     ("wan-all", "wan", "all", 6),
     ("flux-int8", "flux", "int8", 3),
+    ("wan-ring", "wan", "threshold", 12),  # ring degree 2 instead of Ulysses
 ]
 
 
@@ -52,7 +54,34 @@ def _decisions(handle) -> dict:
     return {name: (branch["computed"], branch["reused"]) for name, branch in call["branches"].items()}
 
 
-def _run(family: str, keywords: dict, steps: int, parallel: bool) -> dict:
+NATIVE_FORWARD_OP = attention_dispatch._native_attention_forward_op
+
+
+def _native_with_lse(
+    ctx,
+    query,
+    key,
+    value,
+    attn_mask=None,
+    dropout_p=0.0,
+    is_causal=False,
+    scale=None,
+    enable_gqa=False,
+    return_lse=False,
+    _save_ctx=True,
+    _parallel_config=None,
+):
+    """diffusers' native attention op with the log-sum-exp ring attention needs, written out (no diffusers backend
+    that returns it runs on CPU). [B, S, H, D] in and out, log-sum-exp [B, S, H]; no mask, dropout or GQA (Wan's
+    self-attention, the only call ring attention takes here)."""
+    q, k, v = (x.permute(0, 2, 1, 3) for x in (query, key, value))
+    scores = (q @ k.transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    lse = scores.logsumexp(-1, keepdim=True)
+    out = ((scores - lse).exp() @ v).permute(0, 2, 1, 3)
+    return (out, lse.squeeze(-1).permute(0, 2, 1)) if return_lse else out
+
+
+def _run(family: str, keywords: dict, steps: int, parallel: bool, ring: bool = False) -> dict:
     from diffusers import ContextParallelConfig
 
     import accel
@@ -60,7 +89,10 @@ def _run(family: str, keywords: dict, steps: int, parallel: bool) -> dict:
 
     tiny = build(family)
     if parallel:
-        tiny.obj.transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=2))
+        degrees = {"ring_degree": 2} if ring else {"ulysses_degree": 2}
+        # Ulysses keeps diffusers' own op: it calls F.scaled_dot_product_attention, which accel's router takes.
+        attention_dispatch._native_attention_forward_op = _native_with_lse if ring else NATIVE_FORWARD_OP
+        tiny.obj.transformer.enable_parallelism(config=ContextParallelConfig(**degrees))
     handle = accel.patch(tiny.obj, **keywords)
     output = tiny.run(0, num_inference_steps=steps)
     report = handle.report()
@@ -115,7 +147,7 @@ def main(out_dir: str) -> None:
             results[f"{name}/reference"] = _run(family, _keywords(keywords), steps, parallel=False)
             print(f"{time.monotonic() - start:6.1f} s  {name}/reference", flush=True)
     for name, family, keywords, steps in SCENARIOS:
-        results[name] = _run(family, _keywords(keywords), steps, parallel=True)
+        results[name] = _run(family, _keywords(keywords), steps, parallel=True, ring=name.endswith("-ring"))
         print(f"{time.monotonic() - start:6.1f} s  {name}", flush=True)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.barrier()
