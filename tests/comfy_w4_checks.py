@@ -48,6 +48,7 @@ def test_w4_survives_load_unload_and_clone(base, family):
     out = sample(patched, family)
     assert 0 < relative_error(out, expected) < 3e-2
     assert w4_layers(model) == patched.get_attachment(KEY).stats()["layers"] > 0  # swapped in while loaded
+    assert patched.get_attachment(KEY).device == patched.load_device  # the 4-bit buffers follow the load
     comfy.model_management.unload_all_models()
     assert w4_layers(model) == 0  # unloading puts the 16-bit layers back
     assert torch.equal(sample(patched, family), out)

@@ -29,9 +29,23 @@ class W4Session:
         self.family, self.config, self.layers, self.kept = family, config, layers, kept
         self.bytes_before = before
         self.bytes_after = sum(sum(t.numel() * t.element_size() for t in w4.buffers()) for w4 in layers.values())
+        self.device = None  # where the 4-bit layers were last moved
 
     def __deepcopy__(self, memo):
         return self
+
+    # ComfyUI moves the modules that hold parameters (and may patch a clone in without loading it again); W4Linear
+    # keeps its codes in buffers, so before every sampling run they go to the load device, and back when detached.
+    def on_pre_run(self, patcher, *args, **kwargs):
+        self._move(patcher.load_device)
+
+    def on_detach(self, patcher, *args, **kwargs):
+        self._move(patcher.offload_device)
+
+    def _move(self, device) -> None:
+        for layer in self.layers.values():
+            layer.to(device)
+        self.device = device
 
     def describe(self) -> str:
         return (
@@ -60,6 +74,8 @@ def original_linears(model_patcher):
 def apply_w4(model_patcher, adapter: ComfyDiTAdapter, config: QuantConfig):
     """A clone of `model_patcher` whose selected linear layers are W4 object patches (an earlier Accel W4 Weights
     replaced: layers are always quantized from the originals)."""
+    import comfy.patcher_extension as ext
+
     diffusion_model = model_patcher.model.diffusion_model
     named = [(n, m) for n, m in original_linears(model_patcher) if not isinstance(m, W4Linear)]
     layers, kept = select_layers(diffusion_model, config, adapter.quant_exclude, named=named)
@@ -76,7 +92,14 @@ def apply_w4(model_patcher, adapter: ComfyDiTAdapter, config: QuantConfig):
         done[name] = _quantize(module, config)
         before += sum(t.numel() * t.element_size() for t in module.parameters())
         clone.add_object_patch(PREFIX + name, done[name])
-    clone.set_attachments(KEY, W4Session(adapter.display_name, config, done, kept, before))
+    session = W4Session(adapter.display_name, config, done, kept, before)
+    for kind, callback in (
+        (ext.CallbacksMP.ON_PRE_RUN, session.on_pre_run),
+        (ext.CallbacksMP.ON_DETACH, session.on_detach),
+    ):
+        clone.remove_callbacks_with_key(kind, KEY)
+        clone.add_callback_with_key(kind, KEY, callback)
+    clone.set_attachments(KEY, session)
     return clone
 
 
