@@ -1,4 +1,5 @@
-"""accel's node pack for ComfyUI: step caching and attention routes on ComfyUI's own model classes, and a report.
+"""accel's node pack for ComfyUI: step caching, attention routes and W4 weights on ComfyUI's own model classes, and a
+report.
 
 ComfyUI is never a dependency of accel and this package imports nothing of ComfyUI: `accel comfy-install <ComfyUI
 folder or base directory>` writes a two-line loader into its `custom_nodes/` folder, and only that loader, run by
