@@ -5,7 +5,15 @@ import torch
 
 from accel.caching.config import CacheConfig
 from accel.caching.controller import CacheController, relative_l1
-from accel.caching.forecast import DeviceScalar, TaylorForecast, extrapolate
+from accel.caching.forecast import (
+    SAMPLED,
+    DeviceScalar,
+    ErrorModel,
+    TaylorForecast,
+    extrapolate,
+    forecast_error,
+    sample,
+)
 
 
 def test_extrapolation_is_exact_for_polynomials_of_its_order():
@@ -24,30 +32,49 @@ def test_relative_l1_and_device_scalar():
     assert DeviceScalar(relative_l1((a,), (b,))).get() == pytest.approx(0.25)
 
 
-def test_taylor_forecast_uses_the_order_that_checked_best():
+def test_error_model_estimates_what_each_order_would_miss():
+    """Head and cached values on the same quadratic trajectory: each order's estimate, from the head's check at
+    the previous step carried over by the spread, matches that order's actual forecast error."""
+
     def quadratic(step):
-        return (torch.full((3,), 1.0 + 0.5 * step + 0.1 * step * step),)
+        return (torch.full((3,), 100.0 + 0.5 * step + 0.1 * step * step),)
 
-    forecast = TaylorForecast(max_order=2)
-    assert not forecast.has_values()
-    for step in range(5):
-        forecast.update(step, quadratic(step), reference=quadratic(step), since=step - 1)
-    forecast.calibrate({step: 1.0 for step in range(4)})  # step 4's change unknown: its check waits
-    assert len(forecast.pending) == 1
-    forecast.calibrate({step: 1.0 for step in range(5)})
-    assert not forecast.pending and forecast.error_per_change() == pytest.approx(0.0, abs=1e-6)
-    assert torch.allclose(forecast.forecast(7)[0], quadratic(7)[0])
+    forecast, errors = TaylorForecast(max_order=2), ErrorModel(max_order=2)
+    for step in (0, 2, 4, 5):  # computed steps
+        errors.check_head(step, quadratic(step))
+        errors.read(upto=step - 1)  # a lagged decision reads the previous step's check
+        if forecast.has_values():
+            errors.check_values(step, forecast.errors(step, quadratic(step), quadratic(step)))
+        errors.computed(step, quadratic(step))
+        forecast.update(step, quadratic(step))
+    errors.check_head(6, quadratic(6))
+    errors.read(upto=6)
+    estimates = errors.estimates(8, forecast.orders())
+    actual = [float(forecast_error(forecast.forecast(8, k), quadratic(8), quadratic(8))) for k in range(3)]
+    assert estimates[2] == pytest.approx(0.0, abs=1e-6) and actual[2] == pytest.approx(0.0, abs=1e-6)
+    for k in (0, 1):
+        assert estimates[k] == pytest.approx(actual[k], rel=0.15), (k, estimates, actual)
 
 
-def test_taylor_forecast_falls_back_to_plain_reuse_on_noisy_values():
-    forecast = TaylorForecast(max_order=2)
-    values = [(torch.full((3,), 1.0 + step % 2),) for step in range(5)]
-    for step, value in enumerate(values):
-        forecast.update(step, value, reference=value, since=step - 1)
-    assert forecast.error_per_change() is None  # not calibrated yet
-    forecast.calibrate({step: 0.5 for step in range(5)})
-    assert forecast.forecast(6)[0] is values[-1][0]
-    assert forecast.error_per_change() == pytest.approx(2.0)  # the worst of the last three checks, |1 - 2| / 1 / 0.5
+def test_error_model_is_uncalibrated_until_a_computed_step_was_checked():
+    errors = ErrorModel(max_order=1)
+    assert errors.estimates(3, 0) == []
+    errors.check_head(0, (torch.ones(2),))  # nothing stored yet: no check
+    errors.computed(0, (torch.ones(2),))
+    errors.check_head(1, (torch.full((2,), 2.0),))
+    errors.read(upto=1)
+    assert errors.estimates(2, 1) == [None]  # the head was checked, the cached values not yet
+    errors.check_values(1, [torch.tensor(0.25)])
+    errors.read(upto=1)
+    assert errors.estimates(2, 1) == [pytest.approx(0.25 * 2)]  # ratio 0.25 / 0.5 of a head error 0.5 per step
+
+
+def test_sample_keeps_a_strided_copy_of_a_large_head():
+    big = torch.arange(3 * SAMPLED, dtype=torch.float32)
+    (kept,) = sample((big,))
+    assert kept.numel() == SAMPLED and kept[1] == 3 and kept.data_ptr() != big.data_ptr()
+    small = torch.ones(5)
+    assert sample((small, None)) == (small, None)
 
 
 def _run(controller, features, names=("cond",)):

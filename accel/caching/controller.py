@@ -9,8 +9,10 @@ decision for step i uses the change measured at step i-1, whose value was copied
 asynchronously a whole step earlier, so reading it does not stall the GPU queue. `decision="current"`
 reads this step's signal and so syncs once per step.
 
-What a reused step gets instead of the computed values is the forecaster's part (`accel.caching.forecast`);
-the controller prices a reuse with the forecaster's measured error per unit of change.
+CFG branches share one schedule: the first branch to reach a step decides it for all (guidance,
+uncond + scale * (cond - uncond), would amplify the difference between forecasts made at different distances).
+A reused step gets a forecast (`accel.caching.forecast`) of the order `_choose_order` picks from every order's
+estimated error at that step; with a `target`, that estimate also decides whether to reuse.
 """
 
 from __future__ import annotations
@@ -23,9 +25,13 @@ import torch
 
 from . import distributed
 from .config import CacheConfig
-from .forecast import DeviceScalar, TaylorForecast, Values
+from .forecast import DeviceScalar, ErrorModel, TaylorForecast, Values, sample
 
 MAX_CALLS_KEPT = 100  # per-call statistics of a long-running server stay bounded
+PREFERRED_ORDER = 1
+SWITCH_MARGIN = 1.5
+ROUGH = 0.15  # relative L1 error of an order-1 forecast beyond which it falls back to plain reuse
+ASSUMED_STEPS = 20  # a target's allowance per run when the step count is unknown (a bare model)
 
 
 def relative_l1(new: Sequence[torch.Tensor | None], old: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -91,13 +97,36 @@ class _Branch:
         self.prev_signal_source: torch.Tensor | None = None
         self.signals: dict[int, float] = {}
         self.pending_signals: list[tuple[int, DeviceScalar]] = []
+        self.taylor_order = taylor_order
         self.forecast = TaylorForecast(taylor_order)
+        self.errors = ErrorModel(taylor_order)
+        self.order = 0  # of this step's forecast
+        self.run_error = 0.0  # estimated error of the reused steps since the last computed one
         self.last_computed = -1
         self.consecutive = 0
         self.reusing = False
         self.last_timestep: float | None = None
         self.extras: dict = {}  # hooks' own per-branch cache (e.g. outputs of skipped UNet blocks)
         self.stats = BranchStats()
+
+
+def _choose_order(estimates: list[float | None], orders: int) -> int:
+    """The order a reuse forecasts with. Order 1 (the line through the last two computed steps) once two are stored:
+    besides its single-step error, which the estimates rank, it keeps up with the trajectory's drift, which a
+    repeated value (order 0) lags further behind at every reused step; on the reference models preferring it beat
+    picking the lowest estimate. Another order where its estimate is SWITCH_MARGIN times lower; order 0 where order
+    1 is estimated to miss by ROUGH or more: the trajectory is not smooth there, a line overshoots, a repeated value
+    stays bounded (random weights; the first steps of trained models)."""
+    preferred = min(PREFERRED_ORDER, orders - 1) if orders else 0
+    known = sorted((e, k) for k, e in enumerate(estimates) if e is not None)
+    if not known:
+        return preferred
+    if preferred >= len(estimates) or estimates[preferred] is None:
+        return known[0][1]
+    if estimates[preferred] >= ROUGH:
+        return 0
+    best_estimate, best = known[0]
+    return best if best_estimate * SWITCH_MARGIN < estimates[preferred] else preferred
 
 
 class CacheController:
@@ -110,6 +139,7 @@ class CacheController:
         self._call_open = False
         self._auto_last_t: float | None = None
         self._auto_index = 0
+        self._decided: dict[int, tuple[_Branch, bool, int]] = {}  # step -> (the branch that decided it, reuse, order)
 
     # -- call and branch boundaries -------------------------------------------------------------
 
@@ -119,6 +149,7 @@ class CacheController:
         self._num_steps = None
         self._auto_last_t = None
         self._auto_index = 0
+        self._decided = {}
         self.calls.append(CallStats())
         self._call_open = True
 
@@ -217,44 +248,63 @@ class CacheController:
         """Called once per denoiser call after the head ran. Returns True to reuse the tail."""
         st = self._current
         assert st is not None, "decide() outside a denoiser call"
-        cfg = self.config
         i = st.step
         signal_source = tuple(t.detach() for t in signal_source if t is not None)
-
         shape_changed = st.prev_signal_source is not None and any(
             a.shape != b.shape for a, b in zip(signal_source, st.prev_signal_source)
         )
-        if st.prev_signal_source is not None and not shape_changed:
+        if shape_changed:  # values stored at the old shape cannot be extrapolated to the new one
+            st.forecast = TaylorForecast(st.taylor_order)
+            st.errors.restart()
+        elif st.prev_signal_source is not None:
             st.pending_signals.append((i, DeviceScalar(relative_l1(signal_source, st.prev_signal_source))))
         st.prev_signal_source = signal_source
-        self._read_pending(st, upto=i if cfg.decision == "current" else i - 1)
+        head = sample(signal_source)
+        st.errors.check_head(i, head)
+        self._read_pending(st, upto=i if self.config.decision == "current" else i - 1)
 
         reason = self._forced_reason(st, i, shape_changed)
-        estimate = None
-        if reason is None:
-            predicted = self._predicted_change(st, i)
-            if predicted is None:
-                reason = "no change signal yet"
-            else:
-                ratio = st.forecast.error_per_change()
-                estimate = ratio * predicted if ratio is not None else None
-                if cfg.target is not None:
-                    if estimate is None:
-                        reason = "calibrating error estimate"
-                    elif st.stats.estimated_error + estimate >= cfg.target * self._budget_fraction(i):
-                        reason = "error budget"
-                elif not predicted < cfg.threshold:
-                    reason = "change above threshold"
+        estimates = st.errors.estimates(i, st.forecast.orders())
+        decider, reuse, order = self._decided.setdefault(i, (st, False, _choose_order(estimates, st.forecast.orders())))
+        # the deciding branch's order too: guidance combines the branches' forecasts, so they are made alike
+        st.order = max(0, min(order, st.forecast.orders() - 1))
+        known = st.order < len(estimates) and estimates[st.order] is not None
+        estimate = estimates[st.order] * self._noise_left(i) if known else None
+        if decider is st:
+            reason = reason or self._reason(st, i, estimate)
+            self._decided[i] = (st, reason is None, st.order)
+        elif reason is None and not reuse:
+            reason = "computed with another branch"
 
         st.reusing = reason is None
         if st.reusing:
             st.consecutive += 1
             st.stats.reused.append(i)
+            st.run_error += estimate or 0.0
             st.stats.estimated_error += estimate or 0.0
         else:
             st.stats.computed.append(i)
             st.stats.reasons[reason] = st.stats.reasons.get(reason, 0) + 1
+            st.errors.computed(i, head)
         return st.reusing
+
+    def _reason(self, st: _Branch, i: int, estimate: float | None) -> str | None:
+        """Why the deciding branch computes step i; None: it reuses."""
+        cfg = self.config
+        if cfg.target is not None:
+            if estimate is None:
+                return "calibrating error estimate"
+            allowance = cfg.target / (self._num_steps or ASSUMED_STEPS)
+            return None if st.run_error + estimate < allowance else "error budget"
+        predicted = self._predicted_change(st, i)
+        if predicted is None:
+            return "no change signal yet"
+        return None if predicted < cfg.threshold else "change above threshold"
+
+    def _noise_left(self, i: int) -> float:
+        """1 - i/num_steps, a stand-in for the noise level: the same relative error of the denoiser's prediction
+        moves the predicted clean sample in proportion to the noise (x0 = x - sigma * v), so late errors cost less."""
+        return 1.0 - i / self._num_steps if self._num_steps else 1.0
 
     def _forced_reason(self, st: _Branch, i: int, shape_changed: bool) -> str | None:
         cfg = self.config
@@ -284,11 +334,6 @@ class CacheController:
                 return None
         return total
 
-    def _budget_fraction(self, i: int) -> float:
-        if self._num_steps is None:
-            return 1.0
-        return min(1.0, (i + 1) / self._num_steps)
-
     def _read_pending(self, st: _Branch, upto: int) -> None:
         keep = []
         for step, scalar in st.pending_signals:
@@ -297,20 +342,23 @@ class CacheController:
             else:
                 keep.append((step, scalar))
         st.pending_signals = keep
-        st.forecast.calibrate(st.signals)
+        st.errors.read(upto)
 
     # -- the cached values -------------------------------------------------------------------------
 
     def cached(self) -> Values:
-        """The forecast of the tail's contribution for the current (reused) step."""
+        """The forecast of the cached values for the current (reused) step."""
         st = self._current
-        return st.forecast.forecast(st.step)
+        return st.forecast.forecast(st.step, st.order)
 
     def store(self, values: Values, reference: Sequence[torch.Tensor | None]) -> None:
-        """Record the tail's contribution at a computed step. `reference` is the full output that the
-        contribution is part of, used to express the check's error relative to it."""
+        """Record the cached values at a computed step. `reference` is the full output they are part of: the check
+        of their forecasts at this step measures the error relative to it."""
         st = self._current
         values = tuple(v.detach() if v is not None else None for v in values)
-        st.forecast.update(st.step, values, reference, since=st.last_computed)
+        if st.forecast.has_values():
+            st.errors.check_values(st.step, st.forecast.errors(st.step, values, reference))
+        st.forecast.update(st.step, values)
         st.last_computed = st.step
         st.consecutive = 0
+        st.run_error = 0.0

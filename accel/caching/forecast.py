@@ -1,22 +1,25 @@
-"""What to use on a reused step: a forecast of the cached values, independent of when to reuse.
+"""What to use on a reused step, and how wrong it would be: Taylor forecasts of the cached values and their estimated
+error, independent of when to reuse.
 
-A `Forecaster` keeps the values a cache stored at computed steps (the tail's residual, the deep UNet feature)
-and predicts them for a reused step. It also checks itself: at every computed step it measures how far its
-forecast would have been from the value just computed. `CacheController` only asks it for a forecast and for
-that measured error per unit of change of the cheap signal, which prices a reuse.
+`TaylorForecast` keeps values stored at computed steps (the denoiser's output, the tail's residual, the deep UNet
+feature) and extrapolates them to a reused step. `ErrorModel` prices a reuse without running the expensive part: the
+head (the cheap blocks that run every step) is forecast the same way, from its values at the same computed steps, and
+its forecast error is measured at every step; at computed steps the cached values' own forecast error is measured too,
+and the ratio of the two calibrates the head's error to the cached values'. `CacheController` asks it for every
+order's estimate and decides.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from typing import Protocol
 
 import torch
 
 from . import distributed
 
 Values = tuple[torch.Tensor | None, ...]
+SAMPLED = 1 << 20  # elements of the head kept per stored step (a strided sample of a larger head)
 
 
 class DeviceScalar:
@@ -37,26 +40,6 @@ class DeviceScalar:
         if self._event is not None:
             self._event.synchronize()  # usually long done: recorded a step ago
         return float(self._host)
-
-
-class Forecaster(Protocol):
-    """The interface `CacheController` uses; one instance per CFG branch and pipeline call."""
-
-    def has_values(self) -> bool:
-        """Whether a computed step has been stored (nothing can be forecast before)."""
-
-    def forecast(self, step: int) -> Values:
-        """The values predicted for `step`, a reused step."""
-
-    def update(self, step: int, values: Values, reference: Sequence[torch.Tensor | None], since: int) -> None:
-        """Store the values computed at `step`; `since` is the previous computed step, `reference` the full output
-        the values are part of (the self-check's error is relative to it)."""
-
-    def calibrate(self, signals: dict[int, float]) -> None:
-        """Relate the self-checks to the change signal, once `signals` (step -> change) covers their steps."""
-
-    def error_per_change(self) -> float | None:
-        """Recent forecast error per unit of accumulated change (None until calibrated)."""
 
 
 def extrapolate(points: Sequence[tuple[int, Values]], x: int) -> Values:
@@ -84,60 +67,126 @@ def extrapolate(points: Sequence[tuple[int, Values]], x: int) -> Values:
     return tuple(out)
 
 
+def spread(xs: Sequence[int], x: int) -> float:
+    """prod |x - x_j| over a forecast's points: the error of an order-k extrapolation of a smooth trajectory grows in
+    proportion to it (the Lagrange remainder), which carries an error measured at one step to another."""
+    out = 1.0
+    for xj in xs:
+        out *= abs(x - xj)
+    return out
+
+
+def forecast_error(forecast: Values, values: Values, reference: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """sum |forecast - values| / sum |reference| (0-d float32, on the values' device): the error relative to the
+    output the values are part of."""
+    num = sum((f.float() - v.float()).abs().sum() for f, v in zip(forecast, values) if f is not None and v is not None)
+    den = sum(r.float().abs().sum() for r in reference if r is not None)
+    return distributed.ratio(num, den)
+
+
 class TaylorForecast:
-    """Taylor-style forecast of order 0..`max_order` through the last computed steps. Each computed step checks
-    every order's forecast of it; the order that has been closest lately forecasts (0 = plain reuse)."""
+    """Values stored at computed steps and their Taylor-style forecasts of order 0..`max_order` (0: the last value
+    again, 1: the line through the last two, ...)."""
 
     def __init__(self, max_order: int):
         self.history: deque[tuple[int, Values]] = deque(maxlen=max_order + 1)
-        # Per order: recent (forecast error / accumulated change) ratios from computed steps.
-        self.ratios: list[deque[float]] = [deque(maxlen=3) for _ in range(max_order + 1)]
-        # (previous computed step, step, forecast error of each order), until the change between them is known
-        self.pending: list[tuple[int, int, list[DeviceScalar]]] = []
 
     def has_values(self) -> bool:
         return bool(self.history)
 
-    def forecast(self, step: int) -> Values:
-        order = min(self._best_order(), len(self.history) - 1)
-        return extrapolate(list(self.history)[-(order + 1) :], step)
+    def orders(self) -> int:
+        """How many orders the stored values allow (0 before the first store)."""
+        return len(self.history)
 
-    def update(self, step: int, values: Values, reference: Sequence[torch.Tensor | None], since: int) -> None:
-        if self.history:
-            points = list(self.history)
-            errors = []
-            for order in range(len(points)):
-                forecast = extrapolate(points[-(order + 1) :], step)
-                diffs = [f - v for f, v in zip(forecast, values) if f is not None and v is not None]
-                errors.append(DeviceScalar(_error(diffs, reference)))
-            self.pending.append((since, step, errors))
+    def forecast(self, step: int, order: int) -> Values:
+        return extrapolate(list(self.history)[-(min(order, len(self.history) - 1) + 1) :], step)
+
+    def spread(self, step: int, order: int) -> float:
+        return spread([s for s, _ in list(self.history)[-(order + 1) :]], step)
+
+    def errors(self, step: int, values: Values, reference: Values) -> list[torch.Tensor]:
+        """Per order: the relative error of its forecast of `values` at `step` (relative to `reference`)."""
+        return [forecast_error(self.forecast(step, order), values, reference) for order in range(self.orders())]
+
+    def update(self, step: int, values: Values) -> None:
         self.history.append((step, values))
 
-    def calibrate(self, signals: dict[int, float]) -> None:
+
+def sample(values: Values) -> Values:
+    """The head as the error model keeps it: a strided sample of at most SAMPLED elements per tensor (a copy, so
+    that the full tensor is not kept alive). Its relative errors estimate the full tensor's."""
+    out = []
+    for t in values:
+        if t is None or t.numel() <= SAMPLED:
+            out.append(t)
+        else:
+            out.append(t.reshape(-1)[:: -(-t.numel() // SAMPLED)].clone())
+    return tuple(out)
+
+
+class ErrorModel:
+    """Estimates, per order, the relative error of forecasting the cached values at a step, before deciding.
+
+    At every step the head's own forecast (same orders, same computed steps) is checked against the head just
+    computed; at computed steps the cached values' forecast is checked too. The latest ratio of the two calibrates a
+    head error to a cached-value error, and the spread carries the latest head check to the step asked about (a lagged
+    decision reads the previous step's check: its value was copied to the host asynchronously a step earlier)."""
+
+    def __init__(self, max_order: int):
+        self.max_order = max_order
+        self.head = TaylorForecast(max_order)
+        self.ratios: list[float | None] = [None] * (max_order + 1)  # per order, from the latest computed step
+        self.head_errors: dict[int, list[float]] = {}  # step -> per order, once read
+        self.latest: list[float] = []  # per order: the latest head check's error / its spread
+        self._head_pending: list[tuple[int, list[DeviceScalar], list[float]]] = []
+        self._value_pending: list[tuple[int, list[DeviceScalar]]] = []
+
+    def restart(self) -> None:
+        """The head's shape changed: its stored values cannot be extrapolated any more (the ratios stay)."""
+        self.head = TaylorForecast(self.max_order)
+        self.latest = []
+
+    def check_head(self, step: int, head: Values) -> None:
+        """Every step, before the decision: check each order's head forecast against the head just computed."""
+        if self.head.has_values():
+            errors = [DeviceScalar(e) for e in self.head.errors(step, head, head)]
+            self._head_pending.append((step, errors, [self.head.spread(step, k) for k in range(len(errors))]))
+
+    def computed(self, step: int, head: Values) -> None:
+        """Step `step` is computed: its head becomes a point of the head's forecasts."""
+        self.head.update(step, head)
+
+    def check_values(self, step: int, errors: list[torch.Tensor]) -> None:
+        """A computed step's check of the cached values' forecasts (per order)."""
+        self._value_pending.append((step, [DeviceScalar(e) for e in errors]))
+
+    def read(self, upto: int) -> None:
+        """Fetch the checks of steps up to `upto` and calibrate."""
         waiting = []
-        for prev, step, errors in self.pending:
-            span = range(prev + 1, step + 1)
-            if all(j in signals for j in span):
-                change = sum(signals[j] for j in span)
-                if change > 1e-8:
-                    for order, error in enumerate(errors):
-                        self.ratios[order].append(error.get() / change)
-            else:
-                waiting.append((prev, step, errors))
-        self.pending = waiting
+        for step, errors, spreads in self._head_pending:
+            if step > upto:
+                waiting.append((step, errors, spreads))
+                continue
+            self.head_errors[step] = [e.get() for e in errors]
+            self.latest = [e / max(s, 1e-12) for e, s in zip(self.head_errors[step], spreads)]
+        self._head_pending = waiting
+        waiting = []
+        for step, errors in self._value_pending:
+            if step > upto:
+                waiting.append((step, errors))
+                continue
+            for order, (error, head) in enumerate(zip([e.get() for e in errors], self.head_errors.get(step, []))):
+                # both exact (a line forecast at order 1): 1, as uninformative as it gets
+                self.ratios[order] = (error + 1e-8) / (head + 1e-8)
+        self._value_pending = waiting
 
-    def error_per_change(self) -> float | None:
-        recent = self.ratios[self._best_order()]
-        return max(recent) if recent else None
-
-    def _best_order(self) -> int:
-        """The order whose forecasts have been closest lately (lower order on ties or no data). Smooth
-        trajectories favour order 1-2; noisy ones, plain reuse."""
-        scored = [(sum(r) / len(r), order) for order, r in enumerate(self.ratios) if r]
-        return min(scored)[1] if scored else 0
-
-
-def _error(diffs: Sequence[torch.Tensor], reference: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    num = sum(d.float().abs().sum() for d in diffs)
-    den = sum(r.float().abs().sum() for r in reference if r is not None)
-    return distributed.ratio(num, den)
+    def estimates(self, step: int, orders: int) -> list[float | None]:
+        """Per order below `orders` (what the cached values allow): the estimated error of a forecast of `step`, the
+        latest ratio times the latest head check carried to `step`; None while uncalibrated. (The latest ratio:
+        ratios drift along the trajectory, and on the reference models the latest one estimates best.)"""
+        out: list[float | None] = []
+        for order in range(orders):
+            ratio = self.ratios[order]
+            known = ratio is not None and order < len(self.latest) and order < self.head.orders()
+            out.append(ratio * self.latest[order] * self.head.spread(step, order) if known else None)
+        return out
