@@ -20,11 +20,11 @@ from .pruning.config import PruneConfig
 
 _PRESETS = {
     "lossless": {"cache": None},
-    # Chosen on the reference models (benchmarks/RESULTS.md, "Reference models"): on ref-flux, target 0.4 computes
-    # 60% of the passes at 41.0 dB and 1.6 computes 41% at 29.5 dB; on ref-wan 63% at 31.9 dB and 45% at 30.2 dB.
+    # Chosen on the reference models (benchmarks/RESULTS.md, "Fidelity", 8 prompts): on ref-flux, target 0.8 computes
+    # 53% of the passes at 47.3 dB and 3.2 computes 41% at 39.2 dB; on ref-wan 55% at 39.9 dB and 41% at 34.0 dB.
     # VLMs: pruning budgets from ref-vlm's table (benchmarks/RESULTS.md, "Visual token pruning").
-    "balanced": {"cache": CacheConfig(target=0.4, max_consecutive=3), "prune": PruneConfig(keep_ratio=0.5)},
-    "fast": {"cache": CacheConfig(target=1.6, max_consecutive=3), "prune": PruneConfig(keep_ratio=0.25)},
+    "balanced": {"cache": CacheConfig(target=0.8, max_consecutive=3), "prune": PruneConfig(keep_ratio=0.5)},
+    "fast": {"cache": CacheConfig(target=3.2, max_consecutive=3), "prune": PruneConfig(keep_ratio=0.25)},
 }
 
 PRESET_NAMES = tuple(_PRESETS)
