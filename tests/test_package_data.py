@@ -4,8 +4,9 @@ wheel or a non-editable install carries it (an editable install would hide a mis
 from __future__ import annotations
 
 import glob
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 
