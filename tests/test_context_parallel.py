@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 import socket
+import threading
 import time
 
 import pytest
@@ -54,8 +55,13 @@ def ranks(tmp_path_factory) -> list[dict]:
 
     out = tmp_path_factory.mktemp("cp")
     port = _free_port()
-    fork = multiprocessing.get_context("fork")
-    procs = [fork.Process(target=cp_worker.run_rank, args=(rank, port, str(out)), daemon=True) for rank in range(2)]
+    # Forking a process that runs other threads (a server an earlier test left running, say) can copy a held lock
+    # into the child; then a fork server, started fresh and importing the worker once, forks the ranks instead.
+    method = "fork" if threading.active_count() == 1 else "forkserver"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload(["cp_worker"])
+    procs = [context.Process(target=cp_worker.run_rank, args=(rank, port, str(out)), daemon=True) for rank in range(2)]
     try:
         for proc in procs:
             proc.start()
