@@ -12,6 +12,7 @@ from accel.comfy.nodes import REPORT, STEP_CACHE, legacy_mappings, v3_node
 from accel.comfy.report import report_data, report_text
 from accel.comfy.step_cache import KEY, StepCacheSettings, apply_step_cache
 from accel.pipelines.comfy_native import find_comfy_adapter
+from accel.presets import preset_configs
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -44,7 +45,7 @@ def test_value_zero_is_bit_identical(base, family, mode):
 
 def test_default_reuses_steps_and_stays_close(base, family):
     model, expected = base
-    patched = cached(model)  # target 0.4, as the node's default
+    patched = cached(model)  # the node's default target (balanced)
     out = sample(patched, family)
     assert reused(patched) > 0
     assert not torch.equal(out, expected)
@@ -120,7 +121,10 @@ def test_both_node_apis(base, family):
     assert names["AccelStepCache"] == "Accel Step Cache" and names["AccelReport"] == "Accel Report"
     step_cache = classes["AccelStepCache"]
     inputs = step_cache.INPUT_TYPES()["required"]
-    assert inputs["mode"][0] == ["target", "threshold"] and inputs["value"][1]["default"] == 0.4
+    assert (
+        inputs["mode"][0] == ["target", "threshold"]
+        and inputs["value"][1]["default"] == preset_configs("balanced")["cache"].target
+    )
     (patched,) = getattr(step_cache(), step_cache.FUNCTION)(
         model=model, mode="threshold", value=2.0, start_percent=0.1, end_percent=1.0, taylor_order=2, max_consecutive=3
     )

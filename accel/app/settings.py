@@ -27,6 +27,7 @@ from typing import Any
 
 from accel.app.limits import AppInputError, Limits, check_seed
 from accel.app.models import LoadedModel, Request
+from accel.presets import preset_configs
 
 CACHE_MODES = ("preset", "off", "target", "threshold")
 ATTENTION_CHOICES = ("default", "sdpa", "int8", "flash", "xformers")
@@ -36,7 +37,7 @@ ATTENTION_CHOICES = ("default", "sdpa", "int8", "flash", "xformers")
 class Settings:
     preset: str = "balanced"
     cache: str = "preset"
-    cache_value: float = 0.4
+    cache_value: float = preset_configs("balanced")["cache"].target
     attention: str = "default"
     sparse: bool = False
     sparse_target: float = 0.85

@@ -104,7 +104,7 @@ def _accelerator_controls(kind: str, c: dict) -> None:
     if kind != "vlm":
         with gr.Row():
             c["cache"] = gr.Radio(list(CACHE_MODES), value="preset", label="step cache")
-            c["cache_value"] = gr.Slider(0.0, 3.2, value=0.4, step=0.05, label="target or threshold")
+            c["cache_value"] = gr.Slider(0.0, 6.4, value=Settings.cache_value, step=0.05, label="target or threshold")
     attention = [(ATTENTION_NAMES[k], k) for k in ("default", *ATTENTION)]
     c["attention"] = gr.Dropdown(attention, value="default", label="attention route")
     if kind != "vlm":

@@ -19,7 +19,7 @@ from ..quant.config import QuantConfig
 from .attention import apply_attention
 from .quant import apply_w4
 from .report import report_text
-from .step_cache import StepCacheSettings, apply_step_cache
+from .step_cache import BALANCED, FAST, StepCacheSettings, apply_step_cache
 
 CATEGORY = "accel"
 
@@ -84,11 +84,12 @@ STEP_CACHE = NodeSpec(
             "value",
             "FLOAT",
             {
-                "default": 0.4,
+                "default": BALANCED,
                 "min": 0.0,
                 "max": 10.0,
                 "step": 0.01,
-                "tooltip": "target: 0.4 balanced, 1.6 fast; threshold: 0.05-0.2 typical. 0 never reuses a step.",
+                "tooltip": f"target: {BALANCED:g} balanced, {FAST:g} fast; threshold: 0.05-0.2 typical. "
+                "0 never reuses a step.",
             },
         ),
         ("start_percent", "FLOAT", _percent(0.1, "Steps before this fraction of the run are always computed.")),

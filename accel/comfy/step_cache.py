@@ -26,20 +26,22 @@ from dataclasses import dataclass
 from ..caching.config import CacheConfig
 from ..caching.controller import CacheController
 from ..pipelines.comfy_native import ComfyDiTAdapter, ComfyUNetAdapter
+from ..presets import preset_configs
 
 KEY = "accel_step_cache"
 RUNS_KEPT = 20  # a long-running ComfyUI keeps the statistics of its latest runs only
 BRANCH_NAMES = {0: "cond", 1: "uncond"}  # ComfyUI's COND and UNCOND in cond_or_uncond
+BALANCED, FAST = (preset_configs(name)["cache"].target for name in ("balanced", "fast"))  # accel.patch's budgets
 
 
 @dataclass(frozen=True)
 class StepCacheSettings:
-    """The node's inputs. `mode` "target": an error budget for the run (accel's presets: 0.4 balanced, 1.6 fast);
-    "threshold": reuse while the head's accumulated relative change stays below `value`. 0 never reuses.
-    Steps before `start_percent` of the run (at least 2) and after `end_percent` (at least the last) are computed."""
+    """The node's inputs. `mode` "target": an error budget for the run (accel's presets `BALANCED`, the default, and
+    `FAST`); "threshold": reuse while the head's accumulated relative change stays below `value`. 0 never reuses.
+    Steps before `start_percent` of the run (at least 3) and after `end_percent` (at least the last) are computed."""
 
     mode: str = "target"
-    value: float = 0.4
+    value: float = BALANCED
     start_percent: float = 0.1
     end_percent: float = 1.0
     taylor_order: int = 2
