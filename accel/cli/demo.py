@@ -168,10 +168,12 @@ def _run_reference(args) -> int:
             galleries[model] = _write_gallery(args.json, result)
             for line in reference_table_lines(result):
                 out(line)
+        if models:  # the legend belongs to the diffusion table, before the VLM's
+            out("\n" + REFERENCE_LEGEND)
         vlm_result = _run_vlm(args, presets, bar) if vlm else None
     finally:
         bar.close()
-    out("\n" + REFERENCE_LEGEND + "\n" if models else "")
+    out("")
     for model, prompt in prompts.items():
         out(f"{model} ({prompt!r}): {galleries[model]}")
     total = time.perf_counter() - start
