@@ -126,18 +126,19 @@ def _ptxas_report(ptx: str, arch_name: str, arch: int, fp_fusion: bool) -> dict[
 def compile_kernel(jit_fn, args, grid, target: int = 90, **kwargs) -> CompileInfo:
     """Compile `jit_fn` for compute capability `target` as `jit_fn[grid](*args, **kwargs)` would.
 
-    kwargs: the constexprs and launch options (num_warps, num_stages). Raises what Triton or ptxas
-    raise when the kernel does not compile.
+    kwargs: the constexprs, launch options (num_warps, num_stages) and keyword pointer arguments (a torch dtype
+    stands for a tensor, as in `args`). Raises what Triton or ptxas raise when the kernel does not compile.
     """
     from triton.backends.nvidia.compiler import sm_arch_from_capability
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import JITFunction, MockTensor
 
     if not isinstance(jit_fn, JITFunction):
         raise TypeError(f"{jit_fn!r} is not a compilable JITFunction; unset TRITON_INTERPRET before importing triton")
     if ptxas(target) is None:
         raise RuntimeError(f"Triton's ptxas for sm_{target} is missing; reinstall triton or set TRITON_PTXAS_PATH")
     with fake_target(target):
-        k = jit_fn.warmup(*args, grid=grid, **kwargs)
+        # warmup wraps positional dtypes in MockTensor itself, keyword ones not
+        k = jit_fn.warmup(*args, grid=grid, **{name: MockTensor.wrap_dtype(v) for name, v in kwargs.items()})
     md = k.metadata
     arch_name = sm_arch_from_capability(target)  # "sm_90a": what Triton hands ptxas
     regs = _ptxas_report(k.asm["ptx"], arch_name, target, md.enable_fp_fusion)

@@ -216,10 +216,7 @@ def block_sparse(name, *, int8=False, valid=False, remainder=False, dtype=torch.
         num_warps=8,
     )
     if remainder:  # the skipped blocks' stand-ins, in the P·V type, as `_remainder_inputs` passes them
-        from triton.runtime.jit import MockTensor  # warmup wraps positional dtypes only
-
-        pointers = dict(KM=v_dtype, VM=v_dtype, LC=torch.float32, KEPT=torch.uint8)
-        kwargs.update({key: MockTensor(dt) for key, dt in pointers.items()}, REMAINDER=True, REST_N=32)
+        kwargs.update(KM=v_dtype, VM=v_dtype, LC=torch.float32, KEPT=torch.uint8, REMAINDER=True, REST_N=32)
     mma = ("s8", "bf16") if int8 else () if dtype == torch.float32 else ("bf16",)
     return KernelVariant(
         name,
