@@ -71,6 +71,7 @@ class _Run:
         self.kept: dict[bool, list[int]] = {False: [], True: []}  # per image / per video
         self.lengths: dict[bool, list[tuple[int, int]]] = {False: [], True: []}  # (full, to the LM) per row
         self._baseline = None
+        self.applied: list[str] | None = None  # a preset's accelerators, as its report names them
 
     def __enter__(self) -> _Run:
         m = self.method
@@ -79,7 +80,8 @@ class _Run:
         if m.family == "baseline":
             self._baseline = Baseline(self.model, m.settings["baseline"], self.ratio, self.seed).__enter__()
         elif m.family == "preset":  # what `accel.patch(vlm, preset=...)` does on its own
-            accel.patch(self.model, preset=m.settings["preset"])
+            report = accel.patch(self.model, preset=m.settings["preset"]).report()
+            self.applied = [a.accelerator for a in report.applied]
         else:
             accel.patch(self.model, prune=PruneConfig(keep_ratio=self.ratio, **m.settings))
         return self
@@ -153,6 +155,8 @@ def evaluate(model, processor, questions, method: Method | None, ratio: float, *
             predictions += processor.tokenizer.convert_ids_to_tokens(logits.argmax(-1).tolist())
             order += batch_questions
     row = summary(predictions, order)
+    if run.applied is not None:
+        row["applied"] = run.applied
     for video, name in ((False, "image"), (True, "video")):
         if run.kept[video]:
             row[f"tokens_kept_per_{name}"] = sum(run.kept[video]) / len(run.kept[video])
