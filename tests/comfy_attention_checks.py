@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_tiny import FAMILIES, sample, tiny_model
+from comfy_tiny import sample, tiny_model
 
 from accel.attention.config import AttentionConfig
 from accel.attention.sparse import SparseConfig
@@ -14,17 +14,6 @@ from accel.comfy.nodes import ATTENTION, legacy_mappings, v3_node
 from accel.comfy.report import report_data, report_text
 from accel.comfy.step_cache import StepCacheSettings, apply_step_cache
 from accel.pipelines.comfy_native import find_comfy_adapter
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def base(family):
-    model = tiny_model(family)
-    return model, sample(model, family)
 
 
 def routed(model, sparse=None, **config):

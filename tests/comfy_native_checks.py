@@ -6,25 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_tiny import FAMILIES, sample, tiny_model
+from comfy_tiny import sample
 
 from accel.comfy.nodes import REPORT, STEP_CACHE, legacy_mappings, v3_node
 from accel.comfy.report import report_data, report_text
 from accel.comfy.step_cache import KEY, StepCacheSettings, apply_step_cache
 from accel.pipelines.comfy_native import find_comfy_adapter
 from accel.presets import preset_configs
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def base(family):
-    """The family's tiny model and its sample without accel."""
-    model = tiny_model(family)
-    return model, sample(model, family)
 
 
 def cached(model, **settings):

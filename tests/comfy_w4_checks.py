@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_tiny import FAMILIES, import_comfy, sample, tiny_model
+from comfy_tiny import import_comfy, sample, tiny_model
 
 from accel.attention.config import AttentionConfig
 from accel.comfy.attention import apply_attention
@@ -15,17 +15,6 @@ from accel.comfy.report import report_text
 from accel.comfy.step_cache import StepCacheSettings, apply_step_cache
 from accel.pipelines.comfy_native import find_comfy_adapter
 from accel.quant import NothingToQuantize, QuantConfig, W4Linear
-
-
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request):
-    return request.param
-
-
-@pytest.fixture(scope="module")
-def base(family):
-    model = tiny_model(family)
-    return model, sample(model, family)
 
 
 def quantized(model, group_size=16, min_features=16):
