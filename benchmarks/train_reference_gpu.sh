@@ -15,7 +15,7 @@ while [ $# -gt 0 ]; do
     *) echo "usage: $0 [--budget SECONDS] [--out DIR]" >&2; exit 2 ;;
   esac
 done
-# Per model: 15% of its share for the VAE for the VAE, the rest for the transformer, a minute kept for saving.
+# Per model: 15% of its share for the VAE, the rest for the transformer, a minute kept for saving.
 half=$(python3 -c "print(max(1.0, ($budget - 60) / 2 / 60))")
 vae=$(python3 -c "print(round($half * 0.15, 2))")
 dit=$(python3 -c "print(round($half * 0.85, 2))")
