@@ -36,6 +36,15 @@ def test_learning_rate_warms_up_and_decays_and_curriculum_grows():
     assert [train_vlm.max_shapes(s, 1000) for s in (0, 100, 500)] == [2, 3, None]
 
 
+def test_a_time_cap_drives_the_schedule_when_it_ends_before_the_last_step():
+    steps, peak = 10**6, 1e-3
+    assert train_vlm.learning_rate(50, steps, peak, time_share=0.9) < peak  # warm-up still by steps
+    assert train_vlm.learning_rate(500, steps, peak, time_share=0.5) == pytest.approx(0.525 * peak)
+    assert train_vlm.learning_rate(500, steps, peak, time_share=1.0) == pytest.approx(0.05 * peak)
+    assert train_vlm.learning_rate(500, steps, peak) > 0.99 * peak  # without a cap: still at the peak
+    assert [train_vlm.max_shapes(500, steps, t) for t in (0.0, 0.1, 0.5)] == [2, 3, None]
+
+
 @pytest.fixture(scope="module")
 def result():
     names = ["accel", "accel no temporal", "accel cls score", "accel in_lm layer 1", "random keep", "uniform pooling"]
