@@ -108,6 +108,7 @@ class Run:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
         self.step, self.elapsed, self.cpu = 0, 0.0, 0.0
         self.file = Path(args.work) / "checkpoint.pt"
+        self.budget = math.inf if args.minutes is None else args.minutes * 60.0  # seconds of training
         if self.file.exists() and not args.fresh:
             state = torch.load(self.file, map_location=args.device, weights_only=False)
             self.model.load_state_dict(state["model"])
@@ -129,7 +130,7 @@ class Run:
 
     def train_step(self) -> tuple[float, float]:
         args = self.args
-        time_share = 0.0 if args.minutes is None else self.elapsed / (args.minutes * 60.0)
+        time_share = self.elapsed / self.budget
         top = max_shapes(self.step, args.steps, time_share)
         batch = make_batch(args.seed, self.step, args.scenes, args.questions, args.video_share, top).to(args.device)
         for group in self.optimizer.param_groups:
@@ -180,12 +181,11 @@ def _log(args, record: dict) -> None:
 def train(args) -> Run:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     run = Run(args)
-    budget = math.inf if args.minutes is None else args.minutes * 60.0
     validation = validation_set(args.validation)
     bar = tqdm(desc="ref-vlm", total=args.steps, initial=run.step, disable=args.quiet, unit="step")
     last_save = last_eval = time.perf_counter()
     losses, hits = [], []
-    while run.step < args.steps and run.elapsed < budget:
+    while run.step < args.steps and run.elapsed < run.budget:
         start, cpu = time.perf_counter(), time.process_time()
         loss, hit = run.train_step()
         run.elapsed += time.perf_counter() - start
