@@ -110,6 +110,15 @@ def test_warmup_final_steps_and_max_consecutive_are_always_computed():
     assert longest == 2
 
 
+def test_default_cooldown_computes_the_last_step_with_a_threshold_only():
+    # A smooth trajectory: everything after warm-up could be reused, so only the cooldown keeps the last step.
+    with_threshold = _run(CacheController(CacheConfig(threshold=100.0, max_consecutive=100)), _smooth())["cond"]
+    with_target = _run(CacheController(CacheConfig(target=100.0, max_consecutive=100)), _smooth())["cond"]
+    assert with_threshold[-1] is False and with_threshold[-2] is True
+    assert with_target[-1] is True
+    assert CacheConfig(target=1.0, cooldown=1).cooldown_steps(20) == 1
+
+
 def test_lagged_and_current_decisions_differ_only_by_one_step_of_signal():
     # A jump at step 10: "current" sees it at step 10, "lagged" one step later.
     features = [torch.ones(4) * (1.0 if s < 10 else 5.0) for s in range(16)]

@@ -26,7 +26,7 @@ BAD = {
         "head_blocks": [1.5, True, "1", None, 0, -1],
         "taylor_order": [2.0, False, None, -1, 4],
         "warmup": ["2", True, None, NAN, INF, -1, -0.5, 2.5],
-        "cooldown": ["1", True, None, NAN, -2, -0.1, 1.5],
+        "cooldown": ["1", True, NAN, -2, -0.1, 1.5],
         "max_consecutive": [3.0, True, None, 0, -1],
         "decision": [None, 1, "sometimes"],
         "forecast": [None, 1, "input"],

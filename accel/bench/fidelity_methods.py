@@ -207,6 +207,7 @@ def _pab(skip: int):
 
 CACHE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)  # accel threshold, diffusers FBC, cache-dit DBCache
 CACHE_TARGETS = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+LOW_TARGET = 6.4
 MAGCACHE_THRESHOLDS = (0.02, 0.06, 0.12, 0.24)
 TAYLORSEER_INTERVALS = (2, 3, 4)
 SKIP_RANGES = (2, 3)  # PAB and FasterCache: attention computed every N-th call
@@ -238,6 +239,13 @@ def _accel_methods() -> list[Method]:
             (f"accel target {t:g}", "accel target", lambda t=t: {"cache": CacheConfig(target=t)}, f"target={t:g}")
             for t in CACHE_TARGETS
         ],
+        # below 40% of the passes, where max_consecutive=3 (3 warm-up steps + every 4th) stops the ladder above
+        (
+            f"accel target {LOW_TARGET:g} max 4",
+            "accel target",
+            lambda: {"cache": CacheConfig(target=LOW_TARGET, max_consecutive=4)},
+            f"target={LOW_TARGET:g}, max_consecutive=4",
+        ),
         *[
             (f"accel sparse {t:g}", "accel sparse", lambda t=t: {"sparse": sparse(t), "cache": False}, f"target={t:g}")
             for t in SPARSE_TARGETS

