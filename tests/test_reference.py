@@ -17,7 +17,7 @@ from accel.zoo import reference as references
 from accel.zoo import shapes, train
 from accel.zoo._base import UnknownModelError
 from accel.zoo._train_data import PromptFeatures, all_prompts, compact_text, prompt_features
-from accel.zoo._train_steps import CountedPads, foreground, reconstruction_loss
+from accel.zoo._train_steps import CountedPads, foreground, reconstruction_loss, sample_sigmas
 
 PROMPT = {"image": "a red circle on a navy background", "video": "a red circle on a navy background moving left"}
 
@@ -114,6 +114,16 @@ def test_shape_weight_makes_errors_on_the_shape_cost_more():
     wrong_shape[:, :, foreground(x)[0, 0].bool()] = 0.0  # the shape greyed out, background exact
     assert reconstruction_loss(wrong_shape, x, shape_weight=8.0) > 3 * reconstruction_loss(wrong_shape, x)
     assert reconstruction_loss(x, x, shape_weight=8.0) == 0
+
+
+def test_sigma_mean_moves_the_training_noise_levels():
+    gen = torch.Generator().manual_seed(0)
+    assert sample_sigmas(4000, gen).median() == pytest.approx(0.5, abs=0.02)
+    noisier = sample_sigmas(4000, gen, mean=0.5)
+    assert (
+        noisier.median() == pytest.approx(1 / (1 + math.exp(-0.5)), abs=0.02) and 0 < noisier.min() < noisier.max() < 1
+    )
+    assert train.PLANS["ref-wan"].sigma_mean == 0.5 and train.PLANS["ref-flux"].sigma_mean == 0.0
 
 
 def test_every_domain_prompt_is_in_vocabulary():

@@ -65,9 +65,10 @@ def normalise(latents: torch.Tensor, vae, ref: Reference) -> torch.Tensor:
     return (latents - mean) / std
 
 
-def sample_sigmas(batch: int, gen: torch.Generator) -> torch.Tensor:
-    """Logit-normal noise levels (SD3's default), which weight the middle of the trajectory."""
-    return torch.sigmoid(torch.randn(batch, generator=gen))
+def sample_sigmas(batch: int, gen: torch.Generator, mean: float = 0.0) -> torch.Tensor:
+    """Logit-normal noise levels (SD3's default, mean 0), which weight the middle of the trajectory; a positive
+    `mean` weights the noisier half, where a sample's colour and layout are decided."""
+    return torch.sigmoid(torch.randn(batch, generator=gen) + mean)
 
 
 def _prompt_ids(features: PromptFeatures, prompts: list[str], rng: random.Random) -> list[int]:
@@ -96,13 +97,15 @@ def flow_loss(
     gen: torch.Generator,
     rng: random.Random,
     short_share: float = 0.0,
+    sigma_mean: float = 0.0,
 ) -> torch.Tensor:
     """Flow-matching loss of one batch of normalised latents `x0` (Flux [B, C, H, W], Wan [B, C, F, H, W]);
-    `short_share` of the prompts are padded as `Reference.call_kwargs` pads them (see `compact_text`)."""
+    `short_share` of the prompts are padded as `Reference.call_kwargs` pads them (see `compact_text`); noise levels
+    are drawn by `sample_sigmas` around `sigma_mean`."""
     batch = x0.shape[0]
     ids = _prompt_ids(features, prompts, rng)
     text, bias = compact_text(features, ids, rng, short_share)
-    sigma = sample_sigmas(batch, gen).to(x0.device)
+    sigma = sample_sigmas(batch, gen, sigma_mean).to(x0.device)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device)
     view = (batch,) + (1,) * (x0.dim() - 1)
     x_t = (1 - sigma.view(view)) * x0 + sigma.view(view) * noise

@@ -6,9 +6,9 @@ of a fixed rendered set, with the frozen text encoders read through the pipeline
 result (EMA weights of the transformer, float16) is saved with `save_pretrained` to ``--out`` (by default
 where `accel.zoo.load` looks). Run it again after an interruption and it continues where it stopped.
 
-On an idle 2-core CPU the default step counts take under an hour per model with one torch thread (faster
-than two on a shared machine); ``--minutes`` caps a stage by time instead. With a GPU,
-``--device cuda --batch 256 --steps 6000`` trains a better model in minutes.
+On an idle 2-core CPU the default step counts take under an hour per model (``ref-wan``: 53 minutes with
+``--threads 2``; one thread, the default, is the faster on a machine shared with other work); ``--minutes`` caps
+a stage by time instead. With a GPU, ``--device cuda --batch 256 --steps 6000`` trains a better model in minutes.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from accel.zoo._train_steps import (
 
 @dataclass(frozen=True)
 class Plan:
-    """A model's default training run. Fixed step counts keep it reproducible; on an idle 2-core CPU with one
-    thread each model takes under an hour."""
+    """A model's default training run. Fixed step counts keep it reproducible; on an idle 2-core CPU each model
+    takes under an hour (ref-wan with two threads: VAE 19.5 min, decoder and latents 5, transformer 29)."""
 
     vae_steps: int
     decoder_steps: int  # decoder-only fine-tuning on full clips, encoder frozen (0: none)
@@ -52,6 +52,8 @@ class Plan:
     vae_crop: int = 0  # train the VAE (and decoder) on random square crops of this side (0: whole frames)
     shape_weight: float = 0.0  # extra reconstruction weight of the shape's pixels (see `reconstruction_loss`)
     short_text: float = 0.0  # share of prompts padded as the pipeline call pads them (see `compact_text`)
+    lr: float = 5e-4  # transformer
+    sigma_mean: float = 0.0  # mean of the logit-normal training noise levels (see `sample_sigmas`)
 
 
 PLANS = {
@@ -62,13 +64,17 @@ PLANS = {
     "ref-wan": Plan(
         vae_steps=1200,
         decoder_steps=150,
-        steps=2400,
+        steps=2800,
         vae_batch=16,
         batch=12,
         dataset=1536,
         vae_crop=32,
         shape_weight=8.0,
         short_text=0.5,
+        # 500-step trials from the trained VAE, colour right on 50 prompts: 16% at 5e-4 with mean 0, 36% at 1e-3
+        # with mean 0.5, 38% at 2e-3 with 0.5, 30% at 1e-3 with 1.0 (benchmarks/RESULTS.md)
+        lr=1e-3,
+        sigma_mean=0.5,
     ),
 }
 STAGES = ("vae", "decoder", "transformer")
@@ -99,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="transformer batch (default per model)")
     p.add_argument("--dataset", type=int, default=None, help="rendered set size for the transformer")
     p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--lr", type=float, default=5e-4, help="transformer learning rate (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help="transformer learning rate (default per model)")
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --work")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -289,13 +295,15 @@ def train_transformer(pipe, ref, args) -> None:
         for block in transformer.blocks:
             originals.append(block.attn2.processor)
             block.attn2.set_processor(CountedPads(block.attn2.processor))
-    stage = Stage("transformer", transformer, args, args.steps or plan.steps, args.minutes, args.lr)
+    stage = Stage("transformer", transformer, args, args.steps or plan.steps, args.minutes, args.lr or plan.lr)
 
     def loss(stage: Stage) -> torch.Tensor:
         rows = torch.randint(0, latents.shape[0], (batch,), generator=stage.gen)
         x0 = latents[rows].to(args.device)
         batch_prompts = [prompts[i] for i in rows]
-        return flow_loss(transformer, x0, batch_prompts, features, ref, stage.gen, stage.rng, plan.short_text)
+        return flow_loss(
+            transformer, x0, batch_prompts, features, ref, stage.gen, stage.rng, plan.short_text, plan.sigma_mean
+        )
 
     stage.run(loss)
     for block, processor in zip(getattr(transformer, "blocks", []), originals):
