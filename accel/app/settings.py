@@ -27,6 +27,7 @@ from typing import Any
 
 from accel.app.limits import AppInputError, Limits, check_seed
 from accel.app.models import LoadedModel, Request
+from accel.attention.sparse import SparseConfig
 from accel.presets import preset_configs
 
 CACHE_MODES = ("preset", "off", "target", "threshold")
@@ -40,7 +41,7 @@ class Settings:
     cache_value: float = preset_configs("balanced")["cache"].target
     attention: str = "default"
     sparse: bool = False
-    sparse_target: float = 0.85
+    sparse_target: float = SparseConfig.target
     prune: bool = False
     prune_keep: int = 64
     quant: bool = False

@@ -34,7 +34,7 @@ class CacheConfig:
       A run of consecutive reused steps may add at most `target / num_steps` of estimated relative L1 error
       (weighted by the noise left, 1 - step/num_steps: the same error of the denoiser's prediction moves the
       predicted clean sample less late in denoising), so the whole generation stays under `target`. 0 never
-      reuses; on the reference models 0.8 computes about 55% of the passes, 3.2 about 41% (benchmarks/RESULTS.md).
+      reuses; on the reference models 0.8 computes about 50% of the passes, 3.2 about 39% (benchmarks/RESULTS.md).
 
     What a reused step gets (DiTs; `forecast`): "output" (default) forecasts the denoiser's output, the
     prediction the scheduler steps with; "residual" forecasts the tail blocks' residual and adds it to this

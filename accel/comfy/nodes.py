@@ -134,7 +134,7 @@ ATTENTION = NodeSpec(
             "sparse_target",
             "FLOAT",
             {
-                "default": 0.85,
+                "default": SparseConfig.target,
                 "min": 0.01,
                 "max": 1.0,
                 "step": 0.01,
