@@ -6,9 +6,10 @@ of a fixed rendered set, with the frozen text encoders read through the pipeline
 result (EMA weights of the transformer, float16) is saved with `save_pretrained` to ``--out`` (by default
 where `accel.zoo.load` looks). Run it again after an interruption and it continues where it stopped.
 
-On an idle 2-core CPU the default step counts take under an hour per model (``ref-wan``: 53 minutes with
-``--threads 2``; one thread, the default, is the faster on a machine shared with other work); ``--minutes`` caps
-a stage by time instead. With a GPU, ``--device cuda --batch 256 --steps 6000`` trains a better model in minutes.
+On an idle 2-core CPU the default step counts take under an hour per model (with ``--threads 2``: ``ref-wan``
+53 minutes, ``ref-flux`` about 33; one thread, the default, is the faster on a machine shared with other work);
+``--minutes`` caps a stage by time instead. With a GPU, ``--device cuda --batch 256 --steps 6000`` trains a
+better model in minutes.
 """
 
 from __future__ import annotations
