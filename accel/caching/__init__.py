@@ -63,7 +63,8 @@ def install(ctx: PatchContext, config: CacheConfig) -> CacheUnit:
     if ctx.pipeline is None:
         ctx.warn(
             "bare model: call boundaries are found from the timestep (one host-device sync per denoiser "
-            "call), and final-step protection needs CacheConfig(num_steps=...); patch the pipeline to avoid both"
+            "call), and the step count (a threshold's final-step protection, a target's per-step budget) needs "
+            "CacheConfig(num_steps=...); patch the pipeline to avoid both"
         )
     return CacheUnit(cache, guard)
 
