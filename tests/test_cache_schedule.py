@@ -110,3 +110,17 @@ def test_warmup_computes_at_least_three_steps():
     """Three computed steps before the first reuse: an order-1 forecast has been checked once."""
     assert CacheConfig(warmup=0).warmup_steps(STEPS) == 3
     assert CacheConfig(warmup=0.1).warmup_steps(50) == 5
+
+
+def test_the_comfy_nodes_schedule_ends_as_accel_patch_does():
+    """The ComfyUI node at its defaults computes the same warm-up and final steps as the `balanced` preset; a
+    threshold keeps its final step, and `end_percent` below 1 computes the steps after it."""
+    from accel.comfy.step_cache import StepCacheSettings
+    from accel.presets import preset_configs
+
+    n = 20
+    preset, node = preset_configs("balanced")["cache"], StepCacheSettings().config(n)
+    assert (node.target, node.warmup_steps(n), node.cooldown_steps(n)) == (preset.target, 3, 0)
+    assert preset.cooldown_steps(n) == 0
+    assert StepCacheSettings(mode="threshold", value=0.1).config(n).cooldown_steps(n) == 1
+    assert StepCacheSettings(end_percent=0.8).config(n).cooldown_steps(n) == 4

@@ -234,3 +234,42 @@ def test_fidelity_on_the_shipped_weights_reduced():
     balanced = rows["accel balanced"]
     assert balanced["computed"] < rows["baseline"]["computed"] == 40
     assert balanced["psnr_db"] >= 30, balanced
+
+
+def test_snapshots_score_how_the_model_grew(tmp_path):
+    """--snapshot-every saves the transformer's EMA weights along the way; prompt_eval's growth scores each,
+    loaded into the trained pipeline, with its step and training minutes."""
+    from accel.bench import prompt_eval
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    args = ["ref-flux", "--work", str(work), "--out", str(out), "--vae-batch", "2", "--vae-steps", "1"]
+    args += ["--dataset", "4", "--batch", "2", "--steps", "2", "--snapshot-every", "1", "--quiet"]
+    assert train.main(args) == 0
+    snapshots = sorted((work / "snapshots").glob("transformer-*.pt"))
+    assert [s.name for s in snapshots] == ["transformer-000001.pt", "transformer-000002.pt"]
+    first, last = (torch.load(s, weights_only=True) for s in snapshots)
+    assert all(v.dtype == torch.float16 for v in first.values() if v.is_floating_point())
+    assert any(not torch.equal(first[k], last[k]) for k in first)  # the EMA moved between them
+    ref = references.reference("ref-flux")
+    pipe = references.configured(DiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32), ref)
+    rows = prompt_eval.growth(pipe, ref, work, n=2, steps=1, progress=False)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["n"] == 2 and 0 <= r["colour"] <= 1 for r in rows)
+    assert 0 <= rows[0]["minutes"] <= rows[1]["minutes"]
+    plain = tmp_path / "plain"
+    assert train.main([*args[:-3], "--work", str(plain), "--quiet"]) == 0  # no --snapshot-every
+    with pytest.raises(FileNotFoundError, match="snapshot-every"):
+        prompt_eval.growth(pipe, ref, plain)
+
+
+def test_vae_from_a_saved_pipeline_retrains_the_transformer_alone(tmp_path):
+    first, again = tmp_path / "first", tmp_path / "again"
+    common = ["ref-flux", "--vae-batch", "2", "--vae-steps", "1", "--dataset", "4", "--batch", "2", "--quiet"]
+    assert train.main([*common, "--work", str(first / "work"), "--out", str(first / "out"), "--steps", "1"]) == 0
+    args = [*common, "--work", str(again / "work"), "--out", str(again / "out"), "--steps", "2"]
+    assert train.main([*args, "--vae-from", str(first / "out")]) == 0
+    assert not (again / "work" / "vae.pt").exists()  # no VAE stage ran
+    vaes = [DiffusionPipeline.from_pretrained(str(f / "out"), torch_dtype=torch.float32).vae for f in (first, again)]
+    for (name, a), b in zip(vaes[0].state_dict().items(), vaes[1].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert torch.load(again / "work" / "transformer.pt", weights_only=False)["step"] == 2

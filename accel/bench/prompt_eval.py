@@ -1,7 +1,9 @@
 """How well a reference pipeline follows its prompts: ``python -m accel.bench.prompt_eval ref-flux --n 100``.
 
 Generates one image (or clip) for each of `n` seeded domain prompts, with generator seed = the prompt's index,
-and scores them with `accel.bench.prompt_score` (the GenEval in miniature of issue 12).
+and scores them with `accel.bench.prompt_score` (the GenEval in miniature of issue 12). ``--growth WORK`` scores
+instead every snapshot a training run saved (``python -m accel.zoo.train ... --snapshot-every N``): how prompt
+following grew with training time.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -48,6 +51,24 @@ def prompt_following(pipe, ref, n: int = 100, seed: int = 0, steps=None, guidanc
     return score(list(torch.cat(chunks)), prompts)
 
 
+def growth(pipe, ref, work: str | Path, n: int = 50, **kwargs) -> list[dict]:
+    """The prompt score of each EMA snapshot in `work/snapshots`, loaded into `pipe`'s transformer in turn, with
+    the step and the training minutes up to it (the stages' own clocks, as `work/log.jsonl` records them)."""
+    work = Path(work)
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    before = sum(r["elapsed"] for r in records if r.get("done") and r["stage"] != "transformer")
+    snapshots = {r["snapshot"]: r for r in records if "snapshot" in r}  # a resumed run may log one twice
+    if not snapshots:
+        raise FileNotFoundError(f"no snapshots logged in {work}; train with --snapshot-every N")
+    rows = []
+    for name, record in sorted(snapshots.items(), key=lambda item: item[1]["step"]):
+        pipe.transformer.load_state_dict(torch.load(work / "snapshots" / name, weights_only=True))
+        result = prompt_following(pipe, ref, n, **kwargs)
+        scores = {k: v for k, v in result.items() if k != "samples"}
+        rows.append({"step": record["step"], "minutes": round((before + record["elapsed"]) / 60, 2), **scores})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m accel.bench.prompt_eval", description=__doc__.split("\n\n")[0])
     p.add_argument("name", choices=references.NAMES)
@@ -56,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--path", default=None, help="a saved pipeline to score instead of the shipped one")
+    p.add_argument("--growth", default=None, help="a training --work folder: score each of its snapshots")
     args = p.parse_args(argv)
     ref = references.reference(args.name)
     if args.path:
@@ -64,7 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         pipe = references.configured(DiffusionPipeline.from_pretrained(args.path, dtype=torch.float32), ref)
     else:
         pipe = references.load(args.name)
-    result = prompt_following(pipe, ref, args.n, args.seed, args.steps, args.guidance)
+    kwargs = dict(seed=args.seed, steps=args.steps, guidance=args.guidance)
+    if args.growth:
+        json.dump(growth(pipe, ref, args.growth, args.n, **kwargs), sys.stdout, indent=1)
+        print()
+        return 0
+    result = prompt_following(pipe, ref, args.n, **kwargs)
     json.dump({k: v for k, v in result.items() if k != "samples"}, sys.stdout, indent=1)
     print()
     return 0

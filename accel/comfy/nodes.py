@@ -93,7 +93,11 @@ STEP_CACHE = NodeSpec(
             },
         ),
         ("start_percent", "FLOAT", _percent(0.1, "Steps before this fraction of the run are always computed.")),
-        ("end_percent", "FLOAT", _percent(1.0, "Steps after this fraction (and the last step) are always computed.")),
+        (
+            "end_percent",
+            "FLOAT",
+            _percent(1.0, "Steps after this fraction are always computed (a threshold: also the last)."),
+        ),
         ("taylor_order", "INT", {"default": 2, "min": 0, "max": 3, "tooltip": "Highest forecast order (0: reuse)."}),
         ("max_consecutive", "INT", {"default": 3, "min": 1, "max": 50, "tooltip": "Most reused steps in a row."}),
     ),

@@ -38,7 +38,8 @@ BALANCED, FAST = (preset_configs(name)["cache"].target for name in ("balanced", 
 class StepCacheSettings:
     """The node's inputs. `mode` "target": an error budget for the run (accel's presets `BALANCED`, the default, and
     `FAST`); "threshold": reuse while the head's accumulated relative change stays below `value`. 0 never reuses.
-    Steps before `start_percent` of the run (at least 3) and after `end_percent` (at least the last) are computed."""
+    Steps before `start_percent` of the run (at least 3) and after `end_percent` are computed; at 1.0 the end is
+    as `accel.patch` has it (CacheConfig's default cooldown: the last step computed with a threshold only)."""
 
     mode: str = "target"
     value: float = BALANCED
@@ -50,7 +51,7 @@ class StepCacheSettings:
     def config(self, num_steps: int) -> CacheConfig:
         """accel's CacheConfig for a run of `num_steps` (CacheConfig checks every value)."""
         warmup = math.ceil(self.start_percent * num_steps)
-        cooldown = max(1, math.ceil((1.0 - self.end_percent) * num_steps - 1e-9))
+        cooldown = math.ceil((1.0 - self.end_percent) * num_steps - 1e-9) or None
         budget = {"target": self.value} if self.mode == "target" else {"threshold": self.value}
         return CacheConfig(
             **budget,

@@ -100,6 +100,12 @@ def _parser() -> argparse.ArgumentParser:
         help="stages to run, in order (default: %(default)s; the VAE stage is always needed, and the pipeline is "
         "saved only when the transformer stage runs; stages finished earlier are loaded from --work)",
     )
+    p.add_argument(
+        "--vae-from",
+        default=None,
+        help="a saved pipeline (e.g. the shipped one) whose VAE to use as it is, instead of the VAE and decoder "
+        "stages: retrains the transformer alone",
+    )
     p.add_argument("--vae-minutes", type=float, default=None, help="also stop the VAE after this much time")
     p.add_argument("--minutes", type=float, default=None, help="also stop the transformer after this much time")
     p.add_argument("--vae-batch", type=int, default=None, help="VAE batch (default per model)")
@@ -107,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", type=int, default=None, help="rendered set size for the transformer")
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--lr", type=float, default=None, help="transformer learning rate (default per model)")
+    p.add_argument(
+        "--snapshot-every",
+        type=int,
+        default=0,
+        help="save the transformer's EMA weights every this many steps to --work/snapshots, to score how the model "
+        "grew with training (benchmarks/growth.py) (default: never)",
+    )
     p.add_argument("--fresh", action="store_true", help="ignore existing checkpoints in --work")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -115,8 +128,11 @@ def _parser() -> argparse.ArgumentParser:
 class Stage:
     """A resumable, time-boxed optimisation of one module: step count, elapsed time, optimiser, EMA, RNGs."""
 
-    def __init__(self, name: str, module, args, max_steps: int, minutes: float | None, lr: float, params=None):
+    def __init__(
+        self, name: str, module, args, max_steps: int, minutes: float | None, lr: float, params=None, snapshots=0
+    ):
         self.name, self.module, self.args = name, module, args
+        self.snapshots = snapshots  # save the EMA weights every this many steps (0: never), for growth curves
         self.budget = math.inf if minutes is None else minutes * 60.0
         self.max_steps = max_steps
         self.file = Path(args.work) / f"{name}.pt"
@@ -156,6 +172,14 @@ class Stage:
         torch.save(state, self.file.with_suffix(".tmp"))
         self.file.with_suffix(".tmp").replace(self.file)  # never a half-written checkpoint
 
+    def snapshot(self) -> None:
+        """The EMA weights now, in float16, as `<work>/snapshots/<stage>-<step>.pt`, logged with the time spent."""
+        folder = Path(self.args.work) / "snapshots"
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / f"{self.name}-{self.step:06d}.pt"
+        torch.save({k: v.to("cpu", torch.float16) if v.is_floating_point() else v for k, v in self.ema.items()}, file)
+        _log(self.args, {"stage": self.name, "step": self.step, "snapshot": file.name, "elapsed": self.elapsed})
+
     def finished(self) -> bool:
         return self.step >= self.max_steps or self.elapsed >= self.budget
 
@@ -180,6 +204,8 @@ class Stage:
             self._update_ema()
             self.step += 1
             self.elapsed += time.perf_counter() - start
+            if self.snapshots and self.step % self.snapshots == 0:
+                self.snapshot()
             losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", minutes=f"{self.elapsed / 60:.1f}")
@@ -296,7 +322,8 @@ def train_transformer(pipe, ref, args) -> None:
         for block in transformer.blocks:
             originals.append(block.attn2.processor)
             block.attn2.set_processor(CountedPads(block.attn2.processor))
-    stage = Stage("transformer", transformer, args, args.steps or plan.steps, args.minutes, args.lr or plan.lr)
+    steps, lr = args.steps or plan.steps, args.lr or plan.lr
+    stage = Stage("transformer", transformer, args, steps, args.minutes, lr, snapshots=args.snapshot_every)
 
     def loss(stage: Stage) -> torch.Tensor:
         rows = torch.randint(0, latents.shape[0], (batch,), generator=stage.gen)
@@ -342,8 +369,13 @@ def _train(args) -> int:
     unknown = [name for name in stages if name not in STAGES]
     if unknown or "vae" not in stages:
         raise SystemExit(f"--stages {args.stages}: give a comma-separated subset of {','.join(STAGES)} with vae")
-    train_vae(pipe, ref, args)
-    if "decoder" in stages:
+    if args.vae_from:
+        trained = type(pipe.vae).from_pretrained(str(Path(args.vae_from) / "vae"), dtype=torch.float32)
+        pipe.vae.load_state_dict(trained.state_dict())
+        pipe.vae.to(args.device).eval().requires_grad_(False)
+    else:
+        train_vae(pipe, ref, args)
+    if "decoder" in stages and not args.vae_from:
         train_decoder(pipe, ref, args)
     if "transformer" not in stages:
         _say(args, f"stages {args.stages} done; rerun with every stage to save the pipeline")
