@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -273,3 +277,17 @@ def test_vae_from_a_saved_pipeline_retrains_the_transformer_alone(tmp_path):
     for (name, a), b in zip(vaes[0].state_dict().items(), vaes[1].state_dict().values()):
         assert torch.equal(a, b), name
     assert torch.load(again / "work" / "transformer.pt", weights_only=False)["step"] == 2
+
+
+def test_the_gpu_training_script_trains_and_scores_both_models(tmp_path):
+    """benchmarks/train_reference_gpu.sh end to end, made a CPU smoke run by trainer arguments after `--`."""
+    script = Path(__file__).parents[1] / "benchmarks" / "train_reference_gpu.sh"
+    smoke = ["--device", "cpu", "--threads", "1", "--vae-steps", "1", "--decoder-steps", "1", "--steps", "1"]
+    smoke += ["--vae-batch", "2", "--batch", "2", "--dataset", "4"]
+    command = ["bash", str(script), "--budget", "60", "--out", str(tmp_path), "--score-prompts", "2", "--", *smoke]
+    done = subprocess.run(command, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in references.NAMES:
+        assert (tmp_path / name / "model_index.json").exists()
+        scores = json.loads((tmp_path / f"{name}-scores.json").read_text())
+        assert scores["n"] == 2 and 0 <= scores["colour"] <= 1

@@ -77,15 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--path", default=None, help="a saved pipeline to score instead of the shipped one")
+    p.add_argument("--device", default="cpu", help="where the pipeline runs (default: %(default)s)")
     p.add_argument("--growth", default=None, help="a training --work folder: score each of its snapshots")
     args = p.parse_args(argv)
     ref = references.reference(args.name)
     if args.path:
         from diffusers import DiffusionPipeline
 
-        pipe = references.configured(DiffusionPipeline.from_pretrained(args.path, dtype=torch.float32), ref)
+        pipe = DiffusionPipeline.from_pretrained(args.path, dtype=torch.float32).to(args.device)
+        pipe = references.configured(pipe, ref)
     else:
-        pipe = references.load(args.name)
+        pipe = references.load(args.name, device=args.device)
     kwargs = dict(seed=args.seed, steps=args.steps, guidance=args.guidance)
     if args.growth:
         json.dump(growth(pipe, ref, args.growth, args.n, **kwargs), sys.stdout, indent=1)
