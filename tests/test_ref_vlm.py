@@ -103,7 +103,14 @@ def test_packed_training_forward_matches_one_prompt_at_a_time(untrained):
     torch.testing.assert_close(packed.logits[rows, answer_at - 1], single, atol=1e-5, rtol=1e-4)
     assert torch.isfinite(packed.loss)
     assert features.shape == (2 * reference_vlm.IMAGE_TOKENS, model.config.text_config.hidden_size)
-    assert torch.isfinite(td.token_loss(model, features, batch.targets))
+    plain = td.token_loss(model, features, batch.targets)
+    assert torch.isfinite(plain)
+    # an image has no motion term: colour and shape are averaged, each scaled by its weight
+    terms = [td.token_loss(model, features, batch.targets, {"colour": 1, "shape": 0}) * 2]
+    terms.append(td.token_loss(model, features, batch.targets, {"colour": 0, "shape": 1}) * 2)
+    torch.testing.assert_close(plain, sum(terms) / 2)
+    weighted = td.token_loss(model, features, batch.targets, {"shape": 4.0, "motion": 12.0})
+    torch.testing.assert_close(weighted, (terms[0] + 4 * terms[1]) / 2)
 
 
 def test_saved_folder_loads_offline_with_from_pretrained(untrained, tmp_path, monkeypatch):

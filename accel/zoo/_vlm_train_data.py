@@ -97,17 +97,22 @@ def token_targets(scene: scenes_multi.MultiScene) -> dict[str, torch.Tensor]:
     return {"colour": pick(colour, background), "shape": pick(shape, IGNORE), "motion": pick(motion, IGNORE)}
 
 
-def token_loss(model, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+def token_loss(
+    model, features: torch.Tensor, targets: dict[str, torch.Tensor], weights: dict[str, float] | None = None
+) -> torch.Tensor:
     """Cross-entropy of each visual token's features (the merger's output, what the LM reads) against the (tied)
     word embeddings of `TOKEN_WORDS`: it teaches the vision tower to put a token's colour, shape and motion where
-    the language model already has the words for them, the grounding a question-only loss finds slowly."""
+    the language model already has the words for them, the grounding a question-only loss finds slowly. The terms
+    present are averaged, each scaled by its `weights` entry (default 1)."""
     embeddings = model.get_input_embeddings().weight
+    weights = weights or {}
     losses = []
     for name, words in TOKEN_WORDS.items():
         target = targets[name]
         if bool((target != IGNORE).any()):
             logits = features @ embeddings[_ids(list(words))].T
-            losses.append(torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE))
+            loss = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+            losses.append(weights.get(name, 1.0) * loss)
     return torch.stack(losses).mean()
 
 

@@ -40,6 +40,7 @@ CHECKPOINT_EVERY = 120.0  # seconds
 WARMUP = 100
 CURRICULUM = ((0.08, 2), (0.2, 3))  # (share of the steps, most shapes per scene) until then
 VALIDATION = 120  # questions, a third of them on videos
+SHAPE_WEIGHT = MOTION_WEIGHT = 1.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +67,18 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="weight of the per-visual-token colour/shape/motion loss, 0 for none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shape-weight",
+        type=float,
+        default=SHAPE_WEIGHT,
+        help="weight of the shape term of the token loss (colour: 1) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--motion-weight",
+        type=float,
+        default=MOTION_WEIGHT,
+        help="weight of the motion term of the token loss (colour: 1) (default: %(default)s)",
     )
     p.add_argument("--eval-minutes", type=float, default=10.0, help="validation interval (default: %(default)s)")
     p.add_argument("--validation", type=int, default=VALIDATION, help="validation questions (default: %(default)s)")
@@ -138,7 +151,8 @@ class Run:
         out, features = packed_forward(self.model, batch)
         loss = out.loss
         if args.token_loss:
-            loss = loss + args.token_loss * token_loss(self.model, features, batch.targets)
+            weights = {"shape": args.shape_weight, "motion": args.motion_weight}
+            loss = loss + args.token_loss * token_loss(self.model, features, batch.targets, weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
