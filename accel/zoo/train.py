@@ -7,7 +7,8 @@ result (EMA weights of the transformer, float16) is saved with `save_pretrained`
 where `accel.zoo.load` looks). Run it again after an interruption and it continues where it stopped.
 
 On an idle 2-core CPU the default step counts take under an hour per model (with ``--threads 2``: ``ref-wan``
-53 minutes, ``ref-flux`` about 33; one thread, the default, is the faster on a machine shared with other work);
+53 minutes; ``ref-flux`` about 53 on the slower of two such machines, 33 on the faster, projected from timed
+steps; one thread, the default, is the faster on a machine shared with other work);
 ``--minutes`` caps a stage by time instead. With a GPU, ``--device cuda --batch 256 --steps 6000`` trains a
 better model in minutes.
 """
@@ -58,7 +59,8 @@ class Plan:
 
 
 PLANS = {
-    "ref-flux": Plan(vae_steps=600, decoder_steps=0, steps=4000, vae_batch=16, batch=32, dataset=8192),
+    # Shape (50 prompts) was still rising at 4000 steps: 44% at 1000, 70% at 3000, 90% at 4000, 92% at 7000.
+    "ref-flux": Plan(vae_steps=600, decoder_steps=0, steps=7000, vae_batch=16, batch=32, dataset=8192),
     # A convolutional VAE learns the same from 32x32 crops at a quarter of the cost, so it sees four times the
     # shapes; weighting the shape's pixels makes it keep their colour (unweighted, after 19 minutes, the colour
     # of only 44% of reconstructed clips was readable, and the transformer could not learn what it never saw).
