@@ -29,6 +29,15 @@ def test_training_smoke_saves_resumes_and_loads(tmp_path):
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     assert len(reference_vlm.predict(model, processor, scenes_multi.held_out(1, 0))) == 1
 
+    # --init continues from saved weights (here the run above), from step 0 of its own schedule
+    more, again = tmp_path / "more", tmp_path / "again"
+    args = [*common[4:], "--work", str(more), "--out", str(again), "--init", str(out), "--steps", "1", "--lr", "0"]
+    assert train_vlm.main(args) == 0
+    start = torch.load(more / "checkpoint.pt", weights_only=False)
+    assert start["step"] == 1
+    for name, value in model.state_dict().items():  # lr 0: still the weights it started from
+        torch.testing.assert_close(start["model"][name], value, msg=name)
+
 
 def test_learning_rate_warms_up_and_decays_and_curriculum_grows():
     rates = [train_vlm.learning_rate(s, 1000, 1e-3) for s in (0, 50, 100, 500, 1000)]

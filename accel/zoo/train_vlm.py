@@ -83,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-minutes", type=float, default=10.0, help="validation interval (default: %(default)s)")
     p.add_argument("--validation", type=int, default=VALIDATION, help="validation questions (default: %(default)s)")
     p.add_argument("--no-held-out", action="store_true", help="skip the held-out evaluation at the end")
+    p.add_argument(
+        "--init",
+        default=None,
+        help="start from a saved ref-vlm (e.g. the shipped weights) instead of a random init, without the curriculum: "
+        "a continuation with other settings",
+    )
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -116,7 +122,10 @@ class Run:
 
     def __init__(self, args):
         self.args = args
-        self.model, self.processor = reference_vlm.untrained(seed=args.seed)
+        if args.init:
+            self.model, self.processor = reference_vlm.load(args.init)
+        else:
+            self.model, self.processor = reference_vlm.untrained(seed=args.seed)
         self.model.to(args.device).train()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
         self.step, self.elapsed, self.cpu = 0, 0.0, 0.0
@@ -144,7 +153,7 @@ class Run:
     def train_step(self) -> tuple[float, float]:
         args = self.args
         time_share = self.elapsed / self.budget
-        top = max_shapes(self.step, args.steps, time_share)
+        top = None if args.init else max_shapes(self.step, args.steps, time_share)
         batch = make_batch(args.seed, self.step, args.scenes, args.questions, args.video_share, top).to(args.device)
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(self.step, args.steps, args.lr, time_share)
