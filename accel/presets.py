@@ -21,7 +21,7 @@ from .pruning.config import PruneConfig
 _PRESETS = {
     "lossless": {"cache": None},
     # Chosen on the reference models (benchmarks/RESULTS.md, "Fidelity", 8 prompts): on ref-flux, target 0.8 computes
-    # 51% of the passes at 47.9 dB and 3.2 computes 38% at 39.7 dB; on ref-wan 52% at 39.6 dB and 38% at 34.1 dB.
+    # 51% of the passes at 47.9 dB and 3.2 computes 38% at 39.7 dB; on ref-wan 49% at 38.2 dB and 38% at 31.1 dB.
     # VLMs: pruning budgets from ref-vlm's table (benchmarks/RESULTS.md, "Visual token pruning").
     "balanced": {"cache": CacheConfig(target=0.8, max_consecutive=3), "prune": PruneConfig(keep_ratio=0.5)},
     "fast": {"cache": CacheConfig(target=3.2, max_consecutive=3), "prune": PruneConfig(keep_ratio=0.25)},

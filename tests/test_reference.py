@@ -4,6 +4,7 @@ resumes and loads, and the shipped weights."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -128,6 +129,17 @@ def test_sigma_mean_moves_the_training_noise_levels():
         noisier.median() == pytest.approx(1 / (1 + math.exp(-0.5)), abs=0.02) and 0 < noisier.min() < noisier.max() < 1
     )
     assert train.PLANS["ref-wan"].sigma_mean == 0.5 and train.PLANS["ref-flux"].sigma_mean == 0.0
+
+
+def test_the_plans_budget_caps_the_transformer_by_what_the_vae_stages_left():
+    plan = train.PLANS["ref-wan"]
+    assert plan.minutes == 60.0 and train.PLANS["ref-flux"].minutes is None
+    quiet = argparse.Namespace(minutes=None, quiet=True)
+    left = plan.minutes - train.OVERHEAD_MINUTES - 20
+    assert train.transformer_minutes(plan, quiet, spent=20 * 60) == pytest.approx(left)
+    assert train.transformer_minutes(plan, quiet, spent=70 * 60) == train.MIN_TRANSFORMER_MINUTES
+    assert train.transformer_minutes(plan, argparse.Namespace(minutes=7.0, quiet=True), spent=20 * 60) == 7.0
+    assert train.transformer_minutes(train.PLANS["ref-flux"], quiet, spent=20 * 60) is None
 
 
 def test_every_domain_prompt_is_in_vocabulary():

@@ -58,8 +58,8 @@ class SparseConfig:
 
     target: attention mass (0 < target <= 1) each query block must keep; the fewest key blocks reaching
         it are kept. 1.0 keeps every block (dense attention computed by the sparse kernel); lower keeps
-        fewer blocks. Prior work, without the remainder, uses 0.9-0.95; 0.9 (default) keeps 48% of the
-        blocks in the sparse steps at 31.6 dB on ref-wan (16x16 blocks, stride 4; 0.85 keeps 41% at 29.1 dB).
+        fewer blocks. Prior work, without the remainder, uses 0.9-0.95; 0.9 (default) keeps 45% of the
+        blocks in the sparse steps at 32.6 dB on ref-wan (16x16 blocks, stride 4; 0.85 keeps 39% at 30.9 dB).
     block_q / block_k: query and key block sizes in tokens, the kernel's tiles and the pattern's
         granularity (powers of two >= 16). 128 x 64 suits H100-class GPUs at head dim 128.
     dense_fraction: share of the denoising steps at the start of each pipeline call that stay dense

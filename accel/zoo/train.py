@@ -6,10 +6,11 @@ of a fixed rendered set, with the frozen text encoders read through the pipeline
 result (EMA weights of the transformer, float16) is saved with `save_pretrained` to ``--out`` (by default
 where `accel.zoo.load` looks). Run it again after an interruption and it continues where it stopped.
 
-On an idle 2-core CPU the default step counts take under an hour per model (with ``--threads 2``: ``ref-wan``
-53 minutes; ``ref-flux`` about 53 on the slower of two such machines, 33 on the faster, projected from timed
-steps; one thread, the default, is the faster on a machine shared with other work);
-``--minutes`` caps a stage by time instead. With a GPU, ``--device cuda --batch 256 --steps 6000`` trains a
+On an idle 2-core CPU the default step counts take under an hour per model with ``--threads 2`` (``ref-flux``
+about 53 minutes on the slower of two such machines, 33 on the faster; ``ref-wan`` about 45 on the faster, projected
+from timed steps), and ``ref-wan``'s plan also holds a 60-minute budget: on a slower machine its transformer stops
+early with fewer steps (see `Plan.minutes`). One thread, the default, is the faster on a machine shared with other
+work. ``--minutes`` caps a stage by time instead. With a GPU, ``--device cuda --batch 256 --steps 6000`` trains a
 better model in minutes.
 """
 
@@ -43,7 +44,8 @@ from accel.zoo._train_steps import (
 @dataclass(frozen=True)
 class Plan:
     """A model's default training run. Fixed step counts keep it reproducible; on an idle 2-core CPU each model
-    takes under an hour (ref-wan with two threads: VAE 19.5 min, decoder and latents 5, transformer 29)."""
+    takes under an hour (ref-wan with two threads on the faster of two machines: VAE 0.45 s/step, transformer 0.33
+    s/step; the slower took 19.5 min for the VAE and 0.65 s per transformer step)."""
 
     vae_steps: int
     decoder_steps: int  # decoder-only fine-tuning on full clips, encoder frozen (0: none)
@@ -56,6 +58,9 @@ class Plan:
     short_text: float = 0.0  # share of prompts padded as the pipeline call pads them (see `compact_text`)
     lr: float = 5e-4  # transformer
     sigma_mean: float = 0.0  # mean of the logit-normal training noise levels (see `sample_sigmas`)
+    # The whole run's budget in minutes (None: none): the transformer stops early where its steps would overrun it
+    # (``--minutes`` overrides), so a slower machine ends on time with fewer steps.
+    minutes: float | None = None
 
 
 PLANS = {
@@ -67,7 +72,11 @@ PLANS = {
     "ref-wan": Plan(
         vae_steps=1200,
         decoder_steps=150,
-        steps=2800,
+        # Motion (50 prompts) was still rising at 2800 steps: 12% at 1000, 44% at 3000, 88% at 5000 and 6000;
+        # shape 28%, 34%, 38%, 44%. Steps past the budget are cut by `minutes` (an idle 2-core machine of
+        # 2026-12-03 ran all 6000 in about 45 minutes with --threads 2; one twice as slow stops near 3000).
+        steps=6000,
+        minutes=60.0,
         vae_batch=16,
         batch=12,
         dataset=1536,
@@ -82,6 +91,8 @@ PLANS = {
 }
 STAGES = ("vae", "decoder", "transformer")
 CHECKPOINT_EVERY = 120.0  # seconds
+OVERHEAD_MINUTES = 3.0  # of a run's budget, outside the stages' clocks: loading, encoding the latent set, saving
+MIN_TRANSFORMER_MINUTES = 5.0
 EMA_DECAY = 0.999
 
 
@@ -250,7 +261,8 @@ def _crop(x: torch.Tensor, side: int, rng: random.Random) -> torch.Tensor:
     return x[..., top : top + side, left : left + side]
 
 
-def train_vae(pipe, ref, args) -> None:
+def train_vae(pipe, ref, args) -> float:
+    """Train (or load from --work) the VAE; returns the seconds its stage took."""
     plan = PLANS[ref.name]
     vae = pipe.vae.to(args.device)
     stage = Stage("vae", vae, args, args.vae_steps or plan.vae_steps, args.vae_minutes, args.vae_lr)
@@ -266,16 +278,17 @@ def train_vae(pipe, ref, args) -> None:
     stage.run(loss)
     vae.load_state_dict(stage.ema)
     vae.eval().requires_grad_(False)
+    return stage.elapsed
 
 
-def train_decoder(pipe, ref, args) -> None:
+def train_decoder(pipe, ref, args) -> float:
     """Fine-tune the decode side on whole clips with the encoder frozen: the latents (and so the transformer's
     training data) stay as they are, the pictures get cleaner. Wan's decoder also learns the chunk-to-chunk
-    caching it never sees in the VAE stage's single chunks."""
+    caching it never sees in the VAE stage's single chunks. Returns the seconds its stage took."""
     plan = PLANS[ref.name]
     steps = plan.decoder_steps if args.decoder_steps is None else args.decoder_steps
     if not steps:
-        return
+        return 0.0
     vae = pipe.vae
     decode_side = [p for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
     for p in decode_side:
@@ -292,6 +305,17 @@ def train_decoder(pipe, ref, args) -> None:
     stage.run(loss)
     vae.load_state_dict(stage.ema)
     vae.eval().requires_grad_(False)
+    return stage.elapsed
+
+
+def transformer_minutes(plan: Plan, args, spent: float) -> float | None:
+    """The transformer's time cap: ``--minutes``, else what the plan's budget leaves after `spent` seconds of the
+    earlier stages (at least `MIN_TRANSFORMER_MINUTES`)."""
+    if args.minutes is not None or plan.minutes is None:
+        return args.minutes
+    left = plan.minutes - OVERHEAD_MINUTES - spent / 60
+    _say(args, f"transformer: at most {max(left, MIN_TRANSFORMER_MINUTES):.1f} min (the plan's {plan.minutes:g})")
+    return max(left, MIN_TRANSFORMER_MINUTES)
 
 
 @torch.no_grad()
@@ -313,7 +337,8 @@ def latent_set(pipe, ref, args, size: int) -> tuple[torch.Tensor, list[str]]:
     return normalise(latents, pipe.vae, ref), prompts
 
 
-def train_transformer(pipe, ref, args) -> None:
+def train_transformer(pipe, ref, args, spent: float = 0.0) -> None:
+    """Train the transformer on the latent set; `spent`: seconds the earlier stages took (see `transformer_minutes`)."""
     plan = PLANS[ref.name]
     batch = args.batch or plan.batch
     latents, prompts = latent_set(pipe, ref, args, args.dataset or plan.dataset)
@@ -325,7 +350,8 @@ def train_transformer(pipe, ref, args) -> None:
             originals.append(block.attn2.processor)
             block.attn2.set_processor(CountedPads(block.attn2.processor))
     steps, lr = args.steps or plan.steps, args.lr or plan.lr
-    stage = Stage("transformer", transformer, args, steps, args.minutes, lr, snapshots=args.snapshot_every)
+    minutes = transformer_minutes(plan, args, spent)
+    stage = Stage("transformer", transformer, args, steps, minutes, lr, snapshots=args.snapshot_every)
 
     def loss(stage: Stage) -> torch.Tensor:
         rows = torch.randint(0, latents.shape[0], (batch,), generator=stage.gen)
@@ -336,6 +362,8 @@ def train_transformer(pipe, ref, args) -> None:
         )
 
     stage.run(loss)
+    if stage.step < steps:
+        _say(args, f"transformer: stopped by time at step {stage.step} of {steps}")
     for block, processor in zip(getattr(transformer, "blocks", []), originals):
         block.attn2.set_processor(processor)
     transformer.load_state_dict(stage.ema)
@@ -371,18 +399,19 @@ def _train(args) -> int:
     unknown = [name for name in stages if name not in STAGES]
     if unknown or "vae" not in stages:
         raise SystemExit(f"--stages {args.stages}: give a comma-separated subset of {','.join(STAGES)} with vae")
+    spent = 0.0  # seconds of the VAE stages, from their checkpoints' clocks
     if args.vae_from:
         trained = type(pipe.vae).from_pretrained(str(Path(args.vae_from) / "vae"), dtype=torch.float32)
         pipe.vae.load_state_dict(trained.state_dict())
         pipe.vae.to(args.device).eval().requires_grad_(False)
     else:
-        train_vae(pipe, ref, args)
+        spent += train_vae(pipe, ref, args)
     if "decoder" in stages and not args.vae_from:
-        train_decoder(pipe, ref, args)
+        spent += train_decoder(pipe, ref, args)
     if "transformer" not in stages:
         _say(args, f"stages {args.stages} done; rerun with every stage to save the pipeline")
         return 0
-    train_transformer(pipe, ref, args)
+    train_transformer(pipe, ref, args, spent)
     save(pipe, out)
     sizes = {p.parent.name: p.stat().st_size / 2**20 for p in out.glob("*/*.safetensors")}
     _say(args, f"saved {ref.name} to {out} in {(time.perf_counter() - start) / 60:.1f} min; MB: {sizes}")
