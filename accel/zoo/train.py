@@ -313,9 +313,9 @@ def transformer_minutes(plan: Plan, args, spent: float) -> float | None:
     earlier stages (at least `MIN_TRANSFORMER_MINUTES`)."""
     if args.minutes is not None or plan.minutes is None:
         return args.minutes
-    left = plan.minutes - OVERHEAD_MINUTES - spent / 60
-    _say(args, f"transformer: at most {max(left, MIN_TRANSFORMER_MINUTES):.1f} min (the plan's {plan.minutes:g})")
-    return max(left, MIN_TRANSFORMER_MINUTES)
+    left = max(plan.minutes - OVERHEAD_MINUTES - spent / 60, MIN_TRANSFORMER_MINUTES)
+    _say(args, f"transformer: at most {left:.1f} min (the plan's {plan.minutes:g})")
+    return left
 
 
 @torch.no_grad()
