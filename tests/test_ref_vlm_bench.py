@@ -54,6 +54,39 @@ def test_a_time_cap_drives_the_schedule_when_it_ends_before_the_last_step():
     assert [train_vlm.max_shapes(500, steps, t) for t in (0.0, 0.1, 0.5)] == [2, 3, None]
 
 
+def test_fresh_language_model_stage_redraws_the_lm_freezes_the_rest_and_resumes(tmp_path):
+    work = tmp_path / "work"
+    common = ["--work", str(work), "--out", str(tmp_path / "out"), "--scenes", "2", "--questions", "2"]
+    common += ["--validation", "3", "--no-held-out", "--quiet"]
+    assert train_vlm.main([*common, "--steps", "1"]) == 0  # default: no fresh language model
+    before = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert before["lm_from"] is None
+    common += ["--fresh-lm-at", "0"]
+    assert train_vlm.main([*common, "--steps", "2"]) == 0  # from step 1 on: the fresh language model
+    after = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert after["lm_from"] == 1
+    for name, value in before["model"].items():
+        frozen = name.startswith("model.visual.") or "embed_tokens" in name or name == "lm_head.weight"
+        assert torch.equal(after["model"][name], value) == frozen, name
+    assert train_vlm.main([*common, "--steps", "3"]) == 0  # resumes inside the stage
+    again = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert again["step"] == 3 and again["lm_from"] == 1
+    assert torch.equal(
+        again["model"]["model.visual.merger.mlp.0.weight"], before["model"]["model.visual.merger.mlp.0.weight"]
+    )
+
+
+def test_the_fresh_language_model_has_its_own_warm_up_and_decay():
+    steps, peak, stage = 1000, 1e-3, (640, 0.6, 1.0)  # progress 0.6 = step 100 + 0.6 * 900
+    assert train_vlm.progress(640, steps, 0.0) == pytest.approx(0.6)
+    first = train_vlm.learning_rate(639, steps, peak, stage=(0, 0.0, 0.6))
+    assert first == pytest.approx(0.05 * peak, rel=0.01)  # the first stage has decayed by its end
+    assert train_vlm.learning_rate(640, steps, peak, stage=stage) == pytest.approx(peak / train_vlm.WARMUP)
+    later = [train_vlm.learning_rate(s, steps, peak, stage=stage) for s in (739, 740, 900)]
+    assert later[0] == later[1] == pytest.approx(peak) and later[2] < later[1]  # warmed up again, then decaying
+    assert train_vlm.learning_rate(1000, steps, peak, stage=stage) == pytest.approx(0.05 * peak)
+
+
 @pytest.fixture(scope="module")
 def result():
     names = ["accel", "accel no temporal", "accel cls score", "accel in_lm layer 1", "random keep", "uniform pooling"]
