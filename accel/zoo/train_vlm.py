@@ -170,9 +170,7 @@ class Run:
 
     def start_fresh_lm(self, step: int) -> None:
         """Draw the language model's layers afresh and train only them from here, on the frozen vision tower and
-        word embeddings. A language model trained from the start alongside the vision tower settles, while the
-        visual tokens still show little, on answers it then does not unlearn (motion at chance although the tokens
-        show it); a fresh one on the trained tower learns to read them."""
+        word embeddings (why: the module's docstring, "Two stages")."""
         fresh, _ = reference_vlm.untrained(seed=self.args.seed + 1)
         language = self.model.model.language_model
         for name in ("layers", "norm"):
