@@ -54,11 +54,12 @@ def test_a_time_cap_drives_the_schedule_when_it_ends_before_the_last_step():
     assert [train_vlm.max_shapes(500, steps, t) for t in (0.0, 0.1, 0.5)] == [2, 3, None]
 
 
-def test_fresh_language_model_stage_redraws_the_lm_freezes_the_rest_and_resumes(tmp_path):
+@pytest.mark.parametrize("vision_lr", [0.0, 0.5])
+def test_fresh_language_model_stage_redraws_the_lm_and_resumes(tmp_path, vision_lr):
     work = tmp_path / "work"
     common = ["--work", str(work), "--out", str(tmp_path / "out"), "--scenes", "2", "--questions", "2"]
-    common += ["--validation", "3", "--no-held-out", "--quiet"]
-    assert train_vlm.main([*common, "--steps", "1"]) == 0  # default: no fresh language model
+    common += ["--validation", "3", "--no-held-out", "--quiet", "--fresh-vision-lr", str(vision_lr)]
+    assert train_vlm.main([*common, "--fresh-lm-at", "1", "--steps", "1"]) == 0  # no fresh language model
     before = torch.load(work / "checkpoint.pt", weights_only=False)
     assert before["lm_from"] is None
     common += ["--fresh-lm-at", "0"]
@@ -66,14 +67,17 @@ def test_fresh_language_model_stage_redraws_the_lm_freezes_the_rest_and_resumes(
     after = torch.load(work / "checkpoint.pt", weights_only=False)
     assert after["lm_from"] == 1
     for name, value in before["model"].items():
-        frozen = name.startswith("model.visual.") or "embed_tokens" in name or name == "lm_head.weight"
+        frozen = (
+            "embed_tokens" in name or name == "lm_head.weight" or (name.startswith("model.visual.") and not vision_lr)
+        )
         assert torch.equal(after["model"][name], value) == frozen, name
+    scales = [group["scale"] for group in after["optimizer"]["param_groups"]]
+    assert scales == ([1.0, vision_lr] if vision_lr else [1.0])
     assert train_vlm.main([*common, "--steps", "3"]) == 0  # resumes inside the stage
     again = torch.load(work / "checkpoint.pt", weights_only=False)
     assert again["step"] == 3 and again["lm_from"] == 1
-    assert torch.equal(
-        again["model"]["model.visual.merger.mlp.0.weight"], before["model"]["model.visual.merger.mlp.0.weight"]
-    )
+    merger = "model.visual.merger.mlp.0.weight"
+    assert torch.equal(again["model"][merger], after["model"][merger]) == (not vision_lr)
 
 
 def test_the_fresh_language_model_has_its_own_warm_up_and_decay():

@@ -11,12 +11,13 @@ shapes per scene at 2, then 3, for the first 8% and 20% of the steps. The model 
 weights (float16) and processor go to ``--out`` with `save_pretrained`. A checkpoint in ``--work`` is written
 every two minutes: run the same command again and it continues.
 
-Two stages (``--fresh-lm-at``, 0.7 by default): for the first 70% of the run everything trains together; then the
-language model's layers are drawn afresh and trained alone, with their own warm-up and decay, on the frozen vision
-tower and word embeddings. A language model trained from the start beside a vision tower that still shows little
-settles on answers it does not unlearn (it answered motion at chance after 15k steps, although its visual tokens
-then showed each shape's motion to a linear read 100% of the time); a fresh one on the trained tower learns to read
-them (motion 53% after 1200 steps alone).
+Two stages (``--fresh-lm-at``, 0.4 by default): for the first 40% of the run everything trains together; then the
+language model's layers are drawn afresh and trained with their own warm-up and decay, on the frozen word
+embeddings, beside a vision tower that goes on learning at half their rate (``--fresh-vision-lr``; 0 freezes it)
+with the token loss still on. A language model trained from the start beside a vision tower that still shows
+little settles on answers it does not unlearn (it answered motion at chance after 15k steps, although its visual
+tokens then showed each shape's motion to a linear read 100% of the time); a fresh one on the trained tower learns
+to read them (motion 53% after 1200 steps alone). It learns positions slowly, so it needs the longer share.
 
 A step costs about 0.3 s on this repository's 2-core CPU with ``--threads 2`` (0.47 s on one thread beside other
 work; another 2-core machine took 0.83 s on one thread and 0.58 s on two). So the run stops after ``--minutes`` (85
@@ -47,7 +48,8 @@ WARMUP = 100
 CURRICULUM = ((0.08, 2), (0.2, 3))  # (share of the steps, most shapes per scene) until then
 VALIDATION = 120  # questions, a third of them on videos
 SHAPE_WEIGHT = MOTION_WEIGHT = 1.0
-FRESH_LM_AT = 0.7  # share of the run after which the language model starts over (1: never)
+FRESH_LM_AT = 0.4  # share of the run after which the language model starts over (1: never)
+FRESH_VISION_LR = 0.5  # the vision tower's learning rate in that stage, as a share of the language model's
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -101,8 +103,15 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=FRESH_LM_AT,
         help="share of the run (steps or --minutes, whichever is further) after which the language model's layers "
-        "are drawn afresh and trained alone on the frozen vision tower and word embeddings, with their own warm-up "
-        "and decay; 0 with --init: only that stage; 1: never (default: %(default)s)",
+        "are drawn afresh and trained on the frozen word embeddings, with their own warm-up and decay, beside the "
+        "vision tower (--fresh-vision-lr); 0 with --init: only that stage; 1: never (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fresh-vision-lr",
+        type=float,
+        default=FRESH_VISION_LR,
+        help="the vision tower's learning rate beside the fresh language model, as a share of its rate, with the "
+        "token loss still on; 0 freezes the tower (default: %(default)s)",
     )
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -164,20 +173,29 @@ class Run:
             self.step, self.elapsed, self.cpu = state["step"], state["elapsed"], state.get("cpu", 0.0)
             _say(args, f"ref-vlm: resumed at step {self.step} ({self.elapsed / 60:.1f} min done)")
 
-    def _optimizer(self) -> torch.optim.Optimizer:
+    def _optimizer(self, vision_scale: float = 1.0) -> torch.optim.Optimizer:
+        """AdamW over what trains; each group's ``scale`` multiplies the schedule's rate (the vision tower's beside a
+        fresh language model)."""
+        vision = {id(p) for p in self.model.model.visual.parameters()}
         trained = [p for p in self.model.parameters() if p.requires_grad]
-        return torch.optim.AdamW(trained, lr=self.args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+        groups = [
+            {"params": [p for p in trained if id(p) not in vision], "scale": 1.0},
+            {"params": [p for p in trained if id(p) in vision], "scale": vision_scale},
+        ]
+        groups = [g for g in groups if g["params"]]
+        return torch.optim.AdamW(groups, lr=self.args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def start_fresh_lm(self, step: int) -> None:
-        """Draw the language model's layers afresh and train only them from here, on the frozen vision tower and
-        word embeddings (why: the module's docstring, "Two stages")."""
+        """Draw the language model's layers afresh and train them from here on the frozen word embeddings, beside a
+        vision tower that keeps ``--fresh-vision-lr`` of their rate (0: frozen) (why: the module's docstring,
+        "Two stages")."""
         fresh, _ = reference_vlm.untrained(seed=self.args.seed + 1)
         language = self.model.model.language_model
         for name in ("layers", "norm"):
             getattr(language, name).load_state_dict(getattr(fresh.model.language_model, name).state_dict())
-        self.model.model.visual.requires_grad_(False)
+        self.model.model.visual.requires_grad_(self.args.fresh_vision_lr > 0)
         self.model.get_input_embeddings().weight.requires_grad_(False)  # tied: the output layer too
-        self.optimizer = self._optimizer()
+        self.optimizer = self._optimizer(self.args.fresh_vision_lr)
         self.lm_from = step
 
     def save(self) -> None:
@@ -203,10 +221,10 @@ class Run:
         top = None if args.init else max_shapes(self.step, args.steps, time_share)
         batch = make_batch(args.seed, self.step, args.scenes, args.questions, args.video_share, top).to(args.device)
         for group in self.optimizer.param_groups:
-            group["lr"] = learning_rate(self.step, args.steps, args.lr, time_share, stage)
+            group["lr"] = group["scale"] * learning_rate(self.step, args.steps, args.lr, time_share, stage)
         out, features = packed_forward(self.model, batch)
         loss = out.loss
-        if args.token_loss and self.lm_from is None:  # the vision tower is frozen with the fresh language model
+        if args.token_loss and (self.lm_from is None or args.fresh_vision_lr > 0):  # none for a frozen tower
             weights = {"shape": args.shape_weight, "motion": args.motion_weight}
             loss = loss + args.token_loss * token_loss(self.model, features, batch.targets, weights)
         self.optimizer.zero_grad(set_to_none=True)
