@@ -193,10 +193,15 @@ class Run:
         language = self.model.model.language_model
         for name in ("layers", "norm"):
             getattr(language, name).load_state_dict(getattr(fresh.model.language_model, name).state_dict())
-        self.model.model.visual.requires_grad_(self.args.fresh_vision_lr > 0)
+        self.lm_from = step
+        self.model.model.visual.requires_grad_(self.vision_trains)
         self.model.get_input_embeddings().weight.requires_grad_(False)  # tied: the output layer too
         self.optimizer = self._optimizer(self.args.fresh_vision_lr)
-        self.lm_from = step
+
+    @property
+    def vision_trains(self) -> bool:
+        """Always before the fresh language model; beside it, unless ``--fresh-vision-lr 0`` froze the tower."""
+        return self.lm_from is None or self.args.fresh_vision_lr > 0
 
     def save(self) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)
@@ -224,7 +229,7 @@ class Run:
             group["lr"] = group["scale"] * learning_rate(self.step, args.steps, args.lr, time_share, stage)
         out, features = packed_forward(self.model, batch)
         loss = out.loss
-        if args.token_loss and (self.lm_from is None or args.fresh_vision_lr > 0):  # none for a frozen tower
+        if args.token_loss and self.vision_trains:  # none beside a frozen tower
             weights = {"shape": args.shape_weight, "motion": args.motion_weight}
             loss = loss + args.token_loss * token_loss(self.model, features, batch.targets, weights)
         self.optimizer.zero_grad(set_to_none=True)
