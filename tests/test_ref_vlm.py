@@ -96,7 +96,7 @@ def test_packed_training_forward_matches_one_prompt_at_a_time(untrained):
     model, processor = untrained
     batch = td.make_batch(0, 2, scenes=2, per_scene=3, video_share=0.0)
     with torch.no_grad():
-        packed, features = td.packed_forward(model, batch)
+        packed, features, _ = td.packed_forward(model, batch)
         single = model(**reference_vlm.inputs(processor, batch.questions)).logits[:, -1]
     answer_at = (batch.labels != td.IGNORE).int().argmax(1)
     rows = torch.arange(len(batch.questions))
@@ -167,6 +167,27 @@ def test_token_targets_name_what_each_visual_token_shows():
     assert {words["colour"][i] for i in first["colour"][hit].tolist()} == {"cyan"}
     assert {words["shape"][i] for i in first["shape"][hit].tolist()} == {"ring"}
     assert {words["motion"][i] for i in first["motion"][hit].tolist()} == {"up"}
+
+
+def test_position_loss_names_each_visual_tokens_cell_after_the_first_decoder_layer(untrained):
+    targets = td.position_targets(2 * 256, 16)
+    words = {k: [v[i] for i in targets[k].tolist()] for k, v in td.POSITION_WORDS.items()}
+    for token, place in {
+        0: ("top", "left"),
+        15: ("top", "right"),
+        16 * 8: ("bottom", "left"),
+        255: ("bottom", "right"),
+    }.items():
+        assert (words["vertical"][token], words["horizontal"][token]) == place
+        assert (words["vertical"][token + 256], words["horizontal"][token + 256]) == place  # second temporal patch
+    model = copy.deepcopy(untrained[0])
+    batch = td.make_batch(0, 1, scenes=2, per_scene=2, video_share=0.0)
+    _, _, hidden = td.packed_forward(model, batch)
+    assert hidden.shape == (2, 4 + reference_vlm.IMAGE_TOKENS, model.config.text_config.hidden_size)
+    td.position_loss(model, hidden).backward()
+    layers = model.model.language_model.layers
+    assert layers[td.POSITION_LAYER].self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in layers[td.POSITION_LAYER + 1 :].parameters())
 
 
 def test_default_preset_prunes_ref_vlm_and_lossless_does_not(untrained, patched):

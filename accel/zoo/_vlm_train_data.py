@@ -116,6 +116,37 @@ def token_loss(
     return torch.stack(losses).mean()
 
 
+# Where each visual token sits, the words `position_loss` scores the language model's view of it against.
+POSITION_WORDS = {"vertical": ("top", "bottom"), "horizontal": ("left", "right")}
+POSITION_LAYER = 0  # the decoder layer whose output `position_loss` reads, so the layers after it can use it
+
+
+def position_targets(tokens: int, side: int) -> dict[str, torch.Tensor]:
+    """Per visual token of a prefix (raster order per temporal patch, `side` x `side` each): the index in
+    `POSITION_WORDS[name]` of the half of the frame, and so of the 2x2 grid's cell, it lies in."""
+    place = torch.arange(tokens) % (side * side)
+    return {"vertical": (place // side >= side // 2).long(), "horizontal": (place % side >= side // 2).long()}
+
+
+def position_loss(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each visual token's hidden state after decoder layer `POSITION_LAYER` (through the final
+    norm, against the tied word embeddings) with the words of its cell: "top"/"bottom", "left"/"right". It teaches
+    the language model to write a token's place into its content early, so that "the shape at the top left" and
+    "on the left or the right" are found by matching words, as colours are, instead of through M-RoPE angles a
+    fresh language model learns slowly. `hidden`: [scenes, prefix length, width] of an image or video prefix."""
+    side = scenes_multi.SIZE // (vp.PATCH * vp.MERGE)
+    tokens = hidden.shape[1] - len(prefix_ids(False, 0))
+    visual = model.model.language_model.norm(hidden[:, 3 : 3 + tokens]).flatten(0, 1)
+    embeddings = model.get_input_embeddings().weight
+    targets = position_targets(tokens, side)
+    losses = []
+    for name, words in POSITION_WORDS.items():
+        logits = visual @ embeddings[_ids(list(words))].T
+        target = targets[name].to(visual.device).repeat(hidden.shape[0])
+        losses.append(torch.nn.functional.cross_entropy(logits.float(), target))
+    return torch.stack(losses).mean()
+
+
 def pick_questions(rng: random.Random, scene: scenes_multi.MultiScene, n: int) -> list[scenes_multi.Question]:
     """`n` questions about `scene`, each of a type drawn uniformly from those it supports (so counting is asked
     as often as colours, however many shapes there are)."""
@@ -179,10 +210,11 @@ def make_batch(
 
 
 def packed_forward(model, batch: Batch, with_loss: bool = True):
-    """(output, visual features): the model's output on the question rows of `batch`, each after its scene's prefix
-    (run once, its KV cache repeated per question), the real class's forward twice, with the M-RoPE positions
-    generate() would give the rows (text positions continue from the prefix's `get_rope_index`); and the merger's
-    output of the prefix (every visual token, what the language model reads)."""
+    """(output, visual features, hidden): the model's output on the question rows of `batch`, each after its scene's
+    prefix (run once, its KV cache repeated per question), the real class's forward twice, with the M-RoPE positions
+    generate() would give the rows (text positions continue from the prefix's `get_rope_index`); the merger's
+    output of the prefix (every visual token, what the language model reads); and the prefix's output of decoder
+    layer `POSITION_LAYER` (`position_loss`)."""
     from accel._transformers_compat import cache_kwarg_name, output_cache
 
     p = batch.prefix
@@ -190,12 +222,17 @@ def packed_forward(model, batch: Batch, with_loss: bool = True):
     _, deltas = model.model.get_rope_index(
         p["input_ids"], p["mm_token_type_ids"], attention_mask=p["attention_mask"], **grids
     )
-    features = []
-    hook = model.model.visual.merger.register_forward_hook(lambda module, args, out: features.append(out))
+    features, hidden = [], []
+    layer = model.model.language_model.layers[POSITION_LAYER]
+    hooks = [
+        model.model.visual.merger.register_forward_hook(lambda module, args, out: features.append(out)),
+        layer.register_forward_hook(lambda module, args, out: hidden.append(out[0] if isinstance(out, tuple) else out)),
+    ]
     try:
         prefix = model(**p, use_cache=True, logits_to_keep=1)
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
     cache = output_cache(prefix)
     cache.batch_repeat_interleave(batch.per_scene)
     mask = torch.cat([p["attention_mask"].repeat_interleave(batch.per_scene, 0), batch.mask], 1)
@@ -207,7 +244,7 @@ def packed_forward(model, batch: Batch, with_loss: bool = True):
         labels=batch.labels if with_loss else None,
         **{cache_kwarg_name(model): cache},
     )
-    return out, features[0]
+    return out, features[0], hidden[0]
 
 
 def answer_hits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:

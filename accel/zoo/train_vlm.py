@@ -5,7 +5,9 @@ Seeded, resumable and time-boxed. Every step draws fresh scenes of `accel.zoo.sc
 once per scene and its KV cache shared by the questions). The loss is on the answer tokens only, plus
 (``--token-loss``) a per-visual-token loss that scores the merger's output against the word embeddings of the
 colour, shape and motion it shows (the generator knows them), which grounds the vision tower in the words far
-sooner than the answers alone do. AdamW, linear warm-up, cosine decay over ``--steps``; a curriculum caps the
+sooner than the answers alone do, and (``--position-loss``) one that has the first decoder layer name each visual
+token's cell ("top"/"bottom", "left"/"right"), so the questions about places match words, as those about colours
+do. AdamW, linear warm-up, cosine decay over ``--steps``; a curriculum caps the
 shapes per scene at 2, then 3, for the first 8% and 20% of the steps. The model checks itself on a validation set
 (not the held-out one) every ``--eval-minutes`` and at the end, where it also reports the held-out accuracy; the
 weights (float16) and processor go to ``--out`` with `save_pretrained`. A checkpoint in ``--work`` is written
@@ -39,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from accel.zoo import reference_vlm, scenes_multi
-from accel.zoo._vlm_train_data import answer_hits, make_batch, packed_forward, token_loss
+from accel.zoo._vlm_train_data import answer_hits, make_batch, packed_forward, position_loss, token_loss
 
 STEPS = 17000
 MINUTES = 85.0  # the 90 minutes, less the evaluations, on a machine too slow for STEPS in time
@@ -48,6 +50,7 @@ WARMUP = 100
 CURRICULUM = ((0.08, 2), (0.2, 3))  # (share of the steps, most shapes per scene) until then
 VALIDATION = 120  # questions, a third of them on videos
 SHAPE_WEIGHT = MOTION_WEIGHT = 1.0
+POSITION_LOSS = 1.0
 FRESH_LM_AT = 0.4  # share of the run after which the language model starts over (1: never)
 FRESH_VISION_LR = 0.5  # the vision tower's learning rate in that stage, as a share of the language model's
 
@@ -76,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="weight of the per-visual-token colour/shape/motion loss, 0 for none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--position-loss",
+        type=float,
+        default=POSITION_LOSS,
+        help="weight of the loss that teaches the language model's first layer to name each visual token's cell "
+        "(top/bottom, left/right), 0 for none (default: %(default)s)",
     )
     p.add_argument(
         "--shape-weight",
@@ -227,8 +237,10 @@ class Run:
         batch = make_batch(args.seed, self.step, args.scenes, args.questions, args.video_share, top).to(args.device)
         for group in self.optimizer.param_groups:
             group["lr"] = group["scale"] * learning_rate(self.step, args.steps, args.lr, time_share, stage)
-        out, features = packed_forward(self.model, batch)
+        out, features, hidden = packed_forward(self.model, batch)
         loss = out.loss
+        if args.position_loss:
+            loss = loss + args.position_loss * position_loss(self.model, hidden)
         if args.token_loss and self.vision_trains:  # none beside a frozen tower
             weights = {"shape": args.shape_weight, "motion": args.motion_weight}
             loss = loss + args.token_loss * token_loss(self.model, features, batch.targets, weights)
