@@ -21,7 +21,7 @@ little settles on answers it does not unlearn (it answered motion at chance afte
 tokens then showed each shape's motion to a linear read 100% of the time); a fresh one on the trained tower learns
 to read them (motion 53% after 1200 steps alone). It learns positions slowly, so it needs the longer share.
 
-A step costs about 0.36 s on this repository's 2-core CPU with ``--threads 2`` (0.47 s on one thread beside other
+A step costs about 0.37 s on this repository's 2-core CPU with ``--threads 2`` (0.47 s on one thread beside other
 work; another 2-core machine took 0.83 s on one thread and 0.58 s on two). So the run stops after ``--minutes`` (85
 by default) and still saves, and the learning-rate schedule, the curriculum and the stages follow the time spent
 where it runs out before the steps.
