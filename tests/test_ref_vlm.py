@@ -184,7 +184,7 @@ def test_position_loss_names_each_visual_tokens_cell_after_the_first_decoder_lay
     batch = td.make_batch(0, 1, scenes=2, per_scene=2, video_share=0.0)
     _, _, hidden = td.packed_forward(model, batch)
     assert hidden.shape == (2, 4 + reference_vlm.IMAGE_TOKENS, model.config.text_config.hidden_size)
-    td.position_loss(model, hidden).backward()
+    td.position_loss(model, hidden, batch).backward()
     layers = model.model.language_model.layers
     assert layers[td.POSITION_LAYER].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in layers[td.POSITION_LAYER + 1 :].parameters())

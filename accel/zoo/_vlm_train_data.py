@@ -104,16 +104,21 @@ def token_loss(
     word embeddings of `TOKEN_WORDS`: it teaches the vision tower to put a token's colour, shape and motion where
     the language model already has the words for them, the grounding a question-only loss finds slowly. The terms
     present are averaged, each scaled by its `weights` entry (default 1)."""
-    embeddings = model.get_input_embeddings().weight
     weights = weights or {}
     losses = []
     for name, words in TOKEN_WORDS.items():
         target = targets[name]
         if bool((target != IGNORE).any()):
-            logits = features @ embeddings[_ids(list(words))].T
-            loss = torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE)
+            loss = _word_loss(model, features, words, target)
             losses.append(weights.get(name, 1.0) * loss)
     return torch.stack(losses).mean()
+
+
+def _word_loss(model, states: torch.Tensor, words, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `states` [tokens, width] scored against the tied word embeddings of `words`, with `target`
+    the index in `words` per token (IGNORE: none)."""
+    logits = states @ model.get_input_embeddings().weight[_ids(list(words))].T
+    return torch.nn.functional.cross_entropy(logits.float(), target, ignore_index=IGNORE)
 
 
 # Where each visual token sits, the words `position_loss` scores the language model's view of it against.
@@ -128,22 +133,20 @@ def position_targets(tokens: int, side: int) -> dict[str, torch.Tensor]:
     return {"vertical": (place // side >= side // 2).long(), "horizontal": (place % side >= side // 2).long()}
 
 
-def position_loss(model, hidden: torch.Tensor) -> torch.Tensor:
+def position_loss(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Cross-entropy of each visual token's hidden state after decoder layer `POSITION_LAYER` (through the final
     norm, against the tied word embeddings) with the words of its cell: "top"/"bottom", "left"/"right". It teaches
     the language model to write a token's place into its content early, so that "the shape at the top left" and
     "on the left or the right" are found by matching words, as colours are, instead of through M-RoPE angles a
-    fresh language model learns slowly. `hidden`: [scenes, prefix length, width] of an image or video prefix."""
-    side = scenes_multi.SIZE // (vp.PATCH * vp.MERGE)
-    tokens = hidden.shape[1] - len(prefix_ids(False, 0))
-    visual = model.model.language_model.norm(hidden[:, 3 : 3 + tokens]).flatten(0, 1)
-    embeddings = model.get_input_embeddings().weight
-    targets = position_targets(tokens, side)
+    fresh language model learns slowly. `hidden`: [scenes, prefix length, width], the prefix of `batch`."""
+    visual = batch.prefix["mm_token_type_ids"] != 0
+    grid = next(batch.prefix[k] for k in ("image_grid_thw", "video_grid_thw") if k in batch.prefix)
+    states = model.model.language_model.norm(hidden[visual])  # scene by scene, each in the merger's order
+    targets = position_targets(int(visual[0].sum()), int(grid[0, 2]) // vp.MERGE)
     losses = []
     for name, words in POSITION_WORDS.items():
-        logits = visual @ embeddings[_ids(list(words))].T
-        target = targets[name].to(visual.device).repeat(hidden.shape[0])
-        losses.append(torch.nn.functional.cross_entropy(logits.float(), target))
+        target = targets[name].to(states.device).repeat(hidden.shape[0])
+        losses.append(_word_loss(model, states, words, target))
     return torch.stack(losses).mean()
 
 

@@ -240,7 +240,7 @@ class Run:
         out, features, hidden = packed_forward(self.model, batch)
         loss = out.loss
         if args.position_loss:
-            loss = loss + args.position_loss * position_loss(self.model, hidden)
+            loss = loss + args.position_loss * position_loss(self.model, hidden, batch)
         if args.token_loss and self.vision_trains:  # none beside a frozen tower
             weights = {"shape": args.shape_weight, "motion": args.motion_weight}
             loss = loss + args.token_loss * token_loss(self.model, features, batch.targets, weights)
