@@ -16,11 +16,10 @@ every two minutes: run the same command again and it continues.
 Two stages (``--fresh-lm-at``, 0.4 by default): for the first 40% of the run everything trains together; then the
 language model's layers are drawn afresh and trained with their own warm-up and decay, on the frozen word
 embeddings, beside a vision tower that goes on learning at half their rate (``--fresh-vision-lr``; 0 freezes it)
-with the token loss still on, and with half its steps on videos (``--fresh-video-share``). A language model trained
-from the start beside a vision tower that still shows little settles on answers it does not unlearn (it answered
-motion at chance after 15k steps, although its visual tokens then showed each shape's motion to a linear read 100%
-of the time); a fresh one on the trained tower learns to read them (motion 53% after 1200 steps alone). It learns
-positions slowly, so it needs the longer share.
+with the token loss still on. A language model trained from the start beside a vision tower that still shows
+little settles on answers it does not unlearn (it answered motion at chance after 15k steps, although its visual
+tokens then showed each shape's motion to a linear read 100% of the time); a fresh one on the trained tower learns
+to read them (motion 53% after 1200 steps alone). It learns positions slowly, so it needs the longer share.
 
 A step costs about 0.37 s on this repository's 2-core CPU with ``--threads 2`` (0.47 s on one thread beside other
 work; another 2-core machine took 0.83 s on one thread and 0.58 s on two). So the run stops after ``--minutes`` (85
@@ -54,7 +53,6 @@ SHAPE_WEIGHT = MOTION_WEIGHT = 1.0
 POSITION_LOSS = 1.0
 FRESH_LM_AT = 0.4  # share of the run after which the language model starts over (1: never)
 FRESH_VISION_LR = 0.5  # the vision tower's learning rate in that stage, as a share of the language model's
-FRESH_VIDEO_SHARE = 0.5  # share of video steps in that stage: motion is what the fresh language model reads last
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,12 +122,6 @@ def _parser() -> argparse.ArgumentParser:
         default=FRESH_VISION_LR,
         help="the vision tower's learning rate beside the fresh language model, as a share of its rate, with the "
         "token loss still on; 0 freezes the tower (default: %(default)s)",
-    )
-    p.add_argument(
-        "--fresh-video-share",
-        type=float,
-        default=FRESH_VIDEO_SHARE,
-        help="share of video steps beside the fresh language model (default: %(default)s)",
     )
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -242,8 +234,7 @@ class Run:
             self.start_fresh_lm(self.step)
         stage = (0, 0.0, at) if self.lm_from is None else (self.lm_from, at, 1.0)
         top = None if args.init else max_shapes(self.step, args.steps, time_share)
-        videos = args.video_share if self.lm_from is None else args.fresh_video_share
-        batch = make_batch(args.seed, self.step, args.scenes, args.questions, videos, top).to(args.device)
+        batch = make_batch(args.seed, self.step, args.scenes, args.questions, args.video_share, top).to(args.device)
         for group in self.optimizer.param_groups:
             group["lr"] = group["scale"] * learning_rate(self.step, args.steps, args.lr, time_share, stage)
         out, features, hidden = packed_forward(self.model, batch)
