@@ -262,6 +262,43 @@ def test_distinct_score_ranks_tokens_that_differ_from_the_typical_one():
     assert set(scores.topk(4).indices.tolist()) == {5, 6, 14, 15}
 
 
+def test_dominant_tokens_cover_each_distinct_thing_before_repeating_one(monkeypatch):
+    """Two things: a large salient one (five near-identical tokens, all scoring above the other) and a small one. The
+    top scores alone keep only the large one; duplicate suppression keeps one of each first, then goes by score."""
+    from accel.pruning.select import dominant_tokens
+
+    g = torch.Generator().manual_seed(0)
+    large = torch.tensor([1.0, 0, 0, 0]) + 0.01 * torch.randn(5, 4, generator=g)
+    small = torch.tensor([0, 1.0, 0, 0]) + 0.01 * torch.randn(2, 4, generator=g)
+    x = torch.cat([small[:1], large, small[1:]])
+    scores = torch.tensor([0.2, 0.9, 0.8, 0.7, 0.6, 0.5, 0.1])
+    assert dominant_tokens(x, scores, 2, None).tolist() == [1, 2]
+    assert dominant_tokens(x, scores, 2, 0.8).tolist() == [1, 0]
+    assert dominant_tokens(x, scores, 4, 0.8).tolist() == [1, 0, 2, 3]
+    monkeypatch.setattr("accel.pruning.select._SIMILARITY_ROWS", 3)  # long videos: the matrix a few rows at a time
+    assert dominant_tokens(x, scores, 4, 0.8).tolist() == [1, 0, 2, 3]
+
+
+def test_duplicate_suppression_is_the_greedy_pass_down_the_scores():
+    """A token is a duplicate only of a kept one: a chain A ~ B ~ C with A and C unlike keeps A and C. And on random
+    features the fixed point matches a plain loop down the scores."""
+    from accel.pruning.select import dominant_tokens
+
+    angles = torch.tensor([0.0, 0.5, 1.0])  # neighbours 0.5 rad apart (cosine 0.88), ends 1 rad (0.54)
+    chain = torch.stack([angles.cos(), angles.sin()], 1)
+    assert dominant_tokens(chain, torch.tensor([0.9, 0.8, 0.7]), 2, 0.8).tolist() == [0, 2]
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x, scores = torch.randn(40, 3, generator=g), torch.rand(40, generator=g)
+        unit = torch.nn.functional.normalize(x, dim=-1)
+        kept, duplicates = [], []
+        for i in scores.argsort(descending=True).tolist():
+            alike = any(float(unit[i] @ unit[j]) > 0.8 for j in kept)
+            (duplicates if alike else kept).append(i)
+        assert dominant_tokens(x, scores, 40, 0.8).tolist() == kept + duplicates
+
+
 @pytest.mark.parametrize("family,score", [("qwen2_vl", "distinct"), ("llava", "cls")])
 def test_auto_score_is_cls_where_there_is_one_else_distinct(family, score, patched):
     handle = patched(model_of(family), prune=PruneConfig(keep=4))

@@ -8,9 +8,11 @@ Every method runs at keep ratios 50%, 25% and 12.5% of each image's 256 (each vi
 unpatched model (keep-all) has answered every question:
 
     accel                   accel.patch(prune=PruneConfig(keep_ratio=r)): the default mode (before the LM,
-                            distinct score, 15% contextual tokens, video temporal folding at 0.9)
+                            distinct score, near-duplicates last, 15% contextual tokens, video temporal folding
+                            at 0.9)
+    accel top scores        the same with duplicate_similarity=None (the top-scoring tokens, repeats or not)
     accel no temporal       the same without temporal folding (differs from accel on videos only)
-    accel dominant only     the same with contextual=0 (the top-scoring tokens alone)
+    accel dominant only     the same with contextual=0 (the dominant tokens alone)
     accel sampled score     score='sampled' (attention from evenly spaced tokens, the default before 'distinct')
     accel cls score         score='cls': Qwen2-VL's ViT has no [CLS] token, so this row records the refusal
     accel in_lm layer K     where='in_lm', layer=K (FastV-style, text-guided), K = 1, 2
@@ -52,6 +54,7 @@ class Method:
 def methods() -> list[Method]:
     return [
         Method("accel", "accel"),
+        Method("accel top scores", "accel", {"duplicate_similarity": None}),
         Method("accel no temporal", "accel", {"temporal_threshold": None}),
         Method("accel dominant only", "accel", {"contextual": 0.0}),
         Method("accel sampled score", "accel", {"score": "sampled"}),

@@ -37,9 +37,15 @@ class PruneConfig:
     computed with the first decoder layer's query/key projections (no positions); on `ref-vlm` it kept less
     accuracy than random tokens (benchmarks/RESULTS.md). Ignored for `where="in_lm"`.
 
+    `duplicate_similarity`: how the dominant tokens are chosen (before the LM). Going down the scores, a token whose
+    cosine similarity to a higher-scoring token already chosen is above it is a near-duplicate: every token that is
+    not one is kept (by score) before any that is, so each distinct thing in the image keeps a token before the most
+    salient one keeps a second (on `ref-vlm` the top scores alone sometimes dropped a whole shape;
+    benchmarks/RESULTS.md). None: the top-scoring tokens, whatever they repeat.
+
     `contextual`: fraction of the budget spent on merged "contextual" tokens (VisionZip): the tokens not
     kept as dominant are averaged into that many evenly spaced targets by cosine similarity. 0 keeps the
-    top-scoring tokens only.
+    dominant tokens only.
 
     `temporal_threshold`: videos only. A token whose cosine similarity to the token at the same place in
     the previous frame is above it is merged into that earlier token before spatial selection. 1.0 or
@@ -55,6 +61,7 @@ class PruneConfig:
     text_queries: int = 1
     score: str = "auto"
     sampled_queries: int = 16
+    duplicate_similarity: float | None = 0.8
     contextual: float = 0.15
     temporal_threshold: float | None = 0.9
 
@@ -73,6 +80,7 @@ class PruneConfig:
         check_int(self, "text_queries", low=1)
         check_choice(self, "score", _SCORES)
         check_int(self, "sampled_queries", low=1)
+        check_float(self, "duplicate_similarity", low=-1, high=1, optional=True, hint="None keeps the top scores")
         check_float(self, "contextual", low=0, high=1, open_high=True)
         check_float(self, "temporal_threshold", low=-1, high=1, optional=True, hint="None turns temporal merging off")
 

@@ -63,7 +63,7 @@ class _InLM:
         self.unit = unit
         self.k = k
         self.lm_config = lm_config
-        self.select_config = replace(unit.config, contextual=0.0, temporal_threshold=None)
+        self.select_config = replace(unit.config, contextual=0.0, temporal_threshold=None, duplicate_similarity=None)
         self.overrides: dict | None = None  # kwargs for layers K+1.. in the current forward
         # KV cache -> (mask [B, L] of the shortened prompt, prompt length generate() sees)
         self.prompts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

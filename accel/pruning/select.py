@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from .config import PruneConfig
 from .errors import PruneError
 
+_SIMILARITY_ROWS = 1024  # rows of the similarity matrix at a time: long videos have many thousand tokens
+
 
 @dataclass
 class Selection:
@@ -121,7 +123,7 @@ def select_segment(
         features = _group_mean(cx, sums, counts, chosen)
     else:
         n_ctx = min(round(budget * config.contextual), budget - 1) if budget > 1 else 0
-        dominant = cscores.topk(budget - n_ctx).indices
+        dominant = dominant_tokens(cx, cscores, budget - n_ctx, config.duplicate_similarity)
         rest = torch.ones(content.numel(), dtype=torch.bool, device=device)
         rest[dominant] = False
         rest = rest.nonzero().squeeze(1)
@@ -145,6 +147,34 @@ def select_segment(
         order = index.argsort()
         index, features = index[order], features[order]
     return Selection(index=index, features=features.to(x.dtype), temporal_merged=merged)
+
+
+def dominant_tokens(x: torch.Tensor, scores: torch.Tensor, k: int, duplicate_similarity: float | None) -> torch.Tensor:
+    """The `k` tokens of x [n, D] kept as they are. With `duplicate_similarity` None, the highest-scoring. Else
+    greedy non-maximum suppression in feature space: going down the scores, a token is a duplicate when its cosine
+    similarity to a higher-scoring token that is not itself a duplicate is above it; the tokens that are not come
+    first (by score), then the duplicates (by score). So every distinct thing in the image keeps a token before any
+    keeps a second, where the top scores alone can all fall on the largest or most salient object."""
+    if duplicate_similarity is None:
+        return scores.topk(k).indices
+    order = scores.argsort(descending=True, stable=True)
+    unit = F.normalize(x[order].float(), dim=-1)
+    n = order.numel()
+    similar = torch.empty(n, n, dtype=torch.bool, device=x.device)  # [j, i]: j ranks above i and is alike
+    for start in range(0, n, _SIMILARITY_ROWS):
+        similar[start : start + _SIMILARITY_ROWS] = (
+            unit[start : start + _SIMILARITY_ROWS] @ unit.T > duplicate_similarity
+        )
+    similar.triu_(1)
+    # The greedy pass as a fixed point, one matrix step per round instead of a step per token: after round t the
+    # first t tokens are settled, and suppression chains are short, so it ends after a few rounds.
+    kept = torch.ones(n, dtype=torch.bool, device=x.device)
+    for _ in range(n):
+        settled = ~(similar & kept[:, None]).any(0)
+        if torch.equal(settled, kept):
+            break
+        kept = settled
+    return torch.cat([order[kept], order[~kept]])[:k]
 
 
 def _complement(n: int, pick: torch.Tensor, device) -> torch.Tensor:
