@@ -167,7 +167,8 @@ def dominant_tokens(x: torch.Tensor, scores: torch.Tensor, k: int, duplicate_sim
         )
     similar.triu_(1)
     # The greedy pass as a fixed point, one matrix step per round instead of a step per token: after round t the
-    # first t tokens are settled, and suppression chains are short, so it ends after a few rounds.
+    # first t tokens are settled, and it ends at the first round that changes nothing (about as many rounds as the
+    # longest chain of tokens suppressing the next, not n).
     kept = torch.ones(n, dtype=torch.bool, device=x.device)
     for _ in range(n):
         settled = ~(similar & kept[:, None]).any(0)
