@@ -80,28 +80,6 @@ def test_fresh_language_model_stage_redraws_the_lm_and_resumes(tmp_path, vision_
     assert torch.equal(again["model"][merger], after["model"][merger]) == (not vision_lr)
 
 
-def test_video_stage_trains_everything_on_more_videos_and_resumes(tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    common = ["--work", str(work), "--out", str(tmp_path / "out"), "--scenes", "2", "--questions", "2"]
-    common += ["--validation", "3", "--no-held-out", "--quiet", "--fresh-lm-at", "0", "--video-stage-share", "1"]
-    shares = []
-    make_batch = train_vlm.make_batch
-    monkeypatch.setattr(train_vlm, "make_batch", lambda *a: shares.append(a[4]) or make_batch(*a))
-    assert train_vlm.main([*common, "--video-stage-at", "1", "--steps", "2"]) == 0  # the fresh LM only
-    before = torch.load(work / "checkpoint.pt", weights_only=False)
-    assert before["lm_from"] == 0 and before["video_from"] is None
-    common += ["--video-stage-at", "0"]
-    assert train_vlm.main([*common, "--steps", "3"]) == 0
-    after = torch.load(work / "checkpoint.pt", weights_only=False)
-    assert after["lm_from"] == 0 and after["video_from"] == 2 and shares == [0.25, 0.25, 1.0]
-    for name in ("lm_head.weight", "model.visual.merger.mlp.0.weight"):  # the embeddings train again, at full rate
-        assert not torch.equal(after["model"][name], before["model"][name]), name
-    assert [group["scale"] for group in after["optimizer"]["param_groups"]] == [1.0, 1.0]
-    assert train_vlm.main([*common, "--steps", "4"]) == 0  # resumes inside the last stage
-    again = torch.load(work / "checkpoint.pt", weights_only=False)
-    assert (again["step"], again["lm_from"], again["video_from"]) == (4, 0, 2)
-
-
 def test_the_fresh_language_model_has_its_own_warm_up_and_decay():
     steps, peak, stage = 1000, 1e-3, (640, 0.6, 1.0)  # progress 0.6 = step 100 + 0.6 * 900
     assert train_vlm.progress(640, steps, 0.0) == pytest.approx(0.6)

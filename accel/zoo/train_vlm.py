@@ -13,19 +13,13 @@ shapes per scene at 2, then 3, for the first 8% and 20% of the steps. The model 
 weights (float16) and processor go to ``--out`` with `save_pretrained`. A checkpoint in ``--work`` is written
 every two minutes: run the same command again and it continues.
 
-Three stages. For the first third of the run (``--fresh-lm-at`` 0.33) everything trains together; then the
+Two stages (``--fresh-lm-at``, 0.4 by default): for the first 40% of the run everything trains together; then the
 language model's layers are drawn afresh and trained with their own warm-up and decay, on the frozen word
 embeddings, beside a vision tower that goes on learning at half their rate (``--fresh-vision-lr``; 0 freezes it)
 with the token loss still on. A language model trained from the start beside a vision tower that still shows
 little settles on answers it does not unlearn (it answered motion at chance after 15k steps, although its visual
 tokens then showed each shape's motion to a linear read 100% of the time); a fresh one on the trained tower learns
 to read them (motion 53% after 1200 steps alone). It learns positions slowly, so it needs the longer share.
-
-A last stage (``--video-stage-at``, from 82% of the run): everything trains again, word embeddings and vision tower
-too, from a new optimiser with its own warm-up and decay from ``--video-stage-lr``, with half the steps on videos
-(``--video-stage-share``). Videos are what the fresh language model reads last (motion), but it must learn the
-places on images first: half its steps on videos from its start cost the images 20 points (68.0% held out), while
-15 such minutes after the full run added 8 points on videos and lost nothing on images (86.0%).
 
 A step costs about 0.37 s on this repository's 2-core CPU with ``--threads 2`` (0.47 s on one thread beside other
 work; another 2-core machine took 0.83 s on one thread and 0.58 s on two). So the run stops after ``--minutes`` (85
@@ -57,9 +51,8 @@ CURRICULUM = ((0.08, 2), (0.2, 3))  # (share of the steps, most shapes per scene
 VALIDATION = 120  # questions, a third of them on videos
 SHAPE_WEIGHT = MOTION_WEIGHT = 1.0
 POSITION_LOSS = 1.0
-FRESH_LM_AT = 0.33  # share of the run after which the language model starts over (1: never)
+FRESH_LM_AT = 0.4  # share of the run after which the language model starts over (1: never)
 FRESH_VISION_LR = 0.5  # the vision tower's learning rate in that stage, as a share of the language model's
-VIDEO_STAGE_AT, VIDEO_STAGE_SHARE, VIDEO_STAGE_LR = 0.82, 0.5, 5e-4  # the last stage: from, share of videos, peak
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -130,22 +123,6 @@ def _parser() -> argparse.ArgumentParser:
         help="the vision tower's learning rate beside the fresh language model, as a share of its rate, with the "
         "token loss still on; 0 freezes the tower (default: %(default)s)",
     )
-    p.add_argument(
-        "--video-stage-at",
-        type=float,
-        default=VIDEO_STAGE_AT,
-        help="share of the run after which everything trains again from a new optimiser, with more video steps "
-        "(--video-stage-share, --video-stage-lr); 1: never (default: %(default)s)",
-    )
-    p.add_argument(
-        "--video-stage-share",
-        type=float,
-        default=VIDEO_STAGE_SHARE,
-        help="share of video steps in that last stage (default: %(default)s)",
-    )
-    p.add_argument(
-        "--video-stage-lr", type=float, default=VIDEO_STAGE_LR, help="its peak learning rate (default: %(default)s)"
-    )
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -195,15 +172,12 @@ class Run:
         self.optimizer = self._optimizer()
         self.step, self.elapsed, self.cpu = 0, 0.0, 0.0
         self.lm_from = None  # the step the fresh language model started at (--fresh-lm-at)
-        self.video_from = None  # the step the last stage started at (--video-stage-at)
         self.file = Path(args.work) / "checkpoint.pt"
         self.budget = math.inf if args.minutes is None else args.minutes * 60.0  # seconds of training
         if self.file.exists() and not args.fresh:
             state = torch.load(self.file, map_location=args.device, weights_only=False)
             if state.get("lm_from") is not None:
                 self.start_fresh_lm(state["lm_from"])
-            if state.get("video_from") is not None:
-                self.start_video_stage(state["video_from"])
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step, self.elapsed, self.cpu = state["step"], state["elapsed"], state.get("cpu", 0.0)
@@ -234,25 +208,10 @@ class Run:
         self.model.get_input_embeddings().weight.requires_grad_(False)  # tied: the output layer too
         self.optimizer = self._optimizer(self.args.fresh_vision_lr)
 
-    def start_video_stage(self, step: int) -> None:
-        """Train everything again, from a new optimiser (why: the module's docstring, "A last stage")."""
-        self.video_from = step
-        self.model.requires_grad_(True)
-        self.optimizer = self._optimizer()
-
     @property
     def vision_trains(self) -> bool:
-        """Always, except beside the fresh language model where ``--fresh-vision-lr 0`` froze the tower."""
-        return self.lm_from is None or self.video_from is not None or self.args.fresh_vision_lr > 0
-
-    def stage(self) -> tuple[float, tuple]:
-        """The peak learning rate and the `learning_rate` stage of the step now."""
-        at, video_at = min(self.args.fresh_lm_at, self.args.video_stage_at), self.args.video_stage_at
-        if self.video_from is not None:
-            return self.args.video_stage_lr, (self.video_from, video_at, 1.0)
-        if self.lm_from is not None:
-            return self.args.lr, (self.lm_from, at, video_at)
-        return self.args.lr, (0, 0.0, at)
+        """Always before the fresh language model; beside it, unless ``--fresh-vision-lr 0`` froze the tower."""
+        return self.lm_from is None or self.args.fresh_vision_lr > 0
 
     def save(self) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)
@@ -263,7 +222,6 @@ class Run:
             elapsed=self.elapsed,
             cpu=self.cpu,
             lm_from=self.lm_from,
-            video_from=self.video_from,
         )
         torch.save(state, self.file.with_suffix(".tmp"))
         self.file.with_suffix(".tmp").replace(self.file)  # never a half-written checkpoint
@@ -272,17 +230,13 @@ class Run:
         args = self.args
         time_share = self.elapsed / self.budget
         at = args.fresh_lm_at
-        done = progress(self.step, args.steps, time_share)
-        if self.lm_from is None and self.video_from is None and at < min(1, args.video_stage_at) and done >= at:
+        if self.lm_from is None and at < 1 and progress(self.step, args.steps, time_share) >= at:
             self.start_fresh_lm(self.step)
-        if self.video_from is None and args.video_stage_at < 1 and done >= args.video_stage_at:
-            self.start_video_stage(self.step)
-        peak, stage = self.stage()
+        stage = (0, 0.0, at) if self.lm_from is None else (self.lm_from, at, 1.0)
         top = None if args.init else max_shapes(self.step, args.steps, time_share)
-        videos = args.video_share if self.video_from is None else args.video_stage_share
-        batch = make_batch(args.seed, self.step, args.scenes, args.questions, videos, top).to(args.device)
+        batch = make_batch(args.seed, self.step, args.scenes, args.questions, args.video_share, top).to(args.device)
         for group in self.optimizer.param_groups:
-            group["lr"] = group["scale"] * learning_rate(self.step, args.steps, peak, time_share, stage)
+            group["lr"] = group["scale"] * learning_rate(self.step, args.steps, args.lr, time_share, stage)
         out, features, hidden = packed_forward(self.model, batch)
         loss = out.loss
         if args.position_loss:
