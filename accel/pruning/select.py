@@ -124,9 +124,7 @@ def select_segment(
     else:
         n_ctx = min(round(budget * config.contextual), budget - 1) if budget > 1 else 0
         dominant = dominant_tokens(cx, cscores, budget - n_ctx, config.duplicate_similarity)
-        rest = torch.ones(content.numel(), dtype=torch.bool, device=device)
-        rest[dominant] = False
-        rest = rest.nonzero().squeeze(1)
+        rest = _complement(content.numel(), dominant, device)
         features_dom = _group_mean(cx, sums, counts, dominant)
         if n_ctx:
             pick = torch.linspace(0, rest.numel() - 1, n_ctx, device=device).round().long().unique()
