@@ -212,12 +212,60 @@ def make_batch(
     return Batch(prefix_inputs(drawn), ids, mask, labels, questions, per_scene, targets)
 
 
+@dataclass
+class _Layout:
+    """Where the tokens of the question rows ([rows, L] each) sit in the packed question rows, one per scene."""
+
+    scene: torch.Tensor  # the packed row (scene) of each token
+    column: torch.Tensor  # its column in its question row
+    place: torch.Tensor  # its column in the packed row
+    valid: torch.Tensor  # a real token, not padding
+    segment: torch.Tensor  # [scenes, packed length]: i + 1 for the scene's i-th question, 0 padding
+
+
+def _pack(batch: Batch) -> _Layout:
+    rows, width = batch.ids.shape
+    per = batch.per_scene
+    order = torch.arange(rows, device=batch.ids.device)
+    lengths = batch.mask.sum(1)
+    starts = (lengths.view(-1, per).cumsum(1) - lengths.view(-1, per)).flatten()  # each question after the last
+    column = torch.arange(width, device=order.device).expand(rows, -1)
+    scene = (order // per)[:, None].expand(-1, width)
+    place = starts[:, None] + column
+    valid = batch.mask.bool()
+    segment = torch.zeros(rows // per, int(place[valid].max()) + 1, dtype=torch.long, device=order.device)
+    segment[scene[valid], place[valid]] = (order % per + 1)[:, None].expand(-1, width)[valid]
+    return _Layout(scene, column, place, valid, segment)
+
+
+def _packed(rows: torch.Tensor, layout: _Layout, fill: int) -> torch.Tensor:
+    """[scenes, packed length]: each scene's question `rows` one after another, `fill` after them."""
+    out = torch.full(layout.segment.shape, fill, dtype=rows.dtype, device=rows.device)
+    out[layout.scene[layout.valid], layout.place[layout.valid]] = rows[layout.valid]
+    return out
+
+
+def _question_mask(layout: _Layout, prefix: int) -> torch.Tensor:
+    """[scenes, 1, packed length, prefix + packed length] bool, True where attended: every question sees its
+    scene's whole prefix, then itself causally, never another question (padding sees the prefix and itself)."""
+    seg = layout.segment
+    scenes, length = seg.shape
+    causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
+    own = causal & (seg[:, None, :] == seg[:, :, None])
+    seen = torch.ones(scenes, length, prefix, dtype=torch.bool, device=seg.device)
+    return torch.cat([seen, own], -1)[:, None]
+
+
 def packed_forward(model, batch: Batch, with_loss: bool = True):
-    """(output, visual features, hidden): the model's output on the question rows of `batch`, each after its scene's
-    prefix (run once, its KV cache repeated per question), the real class's forward twice, with the M-RoPE positions
-    generate() would give the rows (text positions continue from the prefix's `get_rope_index`); the merger's
-    output of the prefix (every visual token, what the language model reads); and the prefix's output of decoder
-    layer `POSITION_LAYER` (`position_loss`)."""
+    """(output, visual features, hidden): the model's output on the question rows of `batch` (its logits in the
+    rows' layout), the merger's output of the prefixes (every visual token, what the language model reads), and the
+    prefixes' output of decoder layer `POSITION_LAYER` (`position_loss`).
+
+    The real class's forward twice: the prefixes, with a KV cache; then one row per scene holding its questions one
+    after another, on that cache, under a mask in which each question sees the prefix and itself only, at the
+    M-RoPE positions generate() would give it (text positions continue from the prefix's `get_rope_index`). So each
+    question is computed as if asked alone, while the prefix runs once per scene and its cache is never copied per
+    question (repeating it per question made the step half again as slow)."""
     from accel._transformers_compat import cache_kwarg_name, output_cache
 
     p = batch.prefix
@@ -236,17 +284,17 @@ def packed_forward(model, batch: Batch, with_loss: bool = True):
     finally:
         for hook in hooks:
             hook.remove()
-    cache = output_cache(prefix)
-    cache.batch_repeat_interleave(batch.per_scene)
-    mask = torch.cat([p["attention_mask"].repeat_interleave(batch.per_scene, 0), batch.mask], 1)
-    text = (mask.cumsum(-1) - 1)[:, -batch.ids.shape[1] :] + deltas.view(-1, 1).repeat_interleave(batch.per_scene, 0)
+    layout = _pack(batch)
+    length = p["input_ids"].shape[1]
+    text = length + layout.column + deltas.view(-1, 1).to(batch.ids.device)[layout.scene[:, 0]]
     out = model(
-        input_ids=batch.ids,
-        attention_mask=mask,
-        position_ids=text[None].expand(3, -1, -1),
-        labels=batch.labels if with_loss else None,
-        **{cache_kwarg_name(model): cache},
+        input_ids=_packed(batch.ids, layout, _index()[vp.PAD]),
+        attention_mask=_question_mask(layout, length),
+        position_ids=_packed(text, layout, 0)[None].expand(3, -1, -1),
+        labels=_packed(batch.labels, layout, IGNORE) if with_loss else None,
+        **{cache_kwarg_name(model): output_cache(prefix)},
     )
+    out.logits = out.logits[layout.scene, layout.place.clamp(max=layout.segment.shape[1] - 1)]
     return out, features[0], hidden[0]
 
 
