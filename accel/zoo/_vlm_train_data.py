@@ -6,12 +6,12 @@ A step shows the model `scenes` images (or half as many videos, whose 512 tokens
     <|im_start|> user <|vision_start|> <|image_pad|> x 256 <|vision_end|>
 
 is the costly part (the ViT and 260 LM positions), so it runs once per scene with a KV cache, and the questions
-run as a second batch of short rows on that cache repeated per question:
+about a scene follow on that cache in one row, each one
 
     what colour is the shape at the top left ? <|im_end|> <|im_start|> assistant red <|im_end|>
 
-which is token for token what the chat template gives (tests check it), so the model sees at training exactly
-the prompts it is asked at evaluation. Only the answer and the `<|im_end|>` after it carry a loss.
+token for token what the chat template gives (tests check it) and masked so that it sees the prefix and itself
+only, so the model sees at training exactly the prompts it is asked at evaluation. Only the answer and the `<|im_end|>` after it carry a loss.
 Everything is drawn from a string-seeded `random.Random` per step, so a resumed run sees the same batches.
 """
 
