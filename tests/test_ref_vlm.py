@@ -113,6 +113,19 @@ def test_packed_training_forward_matches_one_prompt_at_a_time(untrained):
     torch.testing.assert_close(weighted, (terms[0] + 4 * terms[1]) / 2)
 
 
+def test_packed_questions_of_a_video_see_the_prefix_and_themselves_only(untrained):
+    model, processor = untrained
+    batch = td.make_batch(0, 5, scenes=4, per_scene=4, video_share=1.0)  # two videos, four questions each
+    assert all(q.video for q in batch.questions)
+    with torch.no_grad():
+        packed, features, _ = td.packed_forward(model, batch)
+        single = model(**reference_vlm.inputs(processor, batch.questions)).logits[:, -1]
+    answer_at = (batch.labels != td.IGNORE).int().argmax(1)
+    rows = torch.arange(len(batch.questions))
+    torch.testing.assert_close(packed.logits[rows, answer_at - 1], single, atol=1e-5, rtol=1e-4)
+    assert features.shape[0] == 2 * reference_vlm.VIDEO_TOKENS
+
+
 def test_saved_folder_loads_offline_with_from_pretrained(untrained, tmp_path, monkeypatch):
     model, processor = untrained
     reference_vlm.save(model, processor, tmp_path)
