@@ -11,7 +11,8 @@ about a scene follow on that cache in one row, each one
     what colour is the shape at the top left ? <|im_end|> <|im_start|> assistant red <|im_end|>
 
 token for token what the chat template gives (tests check it) and masked so that it sees the prefix and itself
-only, so the model sees at training exactly the prompts it is asked at evaluation. Only the answer and the `<|im_end|>` after it carry a loss.
+only, so the model sees at training exactly the prompts it is asked at evaluation. Only the answer and the
+`<|im_end|>` after it carry a loss.
 Everything is drawn from a string-seeded `random.Random` per step, so a resumed run sees the same batches.
 """
 
@@ -265,7 +266,7 @@ def packed_forward(model, batch: Batch, with_loss: bool = True):
     after another, on that cache, under a mask in which each question sees the prefix and itself only, at the
     M-RoPE positions generate() would give it (text positions continue from the prefix's `get_rope_index`). So each
     question is computed as if asked alone, while the prefix runs once per scene and its cache is never copied per
-    question (repeating it per question made the step half again as slow)."""
+    question (a copy per question made the step 0.39 s instead of 0.33 s)."""
     from accel._transformers_compat import cache_kwarg_name, output_cache
 
     p = batch.prefix
