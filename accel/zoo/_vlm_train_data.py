@@ -248,7 +248,8 @@ def _packed(rows: torch.Tensor, layout: _Layout, fill: int) -> torch.Tensor:
 
 def _question_mask(layout: _Layout, prefix: int) -> torch.Tensor:
     """[scenes, 1, packed length, prefix + packed length] bool, True where attended: every question sees its
-    scene's whole prefix, then itself causally, never another question (padding sees the prefix and itself)."""
+    scene's whole prefix, then itself causally, never another question (padding, segment 0, sees the prefix and
+    the padding before it, so no row is empty)."""
     seg = layout.segment
     scenes, length = seg.shape
     causal = torch.ones(length, length, dtype=torch.bool, device=seg.device).tril()
