@@ -12,12 +12,13 @@ from accel.bench.pruning_baselines import Baseline
 from accel.bench.pruning_report import markdown, write
 from accel.cli import main as cli_main
 from accel.zoo import reference_vlm, scenes_multi, train_vlm
+from accel.zoo._vlm_train_data import make_batch
 
 
 def test_training_smoke_saves_resumes_and_loads(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     common = ["--work", str(work), "--out", str(out), "--scenes", "2", "--questions", "2", "--validation", "3"]
-    common += ["--no-held-out", "--quiet"]
+    common += ["--no-held-out", "--quiet", "--finish-steps", "0"]
     assert train_vlm.main([*common, "--steps", "2"]) == 0
     assert torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 2
     assert train_vlm.main([*common, "--steps", "3"]) == 0  # resumes: one more step
@@ -29,12 +30,13 @@ def test_training_smoke_saves_resumes_and_loads(tmp_path):
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     assert len(reference_vlm.predict(model, processor, scenes_multi.held_out(1, 0))) == 1
 
-    # --init continues from saved weights (here the run above), from step 0 of its own schedule
+    # --init --steps 0: the last stage alone on saved weights (here the run above), from step 0 of its schedule
     more, again = tmp_path / "more", tmp_path / "again"
-    args = [*common[4:], "--work", str(more), "--out", str(again), "--init", str(out), "--steps", "1", "--lr", "0"]
+    args = [*common[4:], "--work", str(more), "--out", str(again), "--init", str(out), "--steps", "0"]
+    args += ["--finish-steps", "1", "--finish-lr", "0"]
     assert train_vlm.main(args) == 0
     start = torch.load(more / "checkpoint.pt", weights_only=False)
-    assert start["step"] == 1
+    assert start["step"] == 1 and start["finish_from"] == 0
     for name, value in model.state_dict().items():  # lr 0: still the weights it started from
         torch.testing.assert_close(start["model"][name], value, msg=name)
 
@@ -58,7 +60,16 @@ def test_a_time_cap_drives_the_schedule_when_it_ends_before_the_last_step():
 def test_fresh_language_model_stage_redraws_the_lm_and_resumes(tmp_path, vision_lr):
     work = tmp_path / "work"
     common = ["--work", str(work), "--out", str(tmp_path / "out"), "--scenes", "2", "--questions", "2"]
-    common += ["--validation", "3", "--no-held-out", "--quiet", "--fresh-vision-lr", str(vision_lr)]
+    common += [
+        "--validation",
+        "3",
+        "--no-held-out",
+        "--quiet",
+        "--fresh-vision-lr",
+        str(vision_lr),
+        "--finish-steps",
+        "0",
+    ]
     assert train_vlm.main([*common, "--fresh-lm-at", "1", "--steps", "1"]) == 0  # no fresh language model
     before = torch.load(work / "checkpoint.pt", weights_only=False)
     assert before["lm_from"] is None
@@ -78,6 +89,30 @@ def test_fresh_language_model_stage_redraws_the_lm_and_resumes(tmp_path, vision_
     assert again["step"] == 3 and again["lm_from"] == 1
     merger = "model.visual.merger.mlp.0.weight"
     assert torch.equal(again["model"][merger], after["model"][merger]) == (not vision_lr)
+
+
+def test_the_last_stage_trains_everything_on_its_own_schedule_and_resumes(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    common = ["--work", str(work), "--out", str(tmp_path / "out"), "--scenes", "2", "--questions", "2"]
+    common += ["--validation", "3", "--no-held-out", "--quiet", "--fresh-lm-at", "0", "--fresh-vision-lr", "0"]
+    common += ["--finish-lr", "3e-4", "--finish-video-share", "1", "--steps", "2"]
+    seen = []  # (step, video share) of every batch drawn
+    monkeypatch.setattr(train_vlm, "make_batch", lambda *a, **k: seen.append((a[1], a[4])) or make_batch(*a, **k))
+    assert train_vlm.main([*common, "--finish-steps", "0"]) == 0  # the two stages before it
+    before = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert before["lm_from"] == 0 and before["finish_from"] is None
+    assert train_vlm.main([*common, "--finish-steps", "2"]) == 0  # resumes into the last stage: two more steps
+    after = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert after["step"] == 4 and after["finish_from"] == 2
+    assert [share for _, share in seen] == [0.25, 0.25, 1.0, 1.0]
+    for name in ("model.language_model.embed_tokens.weight", "model.visual.merger.mlp.0.weight"):
+        assert not torch.equal(after["model"][name], before["model"][name]), name  # trains again
+    groups = after["optimizer"]["param_groups"]
+    assert [g["scale"] for g in groups] == [1.0, 1.0]
+    assert groups[0]["lr"] == pytest.approx(2 * 3e-4 / train_vlm.WARMUP)  # its own warm-up from its own peak
+    assert train_vlm.main([*common, "--finish-steps", "3"]) == 0  # resumes inside it
+    again = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert again["step"] == 5 and again["finish_from"] == 2 and seen[-1] == (4, 1.0)
 
 
 def test_the_fresh_language_model_has_its_own_warm_up_and_decay():
