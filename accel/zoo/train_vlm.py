@@ -117,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
         help="start from a saved ref-vlm (e.g. the shipped weights) instead of a random init, without the curriculum: "
         "a continuation with other settings (--steps 0: the last stage alone)",
     )
+    _stage_arguments(p)
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _stage_arguments(p: argparse.ArgumentParser) -> None:
+    """The fresh language model's stage and the last one (the module's docstring)."""
     p.add_argument(
         "--fresh-lm-at",
         type=float,
@@ -147,9 +155,6 @@ def _parser() -> argparse.ArgumentParser:
         default=FINISH_VIDEO_SHARE,
         help="its share of video steps (default: %(default)s)",
     )
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
 
 
 def max_shapes(step: int, steps: int, time_share: float = 0.0) -> int | None:
