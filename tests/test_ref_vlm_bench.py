@@ -60,16 +60,8 @@ def test_a_time_cap_drives_the_schedule_when_it_ends_before_the_last_step():
 def test_fresh_language_model_stage_redraws_the_lm_and_resumes(tmp_path, vision_lr):
     work = tmp_path / "work"
     common = ["--work", str(work), "--out", str(tmp_path / "out"), "--scenes", "2", "--questions", "2"]
-    common += [
-        "--validation",
-        "3",
-        "--no-held-out",
-        "--quiet",
-        "--fresh-vision-lr",
-        str(vision_lr),
-        "--finish-steps",
-        "0",
-    ]
+    common += ["--validation", "3", "--no-held-out", "--quiet", "--finish-steps", "0"]
+    common += ["--fresh-vision-lr", str(vision_lr)]
     assert train_vlm.main([*common, "--fresh-lm-at", "1", "--steps", "1"]) == 0  # no fresh language model
     before = torch.load(work / "checkpoint.pt", weights_only=False)
     assert before["lm_from"] is None

@@ -205,7 +205,7 @@ class Run:
         self.finish_elapsed = 0.0
         self.file = Path(args.work) / "checkpoint.pt"
         self.budget = math.inf if args.minutes is None else args.minutes * 60.0  # seconds of training
-        # the stages before the last one get its share of the time by its share of the steps
+        # the stages before the last one get their share of the time by their share of the steps
         self.main_budget = self.budget * args.steps / max(1, args.steps + args.finish_steps)
         if self.file.exists() and not args.fresh:
             state = torch.load(self.file, map_location=args.device, weights_only=False)
@@ -257,12 +257,16 @@ class Run:
         return self.lm_from is None or self.finish_from is not None or self.args.fresh_vision_lr > 0
 
     @property
+    def before_last_over(self) -> bool:
+        """The stages before the last one have had their steps or their time."""
+        return self.step >= self.args.steps or self.elapsed >= self.main_budget
+
+    @property
     def done(self) -> bool:
         args = self.args
         if self.finish_from is not None:
             return self.step >= self.finish_from + args.finish_steps or self.elapsed >= self.budget
-        main_done = self.step >= args.steps or self.elapsed >= self.main_budget
-        return main_done and (args.finish_steps == 0 or self.elapsed >= self.budget)
+        return self.before_last_over and (args.finish_steps == 0 or self.elapsed >= self.budget)
 
     def save(self) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)
@@ -283,11 +287,7 @@ class Run:
         """This step's learning rate, cap on shapes per scene and share of video steps, after starting the stage it
         is in."""
         args = self.args
-        if (
-            self.finish_from is None
-            and args.finish_steps
-            and (self.step >= args.steps or self.elapsed >= self.main_budget)
-        ):
+        if self.finish_from is None and args.finish_steps and self.before_last_over:
             self.start_finish(self.step, self.elapsed)
         if self.finish_from is not None:  # its own schedule, as a run of --finish-steps from step 0 would have
             time_share = (self.elapsed - self.finish_elapsed) / max(1e-9, self.budget - self.finish_elapsed)
