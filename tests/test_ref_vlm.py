@@ -184,22 +184,6 @@ def test_token_targets_name_what_each_visual_token_shows():
     assert {words["motion"][i] for i in first["motion"][hit].tolist()} == {"up"}
 
 
-def test_motion_share_sets_how_often_a_video_is_asked_about_motion_and_leaves_images_alone():
-    video = scenes_multi.sample_scene(random.Random(1), video=True, count=3)
-    image = scenes_multi.sample_scene(random.Random(1), video=False, count=3)
-
-    def types(scene, share, seed=0):
-        return [q.type for q in td.pick_questions(random.Random(seed), scene, 400, share)]
-
-    assert types(image, 0.9) == types(image, None)  # images draw exactly as before
-    assert set(types(video, 1.0)) == {"motion"} and "motion" not in types(video, 0.0)
-    assert set(types(video, 0.0)) == set(scenes_multi.IMAGE_TYPES)
-    assert 0.33 < types(video, 0.4).count("motion") / 400 < 0.47
-    assert 0.1 < types(video, None).count("motion") / 400 < 0.23  # uniform over six types
-    batch = td.make_batch(0, 3, scenes=4, per_scene=8, video_share=1.0, motion_share=1.0)
-    assert {q.type for q in batch.questions} == {"motion"}
-
-
 def test_position_loss_names_each_visual_tokens_cell_after_the_first_decoder_layer(untrained):
     targets = td.position_targets(2 * 256, 16)
     words = {k: [v[i] for i in targets[k].tolist()] for k, v in td.POSITION_WORDS.items()}

@@ -151,21 +151,14 @@ def position_loss(model, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
-def pick_questions(
-    rng: random.Random, scene: scenes_multi.MultiScene, n: int, motion_share: float | None = None
-) -> list[scenes_multi.Question]:
+def pick_questions(rng: random.Random, scene: scenes_multi.MultiScene, n: int) -> list[scenes_multi.Question]:
     """`n` questions about `scene`, each of a type drawn uniformly from those it supports (so counting is asked
-    as often as colours, however many shapes there are). On a video, `motion_share` (None: uniform) is the share
-    of motion questions, the rest drawn uniformly from the other types."""
+    as often as colours, however many shapes there are)."""
     pool = scenes_multi.questions(scene)
     types = list(dict.fromkeys(q.type for q in pool))
     out = []
     for _ in range(n):
-        if scene.video and motion_share is not None:
-            motion = rng.random() < motion_share
-            qtype = "motion" if motion else rng.choice([t for t in types if t != "motion"])
-        else:
-            qtype = rng.choice(types)
+        qtype = rng.choice(types)
         out.append(rng.choice([q for q in pool if q.type == qtype]))
     return out
 
@@ -195,23 +188,17 @@ def prefix_inputs(scenes: list[scenes_multi.MultiScene]) -> dict[str, torch.Tens
 
 
 def make_batch(
-    seed: int,
-    step: int,
-    scenes: int,
-    per_scene: int,
-    video_share: float,
-    max_shapes: int | None = None,
-    motion_share: float | None = None,
+    seed: int, step: int, scenes: int, per_scene: int, video_share: float, max_shapes: int | None = None
 ) -> Batch:
     """The batch of `step`: all images, or (with probability `video_share`) all videos, half as many.
-    `max_shapes` caps the shapes per scene (the curriculum); `motion_share`: see `pick_questions`."""
+    `max_shapes` caps the shapes per scene (the curriculum)."""
     rng = random.Random(f"ref-vlm-train-{seed}-{step}")
     video = rng.random() < video_share
     n = max(1, scenes // 2) if video else scenes
     top = scenes_multi.MAX_VIDEO_SHAPES if video else scenes_multi.MAX_SHAPES
     top = min(top, max_shapes or top)
     drawn = [scenes_multi.sample_scene(rng, video, count=rng.randint(1, top)) for _ in range(n)]
-    questions = [q for scene in drawn for q in pick_questions(rng, scene, per_scene, motion_share)]
+    questions = [q for scene in drawn for q in pick_questions(rng, scene, per_scene)]
     rows = [question_ids(q) for q in questions]
     length = max(len(ids) for ids, _ in rows)
     ids = torch.full((len(rows), length), _index()[vp.PAD])
