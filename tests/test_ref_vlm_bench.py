@@ -3,6 +3,7 @@ held-out questions with random weights (what CI runs before trained weights exis
 budget, the baselines' token counts, FLOPs falling with the budget, the files and the CLI."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -147,10 +148,29 @@ def test_suite_rows_cover_every_method_and_budget(result):
 def test_report_files_and_tables(result, tmp_path):
     text = markdown(result)
     assert "| keep-all |" in text and "| uniform pooling |" in text and "unsupported" in text
+    assert re.search(r"\| random keep \| \| \d+\.\d \(\d+\.\d-\d+\.\d\) \|", text)  # mean of the draws (range)
     written = write(result, tmp_path)
     assert json.loads((tmp_path / "pruning.json").read_text())["rows"] == result["rows"]
     assert (tmp_path / "pruning.md").read_text() == text
     assert written["plot"].endswith("pruning.png") and (tmp_path / "pruning.png").stat().st_size > 0
+
+
+def test_a_random_method_is_the_mean_of_its_draws(monkeypatch):
+    seeds = []
+
+    def fake(model, processor, questions, method, ratio, *, seed, batch_size):
+        seeds.append(seed)
+        return {"accuracy": seed / 10, "n": 4, "_lengths_image": (300, 100)}
+
+    monkeypatch.setattr(pa, "evaluate", fake)
+    method = next(m for m in pa.methods() if m.name == "random keep")
+    row = pa.evaluate_draws(None, None, [], method, 0.25, seed=2, batch_size=16)
+    assert seeds == [2, 3, 4, 5, 6] and method.draws == pa.RANDOM_DRAWS == 5
+    assert row["accuracy"] == pytest.approx(0.4) and row["accuracy_range"] == [0.2, 0.6] and row["draws"] == 5
+    assert row["n"] == 4 and row["_lengths_image"] == (300, 100)
+    seeds.clear()
+    keep_all = pa.evaluate_draws(None, None, [], None, 1.0, seed=7, batch_size=16)
+    assert seeds == [7] and keep_all == {"accuracy": 0.7, "n": 4, "_lengths_image": (300, 100)}  # one evaluation
 
 
 def test_baselines_keep_the_budget_and_pool_blocks():

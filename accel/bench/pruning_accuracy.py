@@ -16,14 +16,16 @@ unpatched model (keep-all) has answered every question:
     accel sampled score     score='sampled' (attention from evenly spaced tokens, the default before 'distinct')
     accel cls score         score='cls': Qwen2-VL's ViT has no [CLS] token, so this row records the refusal
     accel in_lm layer K     where='in_lm', layer=K (FastV-style, text-guided), K = 1, 2
-    random keep             `accel.bench.pruning_baselines`: uniform random tokens
+    random keep             `accel.bench.pruning_baselines`: uniform random tokens, the mean of 5 draws (seeds
+                            `seed` to `seed + 4`; one draw on 300 questions moves by a few points)
     uniform pooling         `accel.bench.pruning_baselines`: each frame's grid average-pooled 1x2 / 2x2 / 2x4
 
 One row per (method, ratio), plain JSON values: accuracy (overall, images, videos, per question type), the share
 of keep-all's accuracy it keeps, visual tokens kept per image and per video (from accel's report or the baseline's
 count), prefill FLOPs per image and video question (`prefill_flops`: ViT, merger, LM layers at the lengths they ran,
 the last position's logits), CPU prefill milliseconds of one image and one video question (median of `repeats`),
-and status ("ok" or "unsupported: <why>").
+and status ("ok" or "unsupported: <why>"). A row of several draws has their mean, their count ("draws") and the
+range of their accuracies ("accuracy_range").
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from accel.pruning import PruneConfig
 from accel.zoo import reference_vlm, scenes_multi
 
 RATIOS = (0.5, 0.25, 0.125)
+RANDOM_DRAWS = 5
 WEIGHTS = ("auto", "trained", "random")
 
 
@@ -49,6 +52,7 @@ class Method:
     name: str
     family: str  # "accel" | "baseline" | "preset"
     settings: dict = field(default_factory=dict)  # PruneConfig fields, {"baseline": kind} or {"preset": name}
+    draws: int = 1  # seeds averaged over (a random method)
 
 
 def methods() -> list[Method]:
@@ -61,7 +65,7 @@ def methods() -> list[Method]:
         Method("accel cls score", "accel", {"score": "cls"}),
         Method("accel in_lm layer 1", "accel", {"where": "in_lm", "layer": 1}),
         Method("accel in_lm layer 2", "accel", {"where": "in_lm", "layer": 2}),
-        Method("random keep", "baseline", {"baseline": "random"}),
+        Method("random keep", "baseline", {"baseline": "random"}, draws=RANDOM_DRAWS),
         Method("uniform pooling", "baseline", {"baseline": "pooling"}),
     ]
 
@@ -167,6 +171,20 @@ def evaluate(model, processor, questions, method: Method | None, ratio: float, *
     return row
 
 
+def evaluate_draws(model, processor, questions, method: Method | None, ratio: float, *, seed: int, batch_size: int):
+    """`evaluate` averaged over `method.draws` seeds from `seed` on, with the draws' count and accuracy range."""
+    draws = 1 if method is None else method.draws
+    results = [
+        evaluate(model, processor, questions, method, ratio, seed=seed + i, batch_size=batch_size) for i in range(draws)
+    ]
+    if draws == 1:
+        return results[0]
+    numeric = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    mean = {**results[0], **{k: sum(r[k] for r in results) / draws for k in numeric}}
+    accuracies = [r["accuracy"] for r in results]
+    return {**mean, "draws": draws, "accuracy_range": [min(accuracies), max(accuracies)]}
+
+
 def prefill_ms(model, processor, question, method: Method | None, ratio: float, repeats: int, seed: int) -> float:
     """Median wall-clock milliseconds of one prefill of `question` (batch of one) on this machine."""
     batch = reference_vlm.inputs(processor, [question])
@@ -244,7 +262,7 @@ def run_pruning(
     rows, baseline = [], None
     for method, ratio in tqdm(jobs, desc="pruning suite", disable=not progress):
         try:
-            result = evaluate(model, processor, held, method, ratio, seed=seed, batch_size=batch_size)
+            result = evaluate_draws(model, processor, held, method, ratio, seed=seed, batch_size=batch_size)
         except AccelError as err:
             rows.append(
                 {

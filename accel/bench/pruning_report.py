@@ -19,7 +19,7 @@ def _pct(value) -> str:
 
 
 def summary_table(result: dict) -> list[str]:
-    """Accuracy (%) per method and budget; keep-all in its own column."""
+    """Accuracy (%) per method and budget; keep-all in its own column; a method of several draws: their mean (range)."""
     rows = [r for r in result["rows"] if r["method"] != "keep-all"]
     keep_all = next(r for r in result["rows"] if r["method"] == "keep-all")
     lines = [
@@ -35,6 +35,9 @@ def summary_table(result: dict) -> list[str]:
                 cells.append("")
             elif row["status"] != "ok":
                 cells.append("unsupported")
+            elif "accuracy_range" in row:  # the mean of several draws, and their range
+                low, high = row["accuracy_range"]
+                cells.append(f"{_pct(row['accuracy'])} ({_pct(low)}-{_pct(high)})")
             else:
                 cells.append(_pct(row["accuracy"]))
         lines.append(f"| {name} | | {' | '.join(cells)} |")
