@@ -179,8 +179,8 @@ def evaluate_draws(model, processor, questions, method: Method | None, ratio: fl
     ]
     if draws == 1:
         return results[0]
-    numeric = [k for k, v in results[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    mean = {**results[0], **{k: sum(r[k] for r in results) / draws for k in numeric}}
+    measured = [k for k, v in results[0].items() if isinstance(v, float)]  # counts such as "n" are the same in each
+    mean = {**results[0], **{k: sum(r[k] for r in results) / draws for k in measured}}
     accuracies = [r["accuracy"] for r in results]
     return {**mean, "draws": draws, "accuracy_range": [min(accuracies), max(accuracies)]}
 
