@@ -42,6 +42,21 @@ def test_training_smoke_saves_resumes_and_loads(tmp_path):
         torch.testing.assert_close(start["model"][name], value, msg=name)
 
 
+def test_workers_draw_the_same_batches_as_the_training_process(tmp_path, monkeypatch):
+    """--workers (a GPU's scenes drawn ahead in other processes) trains on exactly the batches drawn in-process
+    while the schedule leaves the scenes' settings alone (the curriculum of 3 steps would change them each step)."""
+    monkeypatch.setattr(train_vlm, "CURRICULUM", ())
+    common = ["--scenes", "2", "--questions", "2", "--validation", "3", "--no-held-out", "--quiet"]
+    common += ["--finish-steps", "0", "--steps", "3"]
+    weights = []
+    for workers in ("0", "2"):
+        work = tmp_path / workers
+        assert train_vlm.main([*common, "--work", str(work), "--out", str(tmp_path / "out"), "--workers", workers]) == 0
+        weights.append(torch.load(work / "checkpoint.pt", weights_only=False)["model"])
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, msg=name)
+
+
 def test_learning_rate_warms_up_and_decays_and_curriculum_grows():
     rates = [train_vlm.learning_rate(s, 1000, 1e-3) for s in (0, 50, 100, 500, 1000)]
     assert rates[0] < rates[1] < rates[2] == pytest.approx(1e-3) and rates[3] < rates[2] and rates[4] < rates[3]

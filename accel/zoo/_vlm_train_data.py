@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -305,3 +306,45 @@ def answer_hits(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
     first = (batch.labels != IGNORE).int().argmax(1)  # the answer's position in each row
     rows = torch.arange(batch.ids.shape[0], device=batch.ids.device)
     return logits[rows, first - 1].argmax(-1) == batch.ids[rows, first]
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """`make_batch` keyed by (step, video share, cap on shapes): what the loader's worker processes draw."""
+
+    def __init__(self, seed: int, scenes: int, per_scene: int):
+        self.seed, self.scenes, self.per_scene = seed, scenes, per_scene
+
+    def __getitem__(self, key: tuple[int, float, int | None]) -> tuple[int, Batch]:
+        step, video_share, max_shapes = key
+        return step, make_batch(self.seed, step, self.scenes, self.per_scene, video_share, max_shapes)
+
+
+def _as_is(item):
+    return item
+
+
+def prefetched_batches(
+    seed: int,
+    first_step: int,
+    scenes: int,
+    per_scene: int,
+    params: Callable[[], tuple[float, int | None]],
+    workers: int,
+) -> Iterator[tuple[int, Batch]]:
+    """(step, batch) from `first_step` on, drawn by `workers` processes ahead of the training step, so that a GPU
+    does not wait for the scenes to be drawn. Each step is handed to a worker with `params()` (video share, cap on
+    shapes) as they stand then, a few steps (twice `workers`) before it trains: where the schedule changes them
+    (the curriculum, the last stage) those few steps are drawn as the steps before them were. Otherwise the
+    batches are those of `make_batch`, step for step."""
+
+    def keys():
+        step = first_step
+        while True:
+            yield (step, *params())
+            step += 1
+
+    loader = torch.utils.data.DataLoader(
+        _StepBatches(seed, scenes, per_scene), batch_size=None, sampler=keys(), num_workers=workers,
+        collate_fn=_as_is, prefetch_factor=2,
+    )  # fmt: skip
+    return iter(loader)
