@@ -20,8 +20,8 @@ partial when the budget stopped it), its output is in ``<out>/<item>.log``, and 
 script's JSON). Items that no longer fit are skipped with a note.
 
 GPU estimates are guesses until a GPU run measures them (``summary.json`` has each item's time: copy them into
-PLAN). ``--tiny`` runs the same plan on CPU at tiny shapes (Triton interpreter): it checks the plan, it measures
-nothing.
+PLAN); the first six were measured on an H200 on 2026-12-04, the rest are still guesses. ``--tiny`` runs the
+same plan on CPU at tiny shapes (Triton interpreter): it checks the plan, it measures nothing.
 
 Exit status: 0 when every item that ran succeeded (skipped and budget-stopped items included), 1 when an item
 failed, 2 when a required package (the message says what to install) or the GPU is missing.
@@ -96,26 +96,29 @@ def _item(name, phase, what, script, args, tiny_args, estimate_s, tiny_estimate_
 
 
 # A table: one item per row reads better than one argument per line.
+# GPU estimates of the first six items (attention-int8 to quant-e2e): their elapsed_s measured on an H200 on
+# 2026-12-04 (commit 194e4c2, benchmarks/results/gpu-h200-2026-12-04/summary.json); the other items were
+# skipped for time in that run and keep their guesses.
 # fmt: off
 PLAN: list[Item] = [
     _item("attention-int8", 1, "INT8 attention vs SDPA flash/cuDNN (+ sageattention), Wan/FLUX/VLM shapes, default tiles",
           "attention.py", ["--shapes", "wan,flux,vlm", "--no-tune", "--repeats", "10", "--warmup", "3"],
-          ["--shapes", "vlm", "--no-tune", "--repeats", "1", "--warmup", "0"], 60, 30),
+          ["--shapes", "vlm", "--no-tune", "--repeats", "1", "--warmup", "0"], 39.4, 30),
     _item("sparse-attention", 1, "block-sparse attention at 50/75/90% vs SDPA and dense INT8, search cost, Wan 480p",
           "sparse_attention.py", ["--scenario", "wan", "--repeats", "5", "--warmup", "2"],
-          ["--scenario", "wan", "--repeats", "1"], 60, 30),
+          ["--scenario", "wan", "--repeats", "1"], 23.9, 30),
     _item("w4-gemm", 1, "W4 GEMM (W4A16, W4A8) vs bf16 matmul, the RESULTS.md shapes",
           "quant.py", ["--part", "gemm", "--gemm-shapes", "results", "--repeats", "10", "--warmup", "3"],
-          ["--part", "gemm", "--repeats", "1", "--warmup", "0"], 60, 20),
+          ["--part", "gemm", "--repeats", "1", "--warmup", "0"], 32.4, 20),
     _item("attention-e2e", 2, "one Wan2.1-1.3B 480p transformer forward, SDPA vs INT8 attention",
           "attention.py", ["--shapes", "none", "--e2e", "--repeats", "4", "--warmup", "1"],
-          ["--shapes", "none", "--e2e", "--repeats", "1", "--warmup", "0"], 40, 15),
+          ["--shapes", "none", "--e2e", "--repeats", "1", "--warmup", "0"], 23.6, 15),
     _item("sparse-e2e", 2, "one Wan2.1-1.3B 480p transformer forward, dense vs sparse target 0.8",
           "sparse_attention.py", ["--scenario", "wan-step", "--targets", "0.8", "--repeats", "3", "--warmup", "1"],
-          ["--scenario", "wan-step", "--targets", "0.8", "--repeats", "1"], 50, 25),
+          ["--scenario", "wan-step", "--targets", "0.8", "--repeats", "1"], 29.3, 25),
     _item("quant-e2e", 2, "one Wan2.1-1.3B 480p transformer forward, bf16 vs W4 and W4A8",
           "quant.py", ["--part", "model", "--models", "wan", "--repeats", "3", "--warmup", "1"],
-          ["--part", "model", "--models", "wan", "--repeats", "1", "--warmup", "0"], 60, 20),
+          ["--part", "model", "--models", "wan", "--repeats", "1", "--warmup", "0"], 49.6, 20),
     _item("pruning-e2e", 2, "LLaVA-1.5-7B prefill, TTFT and decode, baseline vs 64 kept visual tokens",
           "pruning.py",
           ["--scenario", "llava", "--keep", "64", "--repeats", "2", "--warmup", "1", "--new-tokens", "16"],
