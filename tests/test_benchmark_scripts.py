@@ -213,3 +213,14 @@ def test_app_startup_script_measures_a_fresh_start() -> None:
     proc = subprocess.run([sys.executable, str(script), "--runs", "1"], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"run 1: page answered after \d+\.\d s", proc.stdout) and "median" in proc.stdout
+
+
+def test_released_shape_vlms_are_built_on_the_given_device() -> None:
+    """The 7B models are built where they run (their random init takes minutes on a CPU): on the meta device here,
+    which allocates nothing, every parameter lands there, at the released sizes."""
+    from accel.bench.vlm_scenarios import build_vlm
+
+    for scenario, billions in (("llava", 7.0), ("qwen2_vl_image", 8.2)):
+        model = build_vlm(scenario, tiny=False, device="meta")
+        assert {p.device.type for p in model.parameters()} == {"meta"}
+        assert sum(p.numel() for p in model.parameters()) / 1e9 == pytest.approx(billions, abs=0.3), scenario

@@ -1,7 +1,7 @@
 """Vision-language models at the released models' shapes with random weights, and prompts as their processors
 build them, for the pruning benchmarks (`accel.bench.vlm.compare_pruning`).
 
-    model = build_vlm("llava", tiny=False, attn="sdpa").to("cuda").eval()
+    model = build_vlm("llava", tiny=False, attn="sdpa", device="cuda").eval()
     inputs = make_vlm_inputs("llava", model, tiny=False, device="cuda")
 
 Scenarios: ``llava`` (LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px, 576 image tokens, Llama-7B, one image, a 40-token
@@ -85,8 +85,9 @@ def _qwen2_vl_config():
     )
 
 
-def build_vlm(scenario: str, tiny: bool, attn: str = "sdpa"):
-    """The scenario's model (random weights, on the CPU: move it yourself); `tiny`: the zoo's tiny model."""
+def build_vlm(scenario: str, tiny: bool, attn: str = "sdpa", device: str | torch.device = "cpu"):
+    """The scenario's model (random weights), built on `device` (a 7B model's random init takes minutes on a CPU,
+    about 3 s a Llama-7B layer on 2 cores, and seconds on a GPU); `tiny`: the zoo's tiny model, on the CPU."""
     if scenario not in VLM_SCENARIOS:
         raise UnknownModelError(f"unknown VLM scenario {scenario!r}; choose from {', '.join(VLM_SCENARIOS)}")
     llava = scenario == "llava"
@@ -97,7 +98,8 @@ def build_vlm(scenario: str, tiny: bool, attn: str = "sdpa"):
     from transformers import AutoModelForImageTextToText
 
     config = _llava_config() if llava else _qwen2_vl_config()
-    return AutoModelForImageTextToText.from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
+    with torch.device(device):
+        return AutoModelForImageTextToText.from_config(config, attn_implementation=attn, dtype=torch.bfloat16)
 
 
 def _qwen2_vl_inputs(scenario: str, model, text, gen: torch.Generator, device) -> dict:
