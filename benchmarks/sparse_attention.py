@@ -14,9 +14,10 @@ What it measures, per scenario:
   blocks, building the index), each method (and the probe alone), as a share of one dense SDPA call, raw and
   amortised over a 50-step generation with the defaults of ``SparseConfig`` (first 25% of steps dense, a search
   every 10 steps: 4 searches for 38 sparse steps; the default method and target, with V for the remainder).
-  Expected at Wan 480p on an H100 (not measured): the default "rows" step is a bf16 matmul of every 8th query
-  row against all keys, 1/8 of Q·Kᵀ (~0.4 TFLOP), plus an fp32 softmax over 12 x 4095 x 32760 scores, about 1.5-2.5 ms against 10-17 ms for one dense call, so 10-20% of a call, about 1-2% of dense
-  attention time amortised (the issue's target: under 5%);
+  Expected at Wan 480p before any GPU run: the default "rows" step (a bf16 matmul of every 8th query row against
+  all keys, 1/8 of Q·Kᵀ, ~0.4 TFLOP, plus an fp32 softmax over 12 x 4095 x 32760 scores) at 10-20% of a dense
+  call, about 1-2% amortised. Measured on an H200 (2026-12-04, benchmarks/RESULTS.md): 114.5 ms, 11.0 dense calls,
+  87.9% amortised (the issue's target: under 5%); "pooled" 1.6 calls, 12.8% amortised;
 - ``wan-step``: one Wan2.1-T2V-1.3B-shaped transformer forward (random weights, 30 blocks) at 480p, dense vs
   ``accel.patch(transformer, sparse=SparseConfig(target=t, dense_fraction=0))``: the first call (which
   searches) and the following calls (which reuse the patterns), with the sparsity the search reached.
