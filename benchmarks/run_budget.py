@@ -20,8 +20,8 @@ partial when the budget stopped it), its output is in ``<out>/<item>.log``, and 
 script's JSON). Items that no longer fit are skipped with a note.
 
 GPU estimates are guesses until a GPU run measures them (``summary.json`` has each item's time: copy them into
-PLAN); the first six were measured on an H200 on 2026-12-04, the rest are still guesses. ``--tiny`` runs the
-same plan on CPU at tiny shapes (Triton interpreter): it checks the plan, it measures nothing.
+PLAN); the first six are the times measured on an H200 on 2026-12-04 (results/gpu-h200-2026-12-04/), the rest
+guesses. ``--tiny`` runs the same plan on CPU at tiny shapes (Triton interpreter): it checks it, measures nothing.
 
 Exit status: 0 when every item that ran succeeded (skipped and budget-stopped items included), 1 when an item
 failed, 2 when a required package (the message says what to install) or the GPU is missing.
@@ -96,9 +96,6 @@ def _item(name, phase, what, script, args, tiny_args, estimate_s, tiny_estimate_
 
 
 # A table: one item per row reads better than one argument per line.
-# GPU estimates of the first six items (attention-int8 to quant-e2e): their elapsed_s measured on an H200 on
-# 2026-12-04 (commit 194e4c2, benchmarks/results/gpu-h200-2026-12-04/summary.json); the other items were
-# skipped for time in that run and keep their guesses.
 # fmt: off
 PLAN: list[Item] = [
     _item("attention-int8", 1, "INT8 attention vs SDPA flash/cuDNN (+ sageattention), Wan/FLUX/VLM shapes, default tiles",
