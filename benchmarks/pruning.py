@@ -47,7 +47,7 @@ def run(args) -> dict:
     keeps = [3, 2] if args.tiny else args.keep
     doc = {"tiny": args.tiny, "env": environment(device), "scenarios": {}}
     for scenario in args.scenario:
-        model = build_vlm(scenario, args.tiny, attn, device).to(device).eval()
+        model = build_vlm(scenario, args.tiny, attn, device).eval()
         model.generation_config.pad_token_id = 0
         inputs = make_vlm_inputs(scenario, model, args.tiny, device)
         variants = {f"keep {k}": PruneConfig(keep=k) for k in keeps}

@@ -86,15 +86,15 @@ def _qwen2_vl_config():
 
 
 def build_vlm(scenario: str, tiny: bool, attn: str = "sdpa", device: str | torch.device = "cpu"):
-    """The scenario's model (random weights), built on `device` (a 7B model's random init takes minutes on a CPU,
-    about 3 s a Llama-7B layer on 2 cores, and seconds on a GPU); `tiny`: the zoo's tiny model, on the CPU."""
+    """The scenario's model (random weights) on `device`, built there (a 7B model's random init takes minutes on a
+    CPU, about 3 s a Llama-7B layer on 2 cores, and seconds on a GPU); `tiny`: the zoo's tiny model."""
     if scenario not in VLM_SCENARIOS:
         raise UnknownModelError(f"unknown VLM scenario {scenario!r}; choose from {', '.join(VLM_SCENARIOS)}")
     llava = scenario == "llava"
     if tiny:
         from accel.zoo import vlm
 
-        return (vlm.tiny_llava() if llava else vlm.tiny_qwen2_vl()).obj
+        return (vlm.tiny_llava() if llava else vlm.tiny_qwen2_vl()).obj.to(device)
     from transformers import AutoModelForImageTextToText
 
     config = _llava_config() if llava else _qwen2_vl_config()

@@ -34,7 +34,7 @@ before the last get the time by their share of the steps, and the learning-rate 
 stages follow the time spent where it runs out before the steps (a slower machine).
 ``--device cuda`` trains on a GPU: ``--device cuda --workers 12 --scenes 64 --steps 1000000 --finish-steps 200000
 --minutes 6`` fills six minutes, the last of them in the last stage; the workers draw the scenes ahead of the step
-(one process draws 64 scenes in about 0.1 s). On an H200 a step of 64 scenes took 0.205 s, bound by the CPU's
+(one process here draws 32 scenes in about 0.05 s). On an H200 a step of 64 scenes took 0.205 s, bound by the CPU's
 dispatch of operations (about 700 per scene), so 4.5 minutes trained only 1317 steps (benchmarks/RESULTS.md).
 """
 
@@ -220,7 +220,7 @@ class Run:
         self.finish_from = None  # the step the last stage started at (--finish-steps), and the time spent by then
         self.finish_elapsed = 0.0
         self.batches = None  # (step, batch) from worker processes (--workers), else drawn in train_step
-        self.drawn_with = (args.video_share, None)  # the last schedule's (video share, cap on shapes)
+        self.drawn_with = None  # (video share, cap on shapes) of the last schedule: the workers draw with it
         self.file = Path(args.work) / "checkpoint.pt"
         self.budget = math.inf if args.minutes is None else args.minutes * 60.0  # seconds of training
         # the stages before the last one get their share of the time by their share of the steps
