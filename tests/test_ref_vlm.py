@@ -128,6 +128,39 @@ def test_packed_questions_of_a_video_see_the_prefix_and_themselves_only(untraine
     assert features.shape[0] == 2 * reference_vlm.VIDEO_TOKENS
 
 
+def test_packed_prefix_runs_the_vit_attention_once_per_block_for_all_scenes(untrained, monkeypatch):
+    """The training forward's ViT: one attention call per block over every scene's temporal patches (a GPU step is
+    otherwise bound by launching a few operations per scene), with each scene's features as the tower gives them
+    alone, and the tower's attention implementation left as it was."""
+    model, _ = untrained
+    calls = []
+
+    def counting(module, query, *args, **kwargs):
+        calls.append(query.shape[2])
+        return segment_attention(module, query, *args, **kwargs)
+
+    segment_attention = td._segment_attention
+    monkeypatch.setattr(td, "_segment_attention", counting)
+    batch = td.make_batch(0, 5, scenes=4, per_scene=2, video_share=1.0)  # two videos
+    with torch.no_grad():
+        _, features, _ = td.packed_forward(model, batch)
+        alone = [
+            model.model.visual(pixels, grid_thw=grid[None]).pooler_output
+            for pixels, grid in zip(
+                batch.prefix["pixel_values_videos"].chunk(2), batch.prefix["video_grid_thw"], strict=True
+            )
+        ]
+    assert calls == [2 * reference_vlm.VIDEO_TOKENS] * model.config.vision_config.depth
+    torch.testing.assert_close(features, torch.cat(alone), atol=1e-5, rtol=1e-4)
+    assert model.model.visual.config._attn_implementation == "sdpa"
+
+
+def test_segment_attention_refuses_unequal_segments():
+    query = torch.randn(1, 2, 10, 4)
+    with pytest.raises(ValueError, match="equal segments"):
+        td._segment_attention(None, query, query, query, cu_seq_lens_q=torch.tensor([0, 4, 10]), max_length_q=6)
+
+
 def test_saved_folder_loads_offline_with_from_pretrained(untrained, tmp_path, monkeypatch):
     model, processor = untrained
     reference_vlm.save(model, processor, tmp_path)

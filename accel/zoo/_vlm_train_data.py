@@ -18,6 +18,7 @@ Everything is drawn from a string-seeded `random.Random` per step, so a resumed 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 from collections.abc import Callable, Iterator
@@ -259,23 +260,78 @@ def _question_mask(layout: _Layout, prefix: int) -> torch.Tensor:
     return torch.cat([seen, own], -1)[:, None]
 
 
+# Qwen2-VL's ViT hands the packed segments (cu_seqlens) to its attention function in one call only when the name of
+# the implementation holds "flash"; any other splits them and calls it once per image and temporal patch.
+SEGMENT_ATTENTION = "accel_flash_equal_segments"
+
+
+def _segment_attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kwargs):
+    """The training ViT's attention: `query` [1, heads, total, dim] holds equal segments (a scene's temporal patches,
+    the segments of cu_seqlens) that attend only within themselves; they run as one batched SDPA call instead of
+    one call per segment. Returns [1, total, heads, dim], the layout of transformers' flash functions."""
+    heads, total, dim = query.shape[1:]
+    length = kwargs.get("max_length_q") or total  # called per segment (no cu_seqlens): one segment
+    count = total // length
+    if count * length != total or count + 1 != kwargs.get("cu_seq_lens_q", torch.zeros(2)).numel():
+        raise ValueError(f"segment attention needs equal segments; got {total} tokens, longest segment {length}")
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x[0].view(heads, count, length, dim).transpose(0, 1)
+
+    out = torch.nn.functional.scaled_dot_product_attention(split(query), split(key), split(value), scale=scaling)
+    return out.permute(0, 2, 1, 3).reshape(1, total, heads, dim), None
+
+
+@contextlib.contextmanager
+def _segments_in_one_call(model):
+    """The vision tower's attention as `_segment_attention` for the duration."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SEGMENT_ATTENTION, _segment_attention)
+    config = model.model.visual.config
+    before = config._attn_implementation
+    config._attn_implementation = SEGMENT_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def _batched_prefix(model, prefix: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """(model inputs, M-RoPE deltas) of `prefix` (scenes of one layout, as `make_batch` draws them) that run each step
+    in a few large operations instead of a few per scene, so that a GPU step is not bound by launching them:
+
+    * the M-RoPE positions of one scene, for every scene (`get_rope_index` loops over the rows);
+    * one grid (scenes x temporal patches, height, width) for all the scenes: Qwen2-VL's ViT attends within each
+      temporal patch and its rotary table reads only the height and the width, so this is the same computation as
+      one grid per scene, without the loop over grids (the segments then attend in one call, `_segment_attention`).
+    """
+    key = next(k for k in ("image_grid_thw", "video_grid_thw") if k in prefix)
+    grid = prefix[key]
+    scenes = grid.shape[0]
+    positions, deltas = model.model.get_rope_index(
+        prefix["input_ids"][:1], prefix["mm_token_type_ids"][:1], attention_mask=prefix["attention_mask"][:1],
+        **{key: grid[:1]},
+    )  # fmt: skip
+    one = grid[:1].clone()
+    one[0, 0] *= scenes
+    inputs = {**prefix, key: one, "position_ids": positions.expand(-1, scenes, -1)}
+    return inputs, deltas.expand(scenes, -1)
+
+
 def packed_forward(model, batch: Batch, with_loss: bool = True):
     """(output, visual features, hidden): the model's output on the question rows of `batch` (its logits in the
     rows' layout), the merger's output of the prefixes (every visual token, what the language model reads), and the
     prefixes' output of decoder layer `POSITION_LAYER` (`position_loss`).
 
-    The real class's forward twice: the prefixes, with a KV cache; then one row per scene holding its questions one
-    after another, on that cache, under a mask in which each question sees the prefix and itself only, at the
-    M-RoPE positions generate() would give it (text positions continue from the prefix's `get_rope_index`). So each
-    question is computed as if asked alone, while the prefix runs once per scene and its cache is never copied per
-    question (a copy per question made the step 0.39 s instead of 0.33 s)."""
+    The real class's forward twice: the prefixes, with a KV cache (batched across scenes: `_batched_prefix`); then
+    one row per scene holding its questions one after another, on that cache, under a mask in which each question
+    sees the prefix and itself only, at the M-RoPE positions generate() would give it (text positions continue from
+    the prefix's). So each question is computed as if asked alone, while the prefix runs once per scene and its cache
+    is never copied per question (a copy per question made the step 0.39 s instead of 0.33 s)."""
     from accel._transformers_compat import cache_kwarg_name, output_cache
 
-    p = batch.prefix
-    grids = {k: p[k] for k in ("image_grid_thw", "video_grid_thw") if k in p}
-    _, deltas = model.model.get_rope_index(
-        p["input_ids"], p["mm_token_type_ids"], attention_mask=p["attention_mask"], **grids
-    )
+    p, deltas = _batched_prefix(model, batch.prefix)
     features, hidden = [], []
     layer = model.model.language_model.layers[POSITION_LAYER]
     hooks = [
@@ -283,13 +339,14 @@ def packed_forward(model, batch: Batch, with_loss: bool = True):
         layer.register_forward_hook(lambda module, args, out: hidden.append(out[0] if isinstance(out, tuple) else out)),
     ]
     try:
-        prefix = model(**p, use_cache=True, logits_to_keep=1)
+        with _segments_in_one_call(model):
+            prefix = model(**p, use_cache=True, logits_to_keep=1)
     finally:
         for hook in hooks:
             hook.remove()
     layout = _pack(batch)
     length = p["input_ids"].shape[1]
-    text = length + layout.column + deltas.view(-1, 1).to(batch.ids.device)[layout.scene[:, 0]]
+    text = length + layout.column + deltas.reshape(-1, 1).to(batch.ids.device)[layout.scene[:, 0]]
     out = model(
         input_ids=_packed(batch.ids, layout, _index()[vp.PAD]),
         attention_mask=_question_mask(layout, length),
