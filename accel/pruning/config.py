@@ -35,7 +35,8 @@ class PruneConfig:
     typical (per-channel median) token, so the repetitive background scores low. `"sampled"`: the mean
     attention each visual token receives from `sampled_queries` evenly spaced tokens of its own image,
     computed with the first decoder layer's query/key projections (no positions); on `ref-vlm` it kept less
-    accuracy than random tokens (benchmarks/RESULTS.md). Ignored for `where="in_lm"`.
+    accuracy than `"distinct"` (and on earlier weights less than random tokens; benchmarks/RESULTS.md). Ignored
+    for `where="in_lm"`.
 
     `duplicate_similarity`: how the dominant tokens are chosen (before the LM). Going down the scores, a token whose
     cosine similarity to a higher-scoring token already chosen is above it is a near-duplicate: every token that is
