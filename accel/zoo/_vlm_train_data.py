@@ -278,7 +278,9 @@ def _segment_attention(module, query, key, value, attention_mask=None, scaling=N
     def split(x: torch.Tensor) -> torch.Tensor:
         return x[0].view(heads, count, length, dim).transpose(0, 1)
 
-    out = torch.nn.functional.scaled_dot_product_attention(split(query), split(key), split(value), scale=scaling)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        split(query), split(key), split(value), dropout_p=dropout, scale=scaling
+    )
     return out.permute(0, 2, 1, 3).reshape(1, total, heads, dim), None
 
 
