@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from accel import _private
 from accel.zoo import _vlm_processor as vp
 from accel.zoo import scenes_multi, shapes
 
@@ -270,9 +271,10 @@ def _segment_attention(module, query, key, value, attention_mask=None, scaling=N
     the segments of cu_seqlens) that attend only within themselves; they run as one batched SDPA call instead of
     one call per segment. Returns [1, total, heads, dim], the layout of transformers' flash functions."""
     heads, total, dim = query.shape[1:]
-    length = kwargs.get("max_length_q") or total  # called per segment (no cu_seqlens): one segment
+    bounds = kwargs.get("cu_seq_lens_q")  # None when called per segment
+    length = kwargs.get("max_length_q") or total
     count = total // length
-    if count * length != total or count + 1 != kwargs.get("cu_seq_lens_q", torch.zeros(2)).numel():
+    if count * length != total or (bounds is not None and bounds.numel() != count + 1):
         raise ValueError(f"segment attention needs equal segments; got {total} tokens, longest segment {length}")
 
     def split(x: torch.Tensor) -> torch.Tensor:
@@ -290,13 +292,14 @@ def _segments_in_one_call(model):
     from transformers import AttentionInterface
 
     AttentionInterface.register(SEGMENT_ATTENTION, _segment_attention)
-    config = model.model.visual.config
-    before = config._attn_implementation
-    config._attn_implementation = SEGMENT_ATTENTION
+    saved = _private.attention_implementations(model.model.visual)
+    for config, _ in saved:
+        _private.restore_attention_implementation(config, SEGMENT_ATTENTION)
     try:
         yield
     finally:
-        config._attn_implementation = before
+        for config, implementation in saved:
+            _private.restore_attention_implementation(config, implementation)
 
 
 def _batched_prefix(model, prefix: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
