@@ -178,19 +178,16 @@ class Run:
         return torch.optim.AdamW(groups, lr=self.args.lr, weight_decay=0.01, betas=(0.9, 0.98))
 
     def start_fresh_lm(self, step: int) -> None:
-        """Draw the language model's layers afresh and train them from here, beside a vision tower that keeps
-        ``--fresh-vision-lr`` of their rate (0: frozen) (why: the module's docstring, "Stages"). The word embeddings
-        stay as they are where a language model has trained them (a joint stage, ``--init``); after the vision stage
-        alone they train with it: there the token loss has grown only its words (colours to a norm of about 9), the
-        others are still at their draw (0.17), too small for the position loss's targets and the answers."""
+        """Draw the language model's layers afresh and train them from here on the frozen word embeddings, beside a
+        vision tower that keeps ``--fresh-vision-lr`` of their rate (0: frozen) (why: the module's docstring,
+        "Two stages")."""
         fresh, _ = reference_vlm.untrained(seed=self.args.seed + 1)
         language = self.model.model.language_model
         for name in ("layers", "norm"):
             getattr(language, name).load_state_dict(getattr(fresh.model.language_model, name).state_dict())
         self.lm_from = step
         self.model.model.visual.requires_grad_(self.vision_trains)
-        trained_by_a_language_model = step > 0 or bool(self.args.init)
-        self.model.get_input_embeddings().weight.requires_grad_(not trained_by_a_language_model)  # tied: lm_head too
+        self.model.get_input_embeddings().weight.requires_grad_(False)  # tied: the output layer too
         self.optimizer = self._optimizer(self.args.fresh_vision_lr)
 
     def start_finish(self, step: int, elapsed: float) -> None:
