@@ -20,8 +20,8 @@ partial when the budget stopped it), its output is in ``<out>/<item>.log``, and 
 script's JSON). Items that no longer fit are skipped with a note.
 
 GPU estimates are guesses until a GPU run measures them (``summary.json`` has each item's time: copy them into
-PLAN); the first six are the times measured on an H200 on 2026-12-04 (results/gpu-h200-2026-12-04/), the rest
-guesses. ``--tiny`` runs the same plan on CPU at tiny shapes (Triton interpreter): it checks it, measures nothing.
+PLAN); all 14 are times measured once on an H200 on 2026-12-04 (results/gpu-h200-2026-12-04/ and -04b/).
+``--tiny`` runs the same plan on CPU at tiny shapes (Triton interpreter): it checks it, measures nothing.
 
 Exit status: 0 when every item that ran succeeded (skipped and budget-stopped items included), 1 when an item
 failed, 2 when a required package (the message says what to install) or the GPU is missing.
@@ -119,33 +119,33 @@ PLAN: list[Item] = [
     _item("pruning-e2e", 2, "LLaVA-1.5-7B prefill, TTFT and decode, baseline vs 64 kept visual tokens",
           "pruning.py",
           ["--scenario", "llava", "--keep", "64", "--repeats", "2", "--warmup", "1", "--new-tokens", "16"],
-          ["--scenario", "llava", "--repeats", "1"], 60, 25),
+          ["--scenario", "llava", "--repeats", "1"], 26.7, 25),
     _item("caching-flux", 3, "FLUX.1-dev 1024px, 14 steps: baseline, diffusers FBC 0.1, accel balanced, accel fast",
           "caching.py", ["--scenario", "flux", "--steps", "14", "--repeats", "1", "--warmup", "1",
                          "--variants", "diffusers FBC 0.1,accel balanced,accel fast"],
           ["--scenario", "flux", "--steps", "14", "--repeats", "1", "--warmup", "1",
-           "--variants", "diffusers FBC 0.1,accel balanced,accel fast"], 70, 25),
+           "--variants", "diffusers FBC 0.1,accel balanced,accel fast"], 37.5, 25),
     _item("caching-wan", 3, "Wan2.1-1.3B 480p 81 frames, 8 steps with CFG: baseline, diffusers FBC 0.1, accel balanced",
           "caching.py", ["--scenario", "wan", "--steps", "8", "--repeats", "1", "--warmup", "1",
                          "--variants", "diffusers FBC 0.1,accel balanced", "--no-rerun"],
           ["--scenario", "wan", "--steps", "8", "--repeats", "1", "--warmup", "1",
-           "--variants", "diffusers FBC 0.1,accel balanced", "--no-rerun"], 90, 20),
+           "--variants", "diffusers FBC 0.1,accel balanced", "--no-rerun"], 75.0, 20),
     _item("attention-tuning", 4, "INT8 attention tile sweep (fastest of 6 configurations per variant), Wan shape",
           "attention.py", ["--shapes", "wan", "--repeats", "10", "--warmup", "3"],
-          ["--shapes", "vlm", "--repeats", "1", "--warmup", "0"], 90, 15),
+          ["--shapes", "vlm", "--repeats", "1", "--warmup", "0"], 50.9, 15),
     _item("attention-hunyuan", 4, "INT8 attention vs SDPA at HunyuanVideo 720p (119,056 tokens), default tiles",
           "attention.py", ["--shapes", "hunyuan", "--no-tune", "--repeats", "5", "--warmup", "1"],
-          ["--shapes", "hunyuan", "--no-tune", "--repeats", "1", "--warmup", "0"], 60, 20),
+          ["--shapes", "hunyuan", "--no-tune", "--repeats", "1", "--warmup", "0"], 40.9, 20),
     _item("sparse-hunyuan", 4, "block-sparse attention at 50/75/90%, HunyuanVideo 720p",
           "sparse_attention.py", ["--scenario", "hunyuan", "--repeats", "3", "--warmup", "1"],
-          ["--scenario", "hunyuan", "--repeats", "1"], 100, 25),
+          ["--scenario", "hunyuan", "--repeats", "1"], 49.9, 25),
     _item("quant-e2e-flux", 4, "one FLUX.1-dev 1024px transformer forward, bf16 vs W4 and W4A8",
           "quant.py", ["--part", "model", "--models", "flux", "--repeats", "3", "--warmup", "1"],
-          ["--part", "model", "--models", "flux", "--repeats", "1", "--warmup", "0"], 150, 20),
+          ["--part", "model", "--models", "flux", "--repeats", "1", "--warmup", "0"], 76.3, 20),
     _item("pruning-qwen2-vl", 4, "Qwen2-VL-7B image and video prefill/decode, baseline vs 64 kept visual tokens",
           "pruning.py", ["--scenario", "qwen2_vl_image", "qwen2_vl_video", "--keep", "64", "--repeats", "2",
                          "--warmup", "1", "--new-tokens", "16"],
-          ["--scenario", "qwen2_vl_image", "qwen2_vl_video", "--repeats", "1"], 150, 25),
+          ["--scenario", "qwen2_vl_image", "qwen2_vl_video", "--repeats", "1"], 34.9, 25),
 ]
 # fmt: on
 
