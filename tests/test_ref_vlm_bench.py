@@ -14,12 +14,13 @@ from accel.bench.pruning_report import markdown, write
 from accel.cli import main as cli_main
 from accel.zoo import reference_vlm, scenes_multi, train_vlm
 from accel.zoo._vlm_train_data import make_batch
+from accel.zoo._vlm_vision_stage import vision_batch, vision_features
 
 
 def test_training_smoke_saves_resumes_and_loads(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     common = ["--work", str(work), "--out", str(out), "--scenes", "2", "--questions", "2", "--validation", "3"]
-    common += ["--no-held-out", "--quiet", "--finish-steps", "0"]
+    common += ["--no-held-out", "--quiet", "--vision-steps", "0", "--finish-steps", "0"]
     assert train_vlm.main([*common, "--steps", "2"]) == 0
     assert torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 2
     assert train_vlm.main([*common, "--steps", "3"]) == 0  # resumes: one more step
@@ -42,11 +43,51 @@ def test_training_smoke_saves_resumes_and_loads(tmp_path):
         torch.testing.assert_close(start["model"][name], value, msg=name)
 
 
+def test_the_vision_stage_trains_the_tower_alone_first_and_resumes(tmp_path, monkeypatch):
+    """--vision-steps: the vision tower (and the word embeddings the token loss scores against) train alone, the
+    language model's layers do not move and no question is drawn; then the language model's stages run from step
+    0 of their schedule, on an optimiser of their own; a run stopped inside the stage resumes in it."""
+    work = tmp_path / "work"
+    common = ["--work", str(work), "--out", str(tmp_path / "out"), "--scenes", "2", "--questions", "2"]
+    common += ["--validation", "3", "--no-held-out", "--quiet", "--finish-steps", "0", "--video-share", "0.5"]
+    drawn = []
+    monkeypatch.setattr(train_vlm, "make_batch", lambda *a, **k: drawn.append(a[1]) or make_batch(*a, **k))
+    untrained = reference_vlm.untrained(seed=0)[0].state_dict()
+    assert train_vlm.main([*common, "--vision-steps", "2", "--steps", "0"]) == 0
+    state = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert (state["vision_step"], state["step"], drawn) == (2, 0, [])
+    for name, value in untrained.items():
+        trains = name.startswith("model.visual.") or "embed_tokens" in name or name == "lm_head.weight"
+        assert torch.equal(state["model"][name], value) != trains, name
+    assert not state["optimizer"]["state"]  # the language model's stages start from a new optimiser
+    assert train_vlm.main([*common, "--vision-steps", "3", "--steps", "1"]) == 0  # resumes: one more, then the LM
+    again = torch.load(work / "checkpoint.pt", weights_only=False)
+    assert (again["vision_step"], again["step"], again["lm_from"], drawn) == (3, 1, 0, [0])
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    assert [r["vision_step"] for r in records if "vision_step" in r] == [2, 3]
+
+
+def test_vision_features_equal_the_tower_on_each_scene_alone():
+    model = reference_vlm.untrained(seed=0)[0].eval()
+    for video in (False, True):
+        inputs, targets = vision_batch(0, 0, 4, float(video))
+        with torch.no_grad():
+            together = vision_features(model, inputs)
+            alone = []
+            for pixels, grid in zip(inputs["pixels"].chunk(len(inputs["grid"])), inputs["grid"]):
+                out = model.model.visual(pixels, grid_thw=grid[None])
+                alone.append(getattr(out, "pooler_output", out))
+        torch.testing.assert_close(together, torch.cat(alone), rtol=1e-4, atol=1e-5)
+        assert len(targets["colour"]) == len(together)
+        assert bool((targets["motion"] != -100).any()) == video
+
+
 def test_workers_draw_the_same_batches_as_the_training_process(tmp_path, monkeypatch):
     """--workers (a GPU's scenes drawn ahead in other processes) trains on exactly the batches drawn in-process
     while the schedule leaves the scenes' settings alone (the curriculum of 3 steps would change them each step)."""
     monkeypatch.setattr(train_vlm, "CURRICULUM", ())
     common = ["--scenes", "2", "--questions", "2", "--validation", "3", "--no-held-out", "--quiet"]
+    common += ["--vision-steps", "0"]
     common += ["--finish-steps", "0", "--steps", "3"]
     weights = []
     for workers in ("0", "2"):
@@ -76,7 +117,7 @@ def test_a_time_cap_drives_the_schedule_when_it_ends_before_the_last_step():
 def test_fresh_language_model_stage_redraws_the_lm_and_resumes(tmp_path, vision_lr):
     work = tmp_path / "work"
     common = ["--work", str(work), "--out", str(tmp_path / "out"), "--scenes", "2", "--questions", "2"]
-    common += ["--validation", "3", "--no-held-out", "--quiet", "--finish-steps", "0"]
+    common += ["--validation", "3", "--no-held-out", "--quiet", "--vision-steps", "0", "--finish-steps", "0"]
     common += ["--fresh-vision-lr", str(vision_lr)]
     assert train_vlm.main([*common, "--fresh-lm-at", "1", "--steps", "1"]) == 0  # no fresh language model
     before = torch.load(work / "checkpoint.pt", weights_only=False)
@@ -102,7 +143,8 @@ def test_fresh_language_model_stage_redraws_the_lm_and_resumes(tmp_path, vision_
 def test_the_last_stage_trains_everything_on_its_own_schedule_and_resumes(tmp_path, monkeypatch):
     work = tmp_path / "work"
     common = ["--work", str(work), "--out", str(tmp_path / "out"), "--scenes", "2", "--questions", "2"]
-    common += ["--validation", "3", "--no-held-out", "--quiet", "--fresh-lm-at", "0", "--fresh-vision-lr", "0"]
+    common += ["--validation", "3", "--no-held-out", "--quiet", "--vision-steps", "0"]
+    common += ["--fresh-lm-at", "0", "--fresh-vision-lr", "0"]
     common += ["--finish-lr", "3e-4", "--finish-video-share", "1", "--steps", "2"]
     seen = []  # (step, video share) of every batch drawn
     monkeypatch.setattr(train_vlm, "make_batch", lambda *a, **k: seen.append((a[1], a[4])) or make_batch(*a, **k))
@@ -217,7 +259,7 @@ def test_baselines_keep_the_budget_and_pool_blocks():
 
 def test_cli_suite_writes_its_folder(tmp_path, capsys):
     args = ["bench", "--suite", "pruning", "--questions", "4", "--weights", "random", "--methods", "random keep"]
-    assert cli_main([*args, "--out", str(tmp_path), "--quiet", "--repeats", "1"]) == 0
+    assert cli_main([*args, "--out", str(tmp_path), "--quiet", "--vision-steps", "0", "--repeats", "1"]) == 0
     assert "| random keep |" in capsys.readouterr().out
     assert {p.name for p in tmp_path.iterdir()} >= {"pruning.json", "pruning.md"}
 

@@ -43,7 +43,6 @@ time on a GPU is not yet measured.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -54,6 +53,7 @@ import torch
 from tqdm.auto import tqdm
 
 from accel.zoo import reference_vlm, scenes_multi
+from accel.zoo._vlm_recipe import CHECKPOINT_EVERY, CURRICULUM, VISION_TIME, WARMUP, parser
 from accel.zoo._vlm_train_data import (
     answer_hits,
     make_batch,
@@ -62,118 +62,7 @@ from accel.zoo._vlm_train_data import (
     prefetched_batches,
     token_loss,
 )
-
-STEPS = 13700  # before the last stage; about 65 minutes here
-MINUTES = 85.0  # the issue's 90 minutes, less the evaluations, on a machine too slow for STEPS in time
-CHECKPOINT_EVERY = 120.0  # seconds
-WARMUP = 100
-CURRICULUM = ((0.08, 2), (0.2, 3))  # (share of the steps, most shapes per scene) until then
-VALIDATION = 120  # questions, a third of them on videos
-SHAPE_WEIGHT = MOTION_WEIGHT = 1.0
-POSITION_LOSS = 1.0
-FRESH_LM_AT = 0.4  # share of the run after which the language model starts over (1: never)
-FRESH_VISION_LR = 0.5  # the vision tower's learning rate in that stage, as a share of the language model's
-FINISH_STEPS, FINISH_LR, FINISH_VIDEO_SHARE = 2500, 5e-4, 0.5  # the last stage, after --steps
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m accel.zoo.train_vlm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--work", default="accel-train/ref-vlm", help="checkpoint folder (default: %(default)s)")
-    p.add_argument("--out", default=None, help="where to save model and processor (default: the shipped weights)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=0,
-        help="processes that draw the scenes ahead of the step (a GPU would otherwise wait for them); 0: in the "
-        "training process, as on a 2-core CPU (default: %(default)s)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=STEPS, help="optimiser steps; sets the schedule (default: %(default)s)")
-    p.add_argument(
-        "--minutes",
-        type=float,
-        default=MINUTES,
-        help="also stop after this much training time; the schedule then follows the time spent, so a run the clock "
-        "stops is not the same step for step on a faster machine (default: %(default)s)",
-    )
-    p.add_argument("--scenes", type=int, default=8, help="images per step (videos: half) (default: %(default)s)")
-    p.add_argument("--questions", type=int, default=10, help="questions per scene (default: %(default)s)")
-    p.add_argument("--video-share", type=float, default=0.25, help="share of video steps (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
-    p.add_argument(
-        "--token-loss",
-        type=float,
-        default=1.0,
-        help="weight of the per-visual-token colour/shape/motion loss, 0 for none (default: %(default)s)",
-    )
-    p.add_argument(
-        "--position-loss",
-        type=float,
-        default=POSITION_LOSS,
-        help="weight of the loss that teaches the language model's first layer to name each visual token's cell "
-        "(top/bottom, left/right), 0 for none (default: %(default)s)",
-    )
-    p.add_argument(
-        "--shape-weight",
-        type=float,
-        default=SHAPE_WEIGHT,
-        help="weight of the shape term of the token loss (colour: 1) (default: %(default)s)",
-    )
-    p.add_argument(
-        "--motion-weight",
-        type=float,
-        default=MOTION_WEIGHT,
-        help="weight of the motion term of the token loss (colour: 1) (default: %(default)s)",
-    )
-    p.add_argument("--eval-minutes", type=float, default=10.0, help="validation interval (default: %(default)s)")
-    p.add_argument("--validation", type=int, default=VALIDATION, help="validation questions (default: %(default)s)")
-    p.add_argument("--no-held-out", action="store_true", help="skip the held-out evaluation at the end")
-    p.add_argument(
-        "--init",
-        default=None,
-        help="start from a saved ref-vlm (e.g. the shipped weights) instead of a random init, without the curriculum: "
-        "a continuation with other settings (--steps 0: the last stage alone)",
-    )
-    _stage_arguments(p)
-    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in --work")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def _stage_arguments(p: argparse.ArgumentParser) -> None:
-    """The fresh language model's stage and the last one (the module's docstring)."""
-    p.add_argument(
-        "--fresh-lm-at",
-        type=float,
-        default=FRESH_LM_AT,
-        help="share of the run (steps or --minutes, whichever is further) after which the language model's layers "
-        "are drawn afresh and trained on the frozen word embeddings, with their own warm-up and decay, beside the "
-        "vision tower (--fresh-vision-lr); 0 with --init: only that stage; 1: never (default: %(default)s)",
-    )
-    p.add_argument(
-        "--fresh-vision-lr",
-        type=float,
-        default=FRESH_VISION_LR,
-        help="the vision tower's learning rate beside the fresh language model, as a share of its rate, with the "
-        "token loss still on; 0 freezes the tower (default: %(default)s)",
-    )
-    p.add_argument(
-        "--finish-steps",
-        type=int,
-        default=FINISH_STEPS,
-        help="steps of a last stage after --steps: everything trains again (word embeddings, vision tower at full "
-        "rate) from a new optimiser, warm-up and decay, --finish-video-share of the steps on videos; 0: none "
-        "(default: %(default)s)",
-    )
-    p.add_argument("--finish-lr", type=float, default=FINISH_LR, help="its peak learning rate (default: %(default)s)")
-    p.add_argument(
-        "--finish-video-share",
-        type=float,
-        default=FINISH_VIDEO_SHARE,
-        help="its share of video steps (default: %(default)s)",
-    )
+from accel.zoo._vlm_vision_stage import vision_batch, vision_features
 
 
 def max_shapes(step: int, steps: int, time_share: float = 0.0) -> int | None:
@@ -219,15 +108,14 @@ class Run:
         self.model.to(args.device).train()
         self.optimizer = self._optimizer()
         self.step, self.elapsed, self.cpu = 0, 0.0, 0.0
+        self.vision_step, self.vision_elapsed = 0, 0.0  # the vision tower's stage (--vision-steps), first
         self.lm_from = None  # the step the fresh language model started at (--fresh-lm-at)
         self.finish_from = None  # the step the last stage started at (--finish-steps), and the time spent by then
         self.finish_elapsed = 0.0
         self.batches = None  # (step, batch) from worker processes (--workers), else drawn in train_step
         self.drawn_with = None  # (video share, cap on shapes) of the last schedule: the workers draw with it
         self.file = Path(args.work) / "checkpoint.pt"
-        self.budget = math.inf if args.minutes is None else args.minutes * 60.0  # seconds of training
-        # the stages before the last one get their share of the time by their share of the steps
-        self.main_budget = self.budget * args.steps / max(1, args.steps + args.finish_steps)
+        self.total_budget = math.inf if args.minutes is None else args.minutes * 60.0  # seconds of training
         if self.file.exists() and not args.fresh:
             state = torch.load(self.file, map_location=args.device, weights_only=False)
             if state.get("lm_from") is not None:
@@ -237,7 +125,45 @@ class Run:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.step, self.elapsed, self.cpu = state["step"], state["elapsed"], state.get("cpu", 0.0)
+            self.vision_step, self.vision_elapsed = state.get("vision_step", 0), state.get("vision_elapsed", 0.0)
             _say(args, f"ref-vlm: resumed at step {self.step} ({self.elapsed / 60:.1f} min done)")
+
+    @property
+    def budget(self) -> float:
+        """Seconds of training left to the stages after the vision tower's."""
+        return self.total_budget - self.vision_elapsed
+
+    @property
+    def main_budget(self) -> float:
+        """The stages before the last get the time by their share of the steps."""
+        return self.budget * self.args.steps / max(1, self.args.steps + self.args.finish_steps)
+
+    @property
+    def vision_done(self) -> bool:
+        if self.args.init:  # a continuation: the tower has learned
+            return True
+        return self.vision_step >= self.args.vision_steps or self.vision_elapsed >= self.total_budget * VISION_TIME
+
+    def vision_train_step(self) -> float:
+        """One step of the vision tower alone on the token loss (`accel.zoo._vlm_vision_stage`); its token loss."""
+        args = self.args
+        share = self.vision_elapsed / (self.total_budget * VISION_TIME)
+        rate = learning_rate(self.vision_step, args.vision_steps, args.vision_lr, share)
+        inputs, targets = vision_batch(args.seed, self.vision_step, args.scenes, args.video_share)
+        inputs = {k: v.to(args.device) for k, v in inputs.items()}
+        targets = {k: v.to(args.device) for k, v in targets.items()}
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
+        weights = {"shape": args.shape_weight, "motion": args.motion_weight}
+        loss = token_loss(self.model, vision_features(self.model, inputs), targets, weights)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.vision_step += 1
+        if self.vision_done:  # the language model's stages start from an optimiser of their own
+            self.optimizer = self._optimizer()
+        return loss.item()
 
     def _optimizer(self, vision_scale: float = 1.0) -> torch.optim.Optimizer:
         """AdamW over what trains; each group's ``scale`` multiplies the schedule's rate (the vision tower's beside a
@@ -300,6 +226,8 @@ class Run:
             lm_from=self.lm_from,
             finish_from=self.finish_from,
             finish_elapsed=self.finish_elapsed,
+            vision_step=self.vision_step,
+            vision_elapsed=self.vision_elapsed,
         )
         torch.save(state, self.file.with_suffix(".tmp"))
         self.file.with_suffix(".tmp").replace(self.file)  # never a half-written checkpoint
@@ -384,13 +312,39 @@ def _log(args, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _vision_stage(run: Run) -> float:
+    """The vision tower's steps (--vision-steps), unless done; the time of the last checkpoint."""
+    args, last_save = run.args, time.perf_counter()
+    if run.vision_done:
+        return last_save
+    bar = tqdm(desc="ref-vlm vision", total=args.vision_steps, initial=run.vision_step, disable=args.quiet, unit="step")
+    losses = []
+    while not run.vision_done:
+        start = time.perf_counter()
+        losses = [*losses[-49:], run.vision_train_step()]
+        run.vision_elapsed += time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(token_loss=f"{sum(losses) / len(losses):.3f}")
+        if run.vision_step % 10 == 0 or run.vision_done:
+            _log(
+                args,
+                {"vision_step": run.vision_step, "token_loss": losses[-1], "elapsed": round(run.vision_elapsed, 1)},
+            )
+        if time.perf_counter() - last_save > CHECKPOINT_EVERY or run.vision_done:
+            run.save()
+            last_save = time.perf_counter()
+    bar.close()
+    return last_save
+
+
 def train(args) -> Run:
     Path(args.work).mkdir(parents=True, exist_ok=True)
     run = Run(args)
     validation = validation_set(args.validation)
     total = args.steps + args.finish_steps
+    last_save = _vision_stage(run)
     bar = tqdm(desc="ref-vlm", total=total, initial=run.step, disable=args.quiet, unit="step")
-    last_save = last_eval = time.perf_counter()
+    last_eval = time.perf_counter()
     losses, hits = [], []
     while not run.done:
         start, cpu = time.perf_counter(), time.process_time()
@@ -418,7 +372,7 @@ def train(args) -> Run:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser(__doc__.split("\n\n")[0]).parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
