@@ -14,7 +14,7 @@ from accel.bench.pruning_report import markdown, write
 from accel.cli import main as cli_main
 from accel.zoo import reference_vlm, scenes_multi, train_vlm
 from accel.zoo._vlm_train_data import make_batch
-from accel.zoo._vlm_vision_stage import vision_batch, vision_features
+from accel.zoo._vlm_vision_stage import WORD_NORM, even_word_norms, vision_batch, vision_features
 
 
 def test_training_smoke_saves_resumes_and_loads(tmp_path):
@@ -60,11 +60,29 @@ def test_the_vision_stage_trains_the_tower_alone_first_and_resumes(tmp_path, mon
         trains = name.startswith("model.visual.") or "embed_tokens" in name or name == "lm_head.weight"
         assert torch.equal(state["model"][name], value) != trains, name
     assert not state["optimizer"]["state"]  # the language model's stages start from a new optimiser
+    words = next(value for name, value in state["model"].items() if "embed_tokens" in name)
+    lengths = words.norm(dim=1)
+    torch.testing.assert_close(lengths[lengths > 0], torch.full_like(lengths[lengths > 0], WORD_NORM))
     assert train_vlm.main([*common, "--vision-steps", "3", "--steps", "1"]) == 0  # resumes: one more, then the LM
     again = torch.load(work / "checkpoint.pt", weights_only=False)
     assert (again["vision_step"], again["step"], again["lm_from"], drawn) == (3, 1, 0, [0])
     records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     assert [r["vision_step"] for r in records if "vision_step" in r] == [2, 3]
+
+
+def test_even_word_norms_keeps_directions_and_the_zero_row():
+    model = reference_vlm.untrained(seed=0)[0]
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[0] = 0
+        weight[1] *= 50  # a word the token loss grew
+    before = weight.detach().clone()
+    even_word_norms(model, 2.0)
+    after = model.get_input_embeddings().weight.detach()
+    assert torch.equal(after[0], before[0])
+    torch.testing.assert_close(after[1:].norm(dim=1), torch.full((len(after) - 1,), 2.0))
+    torch.testing.assert_close(after[1:] / 2.0, before[1:] / before[1:].norm(dim=1, keepdim=True))
+    assert model.lm_head.weight is model.get_input_embeddings().weight  # tied: the output layer is evened too
 
 
 def test_vision_features_equal_the_tower_on_each_scene_alone():
@@ -259,7 +277,7 @@ def test_baselines_keep_the_budget_and_pool_blocks():
 
 def test_cli_suite_writes_its_folder(tmp_path, capsys):
     args = ["bench", "--suite", "pruning", "--questions", "4", "--weights", "random", "--methods", "random keep"]
-    assert cli_main([*args, "--out", str(tmp_path), "--quiet", "--vision-steps", "0", "--repeats", "1"]) == 0
+    assert cli_main([*args, "--out", str(tmp_path), "--quiet", "--repeats", "1"]) == 0
     assert "| random keep |" in capsys.readouterr().out
     assert {p.name for p in tmp_path.iterdir()} >= {"pruning.json", "pruning.md"}
 

@@ -13,32 +13,34 @@ shapes per scene at 2, then 3, for the first 8% and 20% of the steps. The model 
 weights (float16) and processor go to ``--out`` with `save_pretrained`. A checkpoint in ``--work`` is written
 every two minutes: run the same command again and it continues.
 
-Two stages, then a last one. For the first 40% of ``--steps`` (``--fresh-lm-at``) everything trains together;
-then the language model's layers are drawn afresh and trained with their own warm-up and decay, on the frozen word
-embeddings, beside a vision tower that goes on learning at half their rate (``--fresh-vision-lr``; 0 freezes it)
-with the token loss still on. A language model trained from the start beside a vision tower that still shows
-little settles on answers it does not unlearn (it answered motion at chance after 15k steps, although its visual
-tokens then showed each shape's motion to a linear read 100% of the time); a fresh one on the trained tower learns
-to read them (motion 53% after 1200 steps alone). It learns positions slowly, so it needs the longer share.
+Three stages. First the vision tower alone (``--vision-steps``, 9000 at ``--vision-lr`` 5e-3, about 12 minutes
+here; `accel.zoo._vlm_vision_stage`): the token loss teaches it to show each token's colour, shape and motion, the
+language model is not run, and a step costs a fifth of one of the whole model. When it ends every word embedding is
+scaled to the same norm (`even_word_norms`): the token loss grows only its own words, and a language model on
+those answered a colour to nearly every question. Then the language model (``--steps``, its own warm-up and
+decay) on the frozen word embeddings, beside a vision tower that goes on learning at half its rate
+(``--fresh-vision-lr``; 0 freezes it) with the token loss still on. A language model trained from the start beside a
+vision tower that still shows little settles on answers it does not unlearn (it answered motion at chance after 15k
+steps, although its visual tokens then showed each shape's motion to a linear read 100% of the time), hence the
+tower first. ``--fresh-lm-at`` (0 by default) redraws the language model's layers later in the run instead, the
+recipe before the vision stage (with ``--vision-steps 0``: everything trains together until then).
 
 A last stage of ``--finish-steps`` (2500) after ``--steps``: everything trains again (word embeddings, vision tower
 at full rate) from a new optimiser, warm-up and decay from ``--finish-lr`` (5e-4), with ``--finish-video-share``
-(half) of the steps on videos. The fresh language model reads motion last; a video-heavy stage from its start costs
+(half) of the steps on videos. The language model reads motion last; a video-heavy stage from its start costs
 it the places in images, a short one after it does not. ``--init W --steps 0`` runs that stage alone on saved
 weights ``W``.
 
-A step costs about 0.29 s on this repository's 2-core CPU with ``--threads 2`` (17000 steps took 81 minutes; 0.37 s
-before the questions were packed per scene; another 2-core machine took 0.83 s on one thread and 0.58 s on two,
-before packing). The run also stops after ``--minutes`` (85 by default) of training and still saves: the stages
-before the last get the time by their share of the steps, and the learning-rate schedule, the curriculum and the
-stages follow the time spent where it runs out before the steps (a slower machine).
-``--device cuda`` trains on a GPU: ``--device cuda --workers 12 --scenes 64 --steps 1000000 --finish-steps 200000
+A step of the language model's stages costs about 0.29 s on this repository's 2-core CPU with ``--threads 2``, one
+of the vision stage 0.08 s. The run also stops after ``--minutes`` (85 by default) of training and still saves:
+the vision stage gets at most 20% of them, the stages after it the rest by their share of the steps, and the
+learning-rate schedule, the curriculum and the stages follow the time spent where it runs out before the steps
+(a slower machine).
+``--device cuda`` trains on a GPU: ``--device cuda --workers 12 --scenes 128 --steps 1000000 --finish-steps 200000
 --minutes 6`` fills six minutes, the last of them in the last stage; the workers draw the scenes ahead of the step
-(one process here draws 32 scenes in about 0.05 s). On an H200 a step of 64 scenes took 0.205 s, bound by the CPU's
-dispatch of operations (about 700 per scene), so 4.5 minutes trained only 1317 steps (benchmarks/RESULTS.md). The
-prefixes now run as one batched pass (`accel.zoo._vlm_train_data.packed_forward`): a step's operations no longer grow
-with its scenes (forward and backward: 7083 aten calls at 8 and at 16 scenes, against 11911 and 17360 before); its
-time on a GPU is not yet measured.
+(one process here draws 32 scenes in about 0.05 s). The prefixes run as one batched pass
+(`accel.zoo._vlm_train_data.packed_forward`), so a step's operations do not grow with its scenes; on an H200 a step
+of 128 scenes took 0.091 s (2026-12-04, before the vision stage; benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from accel.zoo._vlm_train_data import (
     prefetched_batches,
     token_loss,
 )
-from accel.zoo._vlm_vision_stage import vision_batch, vision_features
+from accel.zoo._vlm_vision_stage import even_word_norms, vision_batch, vision_features
 
 
 def max_shapes(step: int, steps: int, time_share: float = 0.0) -> int | None:
@@ -161,7 +163,8 @@ class Run:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
         self.vision_step += 1
-        if self.vision_done:  # the language model's stages start from an optimiser of their own
+        if self.vision_done:  # the language model's stages start from evened words and an optimiser of their own
+            even_word_norms(self.model)
             self.optimizer = self._optimizer()
         return loss.item()
 
@@ -180,7 +183,7 @@ class Run:
     def start_fresh_lm(self, step: int) -> None:
         """Draw the language model's layers afresh and train them from here on the frozen word embeddings, beside a
         vision tower that keeps ``--fresh-vision-lr`` of their rate (0: frozen) (why: the module's docstring,
-        "Two stages")."""
+        "Three stages")."""
         fresh, _ = reference_vlm.untrained(seed=self.args.seed + 1)
         language = self.model.model.language_model
         for name in ("layers", "norm"):
