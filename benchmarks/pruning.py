@@ -22,6 +22,7 @@ Usage::
 
     python benchmarks/pruning.py                         # all scenarios on cuda:0
     python benchmarks/pruning.py --scenario llava --repeats 5
+    python benchmarks/pruning.py --scenario llava --keep 64 --profile   # where each variant's prefill time goes
     python benchmarks/pruning.py --tiny --repeats 1      # tiny zoo models on CPU: checks the script itself
 """
 
@@ -54,13 +55,22 @@ def run(args) -> dict:
         layer = 1 if args.tiny else 2
         variants[f"in_lm keep {min(keeps)} (layer {layer})"] = PruneConfig(keep=min(keeps), where="in_lm", layer=layer)
         rows = compare_pruning(
-            model, inputs, variants, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, device=device
+            model,
+            inputs,
+            variants,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            warmup=args.warmup,
+            device=device,
+            profile=args.profile,
         )
         doc["scenarios"][scenario] = {
             "prompt_tokens": inputs["input_ids"].shape[1],
             "rows": [r.to_dict() for r in rows],
         }
         _print(scenario, rows)
+        if args.profile:
+            _print_profile(rows)
         del model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -86,6 +96,15 @@ def _print(scenario: str, rows) -> None:
         )
 
 
+def _print_profile(rows) -> None:
+    print(f"\n{'variant':<26}{'wall ms':>9}{'GPU kernels ms':>16}{'aten calls':>12}  syncs and copies")
+    for r in rows:
+        p = r.profile
+        gpu = f"{p['gpu_kernel_ms']:.2f}" if p["gpu_kernel_ms"] is not None else "-"
+        syncs = ", ".join(f"{k} {v}" for k, v in p["syncs_and_copies"].items()) or "-"
+        print(f"{r.variant:<26}{p['wall_ms']:>9.2f}{gpu:>16}{p['aten_calls']:>12}  {syncs}")
+
+
 def headline(doc: dict) -> str:
     """One line for the budgeted run's summary: the baseline's prefill and each variant's prefill speed-up."""
     parts = []
@@ -106,6 +125,11 @@ def main(argv=None) -> int:
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2"])
     parser.add_argument(
         "--tiny", action="store_true", help="tiny zoo models on CPU (checks the script, measures nothing)"
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile each variant's prefill: wall vs GPU kernel time, operator calls, syncs (rows' `profile`)",
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)

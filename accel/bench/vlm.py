@@ -8,6 +8,7 @@ The model must not be patched; each variant is patched, measured and unpatched a
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ class VLMRow:
     first_token_kl: float | None = None
     token_agreement: float | None = None
     report: dict = field(default_factory=dict)  # the variant's report.stats["prune"]
+    profile: dict | None = None  # `profile_prefill`, with compare_pruning(profile=True)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,10 +70,62 @@ def measure_vlm(model, inputs: dict, *, new_tokens: int, repeats: int, warmup: i
     return result, out[0]
 
 
+_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+
+
+def profile_prefill(model, inputs: dict, *, calls: int = 3, device="cpu", top: int = 8) -> dict:
+    """Where one prefill forward's time goes, under torch's profiler (one untimed call first): the wall time per
+    call, the GPU kernels' time per call (none on CPU), the aten operator calls and the host-device syncs and
+    copies per call, and the `top` operators by host and by GPU time. Kernel time far below the wall time means
+    the forward is bound by the host launching work, where fewer tokens save little."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(device).type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+
+    def forward():
+        model(**inputs, use_cache=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():
+        forward()
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(calls):
+                forward()
+            wall = (time.perf_counter() - start) / calls
+    events = prof.key_averages()
+    ops = [e for e in events if e.key.startswith("aten::")]
+
+    def ranked(key) -> list[dict]:
+        rows = sorted(events, key=key, reverse=True)[:top]
+        return [{"op": e.key, "calls": e.count // calls, "ms": key(e) / 1e3 / calls} for e in rows if key(e) > 0]
+
+    kernels_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return {
+        "wall_ms": wall * 1e3,
+        "gpu_kernel_ms": kernels_us / 1e3 / calls if cuda else None,
+        "aten_calls": sum(e.count for e in ops) // calls,
+        "syncs_and_copies": {e.key: e.count // calls for e in events if e.key in _SYNCS},
+        "top_host": ranked(lambda e: e.self_cpu_time_total),
+        "top_gpu": ranked(lambda e: e.self_device_time_total) if cuda else [],
+    }
+
+
 def compare_pruning(
-    model, inputs: dict, variants: dict, *, new_tokens: int = 16, repeats: int = 3, warmup: int = 1, device="cpu"
+    model,
+    inputs: dict,
+    variants: dict,
+    *,
+    new_tokens: int = 16,
+    repeats: int = 3,
+    warmup: int = 1,
+    device="cpu",
+    profile: bool = False,
 ) -> list[VLMRow]:
-    """The unpruned baseline, then each `name -> PruneConfig` variant; one `VLMRow` each (baseline first)."""
+    """The unpruned baseline, then each `name -> PruneConfig` variant; one `VLMRow` each (baseline first).
+    `profile`: each row also gets `profile_prefill` of its prefill."""
     if accel.get_handle(model) is not None:
         raise accel.AlreadyPatchedError("compare_pruning needs the unpatched model as its baseline; call accel.unpatch")
     prompt = inputs["input_ids"].shape[1]
@@ -86,6 +140,7 @@ def compare_pruning(
             prefill_speedup=1.0,
             first_token_kl=0.0,
             token_agreement=1.0,
+            profile=profile_prefill(model, inputs, device=device) if profile else None,
         )
     ]
     for name, config in variants.items():
@@ -95,9 +150,10 @@ def compare_pruning(
                 model, inputs, new_tokens=new_tokens, repeats=repeats, warmup=warmup, device=device
             )
             stats = handle.report().stats["prune"]
+            profiled = profile_prefill(model, inputs, device=device) if profile else None
         finally:
             accel.unpatch(model)
-        row = VLMRow(name, **values, report=stats)
+        row = VLMRow(name, **values, report=stats, profile=profiled)
         last = stats["last_call"]
         if last is not None:
             row.visual_tokens_in, row.visual_tokens_kept = (
@@ -112,4 +168,4 @@ def compare_pruning(
     return rows
 
 
-__all__ = ["VLMRow", "compare_pruning", "measure_vlm"]
+__all__ = ["VLMRow", "compare_pruning", "measure_vlm", "profile_prefill"]
