@@ -14,7 +14,7 @@ from packaging.version import InvalidVersion, Version
 # accel hooks into.
 TESTED = {
     "torch": ("2.13.0", "2.13.0"),
-    "transformers": ("5.17.0", "5.24.0"),
+    "transformers": ("5.17.0", "5.25.0"),
     "diffusers": ("0.41.0", "0.42.1"),
     "accelerate": ("1.1.0", "1.16.0"),
 }

@@ -61,8 +61,8 @@ def test_lower_bound_job_installs_the_lowest_tested_versions():
     "installed",
     [
         {},  # every package at its lowest tested version
-        {"transformers": "5.24.0", "diffusers": "0.42.1", "accelerate": "1.15.0"},
-        {"transformers": "5.24.3", "diffusers": "0.42.7"},  # patch releases of the newest tested minor
+        {"transformers": "5.25.0", "diffusers": "0.42.1", "accelerate": "1.15.0"},
+        {"transformers": "5.25.3", "diffusers": "0.42.7"},  # patch releases of the newest tested minor
         {"transformers": "5.20.0", "torch": "2.13.0+cpu"},  # a local build label
         {"accelerate": None},  # not installed
     ],
@@ -76,7 +76,7 @@ def test_versions_inside_the_range_give_no_warning(monkeypatch, installed):
     "package,version,side",
     [
         ("transformers", "5.16.2", "older than"),
-        ("transformers", "5.25.0", "newer than"),
+        ("transformers", "5.26.0", "newer than"),
         ("transformers", "6.0.0.dev0", "newer than"),
         ("diffusers", "0.40.0", "older than"),
         ("diffusers", "0.43.0", "newer than"),
