@@ -1,8 +1,8 @@
 """Every private attribute of diffusers, transformers and torch that accel uses, and why it must.
 
 Each has no public equivalent in the versions accel supports; each was checked against diffusers 0.41.0 and
-0.42.1, transformers 5.17.0, 5.24.0 and 5.25.0 (CI), torch 2.13. Anything else accel reads from these libraries is their
-public API. A new version that renames one of these breaks only this module.
+0.42.1, transformers 5.17.0, 5.24.0 and 5.25.0 (CI), torch 2.13. Anything else accel reads from these libraries is
+their public API. A new version that renames one of these breaks only this module.
 """
 
 from __future__ import annotations

@@ -70,7 +70,9 @@ def measure_vlm(model, inputs: dict, *, new_tokens: int, repeats: int, warmup: i
     return result, out[0]
 
 
-_SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
+# What a forward's own host-device syncs show up as (`.item()`, `nonzero`, `.tolist()`); the profile's one
+# cudaDeviceSynchronize, which ends its timing, is not among them.
+_SYNCS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy", "cudaMemcpyAsync")
 
 
 def profile_prefill(model, inputs: dict, *, calls: int = 3, device="cpu", top: int = 8) -> dict:
@@ -83,17 +85,18 @@ def profile_prefill(model, inputs: dict, *, calls: int = 3, device="cpu", top: i
     cuda = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
 
-    def forward():
-        model(**inputs, use_cache=True)
+    def drain():
         if cuda:
             torch.cuda.synchronize(device)
 
     with torch.no_grad():
-        forward()
+        model(**inputs, use_cache=True)
+        drain()
         with profile(activities=activities) as prof:
             start = time.perf_counter()
             for _ in range(calls):
-                forward()
+                model(**inputs, use_cache=True)
+            drain()  # once: a sync per call would stall the host between calls, which the model does not do
             wall = (time.perf_counter() - start) / calls
     events = prof.key_averages()
     ops = [e for e in events if e.key.startswith("aten::")]
