@@ -302,6 +302,14 @@ def _segments_in_one_call(model):
             _private.restore_attention_implementation(config, implementation)
 
 
+def one_grid(grid: torch.Tensor) -> torch.Tensor:
+    """[1, 3]: the grids of equal scenes ([scenes, 3]) as one whose temporal patches are all of theirs, which the ViT
+    computes as it would each scene alone (see `_batched_prefix`)."""
+    one = grid[:1].clone()
+    one[0, 0] *= grid.shape[0]
+    return one
+
+
 def _batched_prefix(model, prefix: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """(model inputs, M-RoPE deltas) of `prefix` (scenes of one layout, as `make_batch` draws them) that run each step
     in a few large operations instead of a few per scene, so that a GPU step is not bound by launching them:
@@ -318,9 +326,7 @@ def _batched_prefix(model, prefix: dict[str, torch.Tensor]) -> tuple[dict[str, t
         prefix["input_ids"][:1], prefix["mm_token_type_ids"][:1], attention_mask=prefix["attention_mask"][:1],
         **{key: grid[:1]},
     )  # fmt: skip
-    one = grid[:1].clone()
-    one[0, 0] *= scenes
-    inputs = {**prefix, key: one, "position_ids": positions.expand(-1, scenes, -1)}
+    inputs = {**prefix, key: one_grid(grid), "position_ids": positions.expand(-1, scenes, -1)}
     return inputs, deltas.expand(scenes, -1)
 
 

@@ -15,7 +15,7 @@ import random
 import torch
 
 from accel.zoo import scenes_multi
-from accel.zoo._vlm_train_data import TOKEN_WORDS, _segments_in_one_call, prefix_inputs, token_targets
+from accel.zoo._vlm_train_data import TOKEN_WORDS, _segments_in_one_call, one_grid, prefix_inputs, token_targets
 
 WORD_NORM = 2.3  # about the median word norm of weights trained jointly (the shipped ones: 0.7 to 4.3)
 
@@ -37,10 +37,8 @@ def vision_batch(seed: int, step: int, scenes: int, video_share: float) -> tuple
 def vision_features(model, inputs: dict) -> torch.Tensor:
     """The merger's output [tokens, width] of a `vision_batch`'s inputs: every scene's temporal patches as one grid
     whose segments attend in one call (as `accel.zoo._vlm_train_data.packed_forward` runs the prefixes)."""
-    grid = inputs["grid"][:1].clone()
-    grid[0, 0] *= inputs["grid"].shape[0]
     with _segments_in_one_call(model):
-        out = model.model.visual(inputs["pixels"], grid_thw=grid)
+        out = model.model.visual(inputs["pixels"], grid_thw=one_grid(inputs["grid"]))
     return getattr(out, "pooler_output", out)
 
 
