@@ -215,6 +215,7 @@ def test_token_targets_name_what_each_visual_token_shows():
     assert {words["colour"][i] for i in first["colour"][hit].tolist()} == {"cyan"}
     assert {words["shape"][i] for i in first["shape"][hit].tolist()} == {"ring"}
     assert {words["motion"][i] for i in first["motion"][hit].tolist()} == {"up"}
+    assert torch.equal(first["owner"] == 0, hit) and set(first["owner"].unique().tolist()) == {-1, 0}
 
 
 def test_position_loss_names_each_visual_tokens_cell_after_the_first_decoder_layer(untrained):

@@ -14,6 +14,7 @@ CURRICULUM = ((0.08, 2), (0.2, 3))  # (share of the steps, most shapes per scene
 VALIDATION = 120  # questions, a third of them on videos
 SHAPE_WEIGHT = MOTION_WEIGHT = 1.0
 POSITION_LOSS = 1.0
+LOOKUP_LOSS = 1.0
 FRESH_LM_AT = 0.0  # share of the run after which the language model starts over (1: never)
 FRESH_VISION_LR = 0.5  # the vision tower's learning rate in that stage, as a share of the language model's
 FINISH_STEPS, FINISH_LR, FINISH_VIDEO_SHARE = 2500, 5e-4, 0.5  # the last stage, after --steps
@@ -57,6 +58,13 @@ def parser(description: str) -> argparse.ArgumentParser:
         default=POSITION_LOSS,
         help="weight of the loss that teaches the language model's first layer to name each visual token's cell "
         "(top/bottom, left/right), 0 for none (default: %(default)s)",
+    )
+    p.add_argument(
+        "--lookup-loss",
+        type=float,
+        default=LOOKUP_LOSS,
+        help="weight of the loss that has a first-layer head attend from the word naming the asked shape to its "
+        "visual tokens, 0 for none (default: %(default)s)",
     )
     p.add_argument(
         "--shape-weight",

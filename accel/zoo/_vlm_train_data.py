@@ -86,7 +86,8 @@ TOKEN_WORDS = {
 
 def token_targets(scene: scenes_multi.MultiScene) -> dict[str, torch.Tensor]:
     """Per visual token of `scene` (raster order per temporal patch, as the merger outputs them): the index in
-    `TOKEN_WORDS[name]` of what it shows, IGNORE where it has none."""
+    `TOKEN_WORDS[name]` of what it shows, IGNORE where it has none; "owner": the index in `scene.items` of its shape,
+    -1 where none."""
     owner = scenes_multi.owners(scene, vp.PATCH * vp.MERGE, group=vp.TEMPORAL).flatten()
     items = scene.items
     background = len(shapes.COLOURS) + list(shapes.BACKGROUNDS).index(scene.background)
@@ -98,7 +99,8 @@ def token_targets(scene: scenes_multi.MultiScene) -> dict[str, torch.Tensor]:
         table = torch.tensor([*values, none])  # index -1 (no shape) takes the last entry
         return table[owner]
 
-    return {"colour": pick(colour, background), "shape": pick(shape, IGNORE), "motion": pick(motion, IGNORE)}
+    picked = {"colour": pick(colour, background), "shape": pick(shape, IGNORE), "motion": pick(motion, IGNORE)}
+    return {**picked, "owner": owner}
 
 
 def token_loss(
@@ -212,7 +214,7 @@ def make_batch(
         mask[i, : len(row)] = 1
         labels[i, : len(row)] = torch.tensor(label)
     targets = [token_targets(scene) for scene in drawn]
-    targets = {name: torch.cat([t[name] for t in targets]) for name in TOKEN_WORDS}
+    targets = {name: torch.cat([t[name] for t in targets]) for name in targets[0]}
     return Batch(prefix_inputs(drawn), ids, mask, labels, questions, per_scene, targets)
 
 

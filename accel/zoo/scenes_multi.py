@@ -76,6 +76,7 @@ class Question:
     text: str
     answer: str
     scene: MultiScene
+    item: int | None = None  # the index in `scene.items` of the shape it asks about (None: a count)
 
     @property
     def video(self) -> bool:
@@ -173,16 +174,17 @@ def _name(item: Placed) -> str:
 def questions(scene: MultiScene) -> list[Question]:
     """Every question `scene` supports, in a fixed order (motion questions only for a video)."""
     out = [Question("count", "how many shapes are there ?", str(len(scene.items)), scene)]
-    for item in scene.items:
+    for i, item in enumerate(scene.items):
         row, col = divmod(item.cell, 2)
+        name = _name(item)
         out += [
-            Question("colour_at", f"what colour is the shape at the {CELLS[item.cell]} ?", item.colour, scene),
-            Question("shape_of", f"what shape is the {item.colour} one ?", item.shape, scene),
-            Question("horizontal", f"is the {_name(item)} on the left or the right ?", ("left", "right")[col], scene),
-            Question("vertical", f"is the {_name(item)} at the top or the bottom ?", ("top", "bottom")[row], scene),
+            Question("colour_at", f"what colour is the shape at the {CELLS[item.cell]} ?", item.colour, scene, i),
+            Question("shape_of", f"what shape is the {item.colour} one ?", item.shape, scene, i),
+            Question("horizontal", f"is the {name} on the left or the right ?", ("left", "right")[col], scene, i),
+            Question("vertical", f"is the {name} at the top or the bottom ?", ("top", "bottom")[row], scene, i),
         ]
         if scene.video:
-            out.append(Question("motion", f"which way does the {_name(item)} move ?", item.motion, scene))
+            out.append(Question("motion", f"which way does the {name} move ?", item.motion, scene, i))
     return out
 
 

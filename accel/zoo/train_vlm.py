@@ -7,7 +7,8 @@ once per scene and its KV cache shared by the questions). The loss is on the ans
 colour, shape and motion it shows (the generator knows them), which grounds the vision tower in the words far
 sooner than the answers alone do, and (``--position-loss``) one that has the first decoder layer name each visual
 token's cell ("top"/"bottom", "left"/"right"), so the questions about places match words, as those about colours
-do. AdamW, linear warm-up, cosine decay over ``--steps``; a curriculum caps the
+do, and (``--lookup-loss``) one that has a first-layer head attend from the word that names the asked shape (its colour
+or its place) to that shape's tokens (`accel.zoo._vlm_lookup`). AdamW, linear warm-up, cosine decay over ``--steps``; a curriculum caps the
 shapes per scene at 2, then 3, for the first 8% and 20% of the steps. The model checks itself on a validation set
 (not the held-out one) every ``--eval-minutes`` and at the end, where it also reports the held-out accuracy; the
 weights (float16) and processor go to ``--out`` with `save_pretrained`. A checkpoint in ``--work`` is written
@@ -45,6 +46,7 @@ of 128 scenes took 0.091 s (2026-12-04, before the vision stage; benchmarks/RESU
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -55,6 +57,7 @@ import torch
 from tqdm.auto import tqdm
 
 from accel.zoo import reference_vlm, scenes_multi
+from accel.zoo._vlm_lookup import lookup_loss, probed
 from accel.zoo._vlm_recipe import CHECKPOINT_EVERY, CURRICULUM, VISION_TIME, WARMUP, parser
 from accel.zoo._vlm_train_data import (
     answer_hits,
@@ -269,8 +272,11 @@ class Run:
         batch = batch.to(args.device)
         for group in self.optimizer.param_groups:
             group["lr"] = group["scale"] * rate
-        out, features, hidden = packed_forward(self.model, batch)
+        with probed(self.model) if args.lookup_loss else contextlib.nullcontext() as kept:
+            out, features, hidden = packed_forward(self.model, batch)
         loss = out.loss
+        if args.lookup_loss:
+            loss = loss + args.lookup_loss * lookup_loss(kept[0], batch)
         if args.position_loss:
             loss = loss + args.position_loss * position_loss(self.model, hidden, batch)
         if args.token_loss and self.vision_trains:  # none beside a frozen tower
