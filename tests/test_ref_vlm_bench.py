@@ -21,13 +21,15 @@ def test_training_smoke_saves_resumes_and_loads(tmp_path):
     work, out = tmp_path / "work", tmp_path / "out"
     common = ["--work", str(work), "--out", str(out), "--scenes", "2", "--questions", "2", "--validation", "3"]
     common += ["--no-held-out", "--quiet", "--vision-steps", "0", "--finish-steps", "0"]
-    assert train_vlm.main([*common, "--steps", "2"]) == 0
+    assert train_vlm.main([*common, "--steps", "2", "--eval-minutes", "0"]) == 0  # validates, so logs, every step
     assert torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 2
     assert train_vlm.main([*common, "--steps", "3"]) == 0  # resumes: one more step
     assert torch.load(work / "checkpoint.pt", weights_only=False)["step"] == 3
     records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     finals = [r["final"] for r in records if "final" in r]
     assert [f["step"] for f in finals] == [2, 3] and finals[-1]["validation"]["n"] == 3
+    steps = [r for r in records if "lookup_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2] and all(r["lookup_loss"] > 0 for r in steps)  # on by default
     model, processor = reference_vlm.load(out)
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     assert len(reference_vlm.predict(model, processor, scenes_multi.held_out(1, 0))) == 1

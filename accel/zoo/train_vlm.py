@@ -117,6 +117,7 @@ class Run:
         self.lm_from = None  # the step the fresh language model started at (--fresh-lm-at)
         self.finish_from = None  # the step the last stage started at (--finish-steps), and the time spent by then
         self.finish_elapsed = 0.0
+        self.lookup = None  # the last step's lookup loss (--lookup-loss), for the log
         self.batches = None  # (step, batch) from worker processes (--workers), else drawn in train_step
         self.drawn_with = None  # (video share, cap on shapes) of the last schedule: the workers draw with it
         self.file = Path(args.work) / "checkpoint.pt"
@@ -276,7 +277,9 @@ class Run:
             out, features, hidden = packed_forward(self.model, batch)
         loss = out.loss
         if args.lookup_loss:
-            loss = loss + args.lookup_loss * lookup_loss(kept[0], batch)
+            look = lookup_loss(kept[0], batch)
+            loss = loss + args.lookup_loss * look
+            self.lookup = look.item()
         if args.position_loss:
             loss = loss + args.position_loss * position_loss(self.model, hidden, batch)
         if args.token_loss and self.vision_trains:  # none beside a frozen tower
@@ -365,6 +368,8 @@ def train(args) -> Run:
         bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", acc=f"{sum(hits) / len(hits):.2f}")
         record = {"step": run.step, "loss": loss, "train_accuracy": hit, "elapsed": round(run.elapsed, 1)}
         record["cpu"] = round(run.cpu, 1)  # process CPU seconds: about the wall time on an idle machine
+        if run.lookup is not None:
+            record["lookup_loss"] = run.lookup
         if time.perf_counter() - last_eval > args.eval_minutes * 60:
             record["validation"] = run.evaluate(validation)
             bar.write(f"step {run.step}: validation {json.dumps(record['validation'])}")
