@@ -4,7 +4,7 @@ held-out questions of `accel.zoo.scenes_multi` each way of dropping visual token
     result = run_pruning(questions=300)
     print(markdown(result)); plot(result, "pruning.png")
 
-Every method runs at keep ratios 50%, 25% and 12.5% of each image's 256 (each video's 512) visual tokens, after the
+Every method runs at keep ratios 50%, 37.5%, 25% and 12.5% of each image's 256 (each video's 512) visual tokens, after the
 unpatched model (keep-all) has answered every question:
 
     accel                   accel.patch(prune=PruneConfig(keep_ratio=r)): the default mode (before the LM,
@@ -42,7 +42,7 @@ from accel.bench.pruning_baselines import Baseline
 from accel.pruning import PruneConfig
 from accel.zoo import reference_vlm, scenes_multi
 
-RATIOS = (0.5, 0.25, 0.125)
+RATIOS = (0.5, 0.375, 0.25, 0.125)
 RANDOM_DRAWS = 5
 WEIGHTS = ("auto", "trained", "random")
 

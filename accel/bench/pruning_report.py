@@ -11,7 +11,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-RATIO_HEADER = ("keep-all", "50%", "25%", "12.5%")
+from accel.bench.pruning_accuracy import RATIOS
+
+
+def _share(ratio: float) -> str:
+    return f"{100 * ratio:g}%"
+
+
+RATIO_HEADER = ("keep-all", *map(_share, RATIOS))
 
 
 def _pct(value) -> str:
@@ -29,7 +36,7 @@ def summary_table(result: dict) -> list[str]:
     ]
     for name in dict.fromkeys(r["method"] for r in rows):
         cells = []
-        for ratio in (0.5, 0.25, 0.125):
+        for ratio in RATIOS:
             row = next((r for r in rows if r["method"] == name and r["keep_ratio"] == ratio), None)
             if row is None:
                 cells.append("")
@@ -114,7 +121,8 @@ def plot(result: dict, path: str | Path) -> str:
         ax.plot(*zip(*points), color=colours[i % len(colours)], label=name, **style)
     ax.axhline(100 * keep_all["accuracy"], color="gray", ls=":", lw=1, label="keep-all")
     ax.set_xscale("log", base=2)
-    ax.set_xticks([0.125, 0.25, 0.5, 1.0], ["12.5%", "25%", "50%", "100%"])
+    ticks = sorted({*RATIOS, 1.0})
+    ax.set_xticks(ticks, [_share(t) for t in ticks])
     ax.set(
         title=f"{result['model']} ({result['weights']} weights): {result['questions']} held-out questions",
         xlabel="visual tokens kept (256 per image, 512 per video at 100%)",

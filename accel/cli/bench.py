@@ -53,7 +53,7 @@ present, else random weights with a warning), the same seeded prompts for all, a
     accel bench --suite fidelity --models ref-wan --seeds 2 --methods "accel threshold,diffusers FBC" --plot f.png
 
 --suite pruning answers the held-out questions of ref-vlm with every visual token pruning mode of accel and the
-random-keep and uniform-pooling baselines at 50/25/12.5% of the tokens (accel.bench.pruning_accuracy), and writes
+random-keep and uniform-pooling baselines at 50/37.5/25/12.5% of the tokens (accel.bench.pruning_accuracy), and writes
 pruning.json, pruning.md and pruning.png to --out:
 
     accel bench --suite pruning --questions 300 --out benchmarks/results/pruning"""

@@ -6,7 +6,7 @@ import argparse
 
 VISION_STEPS, VISION_LR = 9000, 5e-3  # the vision tower alone, first; about 11 minutes here
 VISION_TIME = 0.2  # its most share of --minutes (a slower machine, a GPU run capped by time)
-STEPS = 12000  # the language model's, before the last stage; about 57 minutes here
+STEPS = 12000  # the language model's, before the last stage; about 46 minutes here
 MINUTES = 85.0  # the 90 minutes, less the evaluations, on a machine too slow for STEPS in time
 CHECKPOINT_EVERY = 120.0  # seconds
 WARMUP = 100

@@ -32,8 +32,10 @@ at full rate) from a new optimiser, warm-up and decay from ``--finish-lr`` (5e-4
 it the places in images, a short one after it does not. ``--init W --steps 0`` runs that stage alone on saved
 weights ``W``.
 
-A step of the language model's stages costs about 0.29 s on this repository's 2-core CPU with ``--threads 2``, one
-of the vision stage 0.08 s. The run also stops after ``--minutes`` (85 by default) of training and still saves:
+The shipped weights are this command's output followed by the last stage once more (``--init W --steps 0
+--finish-steps 4000 --finish-video-share 0.25 --minutes 18``): 82.5 minutes of training in all (README, "ref-vlm").
+A step of the language model's stages costs about 0.23 s on this repository's 2-core CPU with ``--threads 2``, one
+of the vision stage 0.07 s. The run also stops after ``--minutes`` (85 by default) of training and still saves:
 the vision stage gets at most 20% of them, the stages after it the rest by their share of the steps, and the
 learning-rate schedule, the curriculum and the stages follow the time spent where it runs out before the steps
 (a slower machine).
