@@ -18,7 +18,6 @@ import contextlib
 
 import torch
 
-from accel import _private
 from accel.zoo import _vlm_train_data as td
 from accel.zoo import scenes_multi
 
@@ -45,18 +44,9 @@ def _probe_attention(module, query, key, value, attention_mask=None, scaling=Non
 def probed(model):
     """Runs the language model of `model` under `PROBE_ATTENTION`; yields a list that holds, after a forward, head
     `HEAD`'s attention probabilities [batch, queries, keys] of layer `LAYER`'s last call."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PROBE_ATTENTION, _probe_attention)
-    saved = _private.attention_implementations(model.model.language_model)
-    for config, _ in saved:
-        _private.restore_attention_implementation(config, PROBE_ATTENTION)
     _kept.clear()
-    try:
+    with td.attention_function(model.model.language_model, PROBE_ATTENTION, _probe_attention):
         yield _kept
-    finally:
-        for config, implementation in saved:
-            _private.restore_attention_implementation(config, implementation)
 
 
 def cue(question: scenes_multi.Question) -> int | None:

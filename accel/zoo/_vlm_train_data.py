@@ -289,19 +289,25 @@ def _segment_attention(module, query, key, value, attention_mask=None, scaling=N
 
 
 @contextlib.contextmanager
-def _segments_in_one_call(model):
-    """The vision tower's attention as `_segment_attention` for the duration."""
+def attention_function(module, name: str, function):
+    """Every attention of `module` (a submodule of a transformers model) as `function`, registered under `name`, for
+    the duration; the implementations it had are restored after."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(SEGMENT_ATTENTION, _segment_attention)
-    saved = _private.attention_implementations(model.model.visual)
+    AttentionInterface.register(name, function)
+    saved = _private.attention_implementations(module)
     for config, _ in saved:
-        _private.restore_attention_implementation(config, SEGMENT_ATTENTION)
+        _private.restore_attention_implementation(config, name)
     try:
         yield
     finally:
         for config, implementation in saved:
             _private.restore_attention_implementation(config, implementation)
+
+
+def _segments_in_one_call(model):
+    """The vision tower's attention as `_segment_attention` for the duration."""
+    return attention_function(model.model.visual, SEGMENT_ATTENTION, _segment_attention)
 
 
 def one_grid(grid: torch.Tensor) -> torch.Tensor:
